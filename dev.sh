@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine that has only python3:
+#   ./dev.sh demo   set up .venv, then train phase 1 on the built-in synthetic dataset with a local Ray
+#   ./dev.sh test   set up .venv, then run the test suite
+#   ./dev.sh setup  only set up .venv
+# Set-up is skipped when .venv already matches pyproject.toml and constraints.txt.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${WEAKTR_VENV:-.venv}
+CONSTRAINTS=${WEAKTR_CONSTRAINTS:-constraints.txt}
+
+setup() {
+    local stamp
+    stamp=$(cat pyproject.toml "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)
+    if [[ -f "$VENV/.setup-stamp" && "$(cat "$VENV/.setup-stamp")" == "$stamp" ]]; then
+        return
+    fi
+    [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS" -e ".[test]"
+    echo "$stamp" > "$VENV/.setup-stamp"
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    demo)
+        setup
+        exec "$VENV/bin/python" ray_jobs/train_cam.py --config configs/synthetic.yaml "$@" ;;
+    test)
+        setup
+        exec "$VENV/bin/python" -m pytest "$@" ;;
+    *)
+        echo "usage: ./dev.sh {demo|test|setup} [extra args]" >&2
+        exit 2 ;;
+esac

@@ -1,0 +1,91 @@
+"""Checkpoint files shared by both phases.
+
+A checkpoint is a directory (the unit Ray Train keeps) holding ``checkpoint.pt``: the model
+weights plus everything needed to rebuild and validate the model without the run that made
+it: its kind ("cam" or "seg"), architecture arguments, class names, the resolved config and
+the library version; optimizer/scheduler state and the epoch for resuming. Loading uses
+``torch.load(weights_only=True)``, so a checkpoint can hold only tensors and plain values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+import weaktr
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the model or dataset it is loaded against."""
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    kind: str,
+    model_state: dict,
+    arch: dict,
+    classes: Sequence[str],
+    config: dict,
+    epoch: int,
+    optimizer_state: Optional[dict] = None,
+    scheduler_state: Optional[dict] = None,
+    metrics: Optional[dict] = None,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "kind": kind,
+        "version": weaktr.__version__,
+        "arch": dict(arch),
+        "classes": list(classes),
+        "config": config,
+        "epoch": epoch,
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler_state,
+        "metrics": dict(metrics or {}),
+    }
+    # Write under a temporary name so an interrupted save never leaves a truncated file.
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+    return directory
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint directory (or its ``checkpoint.pt``) with weights-only unpickling."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(file, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or "kind" not in payload or "model" not in payload:
+        raise CheckpointMismatch(f"{file} is not a weaktr checkpoint")
+    return payload
+
+
+def check_compatible(
+    ckpt: dict, *, kind: str, classes: Sequence[str], arch: Optional[dict] = None, source: str = "checkpoint"
+) -> None:
+    """Refuse a checkpoint of another phase, class list or architecture, saying what differs."""
+    if ckpt["kind"] != kind:
+        raise CheckpointMismatch(f"{source} is a '{ckpt['kind']}' checkpoint, expected '{kind}'")
+    if list(ckpt["classes"]) != list(classes):
+        raise CheckpointMismatch(
+            f"{source} was trained on classes {list(ckpt['classes'])} "
+            f"but the dataset has {list(classes)}"
+        )
+    if arch is not None:
+        diffs = [
+            f"{key}: checkpoint {ckpt['arch'].get(key)!r} vs config {value!r}"
+            for key, value in arch.items()
+            if ckpt["arch"].get(key) != value
+        ]
+        if diffs:
+            raise CheckpointMismatch(f"{source} architecture differs from the config ({'; '.join(diffs)})")

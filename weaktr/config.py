@@ -1,0 +1,235 @@
+"""Typed run configuration: dataclasses, YAML loading and dotted ``--set`` overrides.
+
+A config file is a YAML mapping whose sections mirror the dataclasses below. Every job
+takes ``--config FILE`` and any number of ``--set section.key=value``; an unknown key, a
+value of the wrong type or a missing file is a :class:`ConfigError` naming the key or path,
+which :func:`parse_job_args` turns into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a :class:`Config`."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in dataset, generated into ``data.root`` when its manifest is missing."""
+
+    enabled: bool = True
+    num_classes: int = 6
+    num_train: int = 1200
+    num_val: int = 200
+    min_size: int = 96
+    max_size: int = 160
+    max_objects: int = 3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"  # directory holding manifest.json and the shards
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train_split: str = "train"
+    val_split: str = "val"
+    loader_workers: int = 1  # DataLoader processes per Ray Train worker
+    shuffle_buffer: int = 256
+    max_failure_fraction: float = 0.01  # stop when more samples than this fail to decode
+
+
+@dataclass
+class ModelConfig:
+    """Phase 1: the multi-class-token ViT with adaptive attention fusion."""
+
+    backbone: str = "deit_small_patch16_224"
+    pretrained: bool = False  # timm's pretrained weights (downloads)
+    weights_path: Optional[str] = None  # or a local weights file
+    img_size: int = 224
+    embed_dim: Optional[int] = None  # None: the backbone's own width/depth/heads
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    drop_path_rate: float = 0.1
+    reduction: int = 8
+    feat_reduction: int = 8
+    pool: str = "max"
+    fused_attn: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Phase 1 training (a Ray Train TorchTrainer)."""
+
+    epochs: int = 60
+    batch_size: int = 64  # per worker
+    lr: float = 6e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.03
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    opt: str = "adamw"
+    img_size: int = 224  # training crop
+    scale_min: float = 0.35  # RandomResizedCrop scale lower bound
+    color_jitter: float = 0.3
+    auto_augment: Optional[str] = None  # e.g. "rand-m9-mstd0.5-inc1" (DeiT)
+    re_prob: float = 0.0  # random erasing
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    amp: bool = True  # bf16 autocast, GPU only
+    max_failures: int = 1  # worker-failure restarts from the last checkpoint
+    checkpoints_to_keep: int = 2
+    resume_from: Optional[str] = None  # a checkpoint directory
+
+
+@dataclass
+class RunConfig:
+    name: str = "weaktr"
+    storage_path: str = "runs"  # Ray Train storage (local dir or cloud URI)
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(value if value is not None else {}, tp, path + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{path}': expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)[:1]
+        items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"config key '{path}': unsupported type {tp}")
+    raise ConfigError(f"config key '{path}': expected {tp.__name__}, got {value!r}")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict in place."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{assignment}': expected KEY=VALUE")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{assignment}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = (), cls: type = Config) -> Any:
+    """Defaults ← YAML file ← overrides, validated against the dataclasses."""
+    data = to_dict(cls())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        _merge(data, loaded, "")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(data, cls)
+
+
+def _merge(base: dict, update: dict, prefix: str) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, f"{prefix}{key}.")
+        else:
+            base[key] = value
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def job_arg_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    return parser
+
+
+def parse_job_args(parser: argparse.ArgumentParser, argv: Optional[typing.Sequence[str]] = None, cls: type = Config):
+    """Parse a job's command line; a bad config exits with one line and code 2."""
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, cls)
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return args, cfg

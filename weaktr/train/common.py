@@ -1,0 +1,98 @@
+"""Pieces both training loops share: the trainer, autocast, checkpoint restore and reporting."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from weaktr.checkpoint import load_checkpoint
+
+
+def make_trainer(
+    loop: Callable[[dict], None],
+    loop_config: dict,
+    *,
+    name: str,
+    storage_path: str,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: int,
+    max_failures: int,
+    checkpoints_to_keep: int,
+    score_attribute: Optional[str] = None,
+) -> TorchTrainer:
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).expanduser().resolve()) if "://" not in storage_path else storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=checkpoints_to_keep,
+                checkpoint_score_attribute=score_attribute,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on GPU; full precision on CPU, where bf16 is slower and only adds rounding."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def restore(resume_from: Optional[str]) -> Optional[dict]:
+    """The checkpoint to continue from: Ray Train's own (a restarted run or worker) or ``resume_from``."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            return load_checkpoint(directory)
+    if resume_from:
+        return load_checkpoint(resume_from)
+    return None
+
+
+def report(metrics: dict, save: Callable[[Path], None]) -> None:
+    """Report an epoch's metrics from every rank; rank 0 attaches a checkpoint written by ``save``."""
+    if ray.train.get_context().get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as directory:
+            save(Path(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    else:
+        ray.train.report(metrics)
+
+
+def all_gather(obj):
+    """Every rank's ``obj`` as a list (a one-element list outside DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
