@@ -94,6 +94,105 @@ class TrainConfig:
 
 
 @dataclass
+class CrfConfig:
+    """Dense CRF kernels (SPEC: VOC defaults; COCO: gaussian 3/3, bilateral 50/5/10)."""
+
+    gaussian_sxy: float = 4.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 83.0
+    bilateral_srgb: float = 5.0
+    bilateral_compat: float = 3.0
+    iterations: int = 10
+    gt_prob: float = 0.7
+
+
+@dataclass
+class PseudoConfig:
+    """CAMs -> pseudo-labels (a Ray Data pipeline)."""
+
+    checkpoint: Optional[str] = None  # phase-1 checkpoint directory (or --checkpoint)
+    split: str = "train"
+    out_dir: str = "outputs/pseudo"  # a new dataset: manifest + shards with pseudo-labels, PNGs, report
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.2])
+    flip: bool = True
+    bg_threshold: float = 0.43
+    crf: CrfConfig = field(default_factory=CrfConfig)
+    batch_size: int = 16  # images per CAM-inference batch
+    cam_actors: int = 1
+    cam_gpus_per_actor: float = 0.0  # a fraction shares a GPU between actors; 0 runs on CPU
+    cam_cpus_per_actor: float = 1.0
+    crf_actors: int = 1
+    save_cams: bool = False  # also write the raw CAM arrays (.npy)
+    overlay_samples: int = 16  # CAM overlay images for the first N samples
+    sweep_bg: Optional[str] = None  # "START:STOP:STEP", e.g. "0.30:0.60:0.01"
+    overwrite: bool = False
+
+
+@dataclass
+class SegModelConfig:
+    """Phase 2: ViT encoder + mask-transformer decoder."""
+
+    backbone: str = "deit_small_patch16_224"
+    pretrained: bool = False
+    weights_path: Optional[str] = None
+    img_size: int = 480
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    drop_path_rate: float = 0.1
+    d_model: Optional[int] = None  # decoder width; None: the encoder's
+    decoder_depth: int = 2
+    dropout: float = 0.1
+    fused_attn: bool = True
+
+
+@dataclass
+class SegTrainConfig:
+    """Phase 2 training on pseudo-labels with the gradient-clipping loss."""
+
+    data_root: Optional[str] = None  # the pseudo-label dataset; None: pseudo.out_dir
+    epochs: int = 100
+    batch_size: int = 4  # per worker
+    opt: str = "sgd"  # or "adamw"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    poly_power: float = 0.9
+    base_size: int = 520  # images are resized so the short side is base_size × a random scale
+    crop_size: int = 480
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    clip: bool = True  # the gradient-clipping loss; False trains on plain cross-entropy
+    clip_start_value: float = 1.2
+    clip_patch_size: int = 120
+    eval_every: int = 1  # epochs between validation mIoU runs
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    amp: bool = True
+    max_failures: int = 1
+    checkpoints_to_keep: int = 2
+    resume_from: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    """Sliding-window, multi-scale + flip evaluation of a phase-2 model."""
+
+    checkpoint: Optional[str] = None
+    split: str = "val"
+    window: int = 480
+    stride: int = 320
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = True
+    crf: bool = False  # dense CRF with the softmax unary
+    crf_params: CrfConfig = field(default_factory=CrfConfig)
+    actors: int = 2
+    gpus_per_actor: float = 0.0
+    out_dir: Optional[str] = None  # where to write the report; None: beside the checkpoint
+
+
+@dataclass
 class RunConfig:
     name: str = "weaktr"
     storage_path: str = "runs"  # Ray Train storage (local dir or cloud URI)
@@ -106,6 +205,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    seg_model: SegModelConfig = field(default_factory=SegModelConfig)
+    seg_train: SegTrainConfig = field(default_factory=SegTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+
+from weaktr.config import Config, ConfigError, load_config, save_config
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\n  epochs: 3\nmodel:\n  depth: 2\n")
+    cfg = load_config(path, ["train.lr=3e-4", "model.weights_path=/w.pth", "model.embed_dim=null"])
+    assert cfg.train.lr == pytest.approx(3e-4)  # YAML 1.1 reads "3e-4" as a string; still a float here
+    assert cfg.train.epochs == 3 and cfg.model.depth == 2
+    assert cfg.model.weights_path == "/w.pth" and cfg.model.embed_dim is None
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=7", "data.synthetic.num_train=10"])
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["nosuch.key=1"], "unknown config key 'nosuch'"),
+        (["train.epochs=ten"], "config key 'train.epochs': expected int"),
+        (["train.epochs=1.5"], "config key 'train.epochs': expected int"),
+        (["model.pretrained=maybe"], "config key 'model.pretrained': expected bool"),
+        (["train=3"], "train: expected a mapping"),
+        (["train.lr"], "expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_bad_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data:\n  synthetic:\n    num_clases: 3\n")
+    with pytest.raises(ConfigError, match="'data.synthetic.num_clases'"):
+        load_config(nested)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["--config", "/nonexistent/x.yaml"], "config file not found: /nonexistent/x.yaml"),
+])
+def test_job_exits_2_with_one_line(args, needle):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ray_jobs" / "train_cam.py"), *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if path.name.startswith("tune"):
+            continue
+        assert isinstance(load_config(path), Config), path

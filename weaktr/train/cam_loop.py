@@ -1,0 +1,184 @@
+"""Phase 1: train the WeakTr CAM model with Ray Train (one ``train_loop_per_worker``).
+
+Each worker streams a disjoint, per-epoch reshuffled subset of the training shards, runs the
+three-term loss under DDP, evaluates validation mAP on its share of the validation shards,
+and reports metrics; rank 0 attaches a checkpoint every epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from weaktr.checkpoint import check_compatible, save_checkpoint
+from weaktr.config import Config, from_dict, to_dict
+from weaktr.data.shards import FailureTracker, Manifest, make_loader, shards_for_rank, steps_per_epoch
+from weaktr.data.transforms import cam_eval_transform, cam_train_transform, multi_hot
+from weaktr.metrics import mean_average_precision
+from weaktr.models.cam import WeakTrCAM
+from weaktr.train.common import all_gather, all_reduce_sum, autocast, make_trainer, report, restore, unwrap
+
+
+def build_model(cfg: Config, num_classes: int) -> WeakTrCAM:
+    m = cfg.model
+    return WeakTrCAM(
+        num_classes,
+        backbone=m.backbone, pretrained=m.pretrained, weights_path=m.weights_path, img_size=m.img_size,
+        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path_rate,
+        reduction=m.reduction, feat_reduction=m.feat_reduction, pool=m.pool, fused_attn=m.fused_attn,
+    )
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg: Config = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.run.seed + rank)
+
+    manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
+    num_classes = len(manifest.classes)
+    train_shards = manifest.shard_paths(cfg.data.train_split)
+    steps = steps_per_epoch(manifest.splits[cfg.data.train_split].num_samples, world_size, cfg.train.batch_size)
+
+    model = build_model(cfg, num_classes).to(device)
+    optimizer = create_optimizer_v2(model, opt=cfg.train.opt, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # Stepped every iteration (t_in_epochs=False) so warm-up is smooth even for short runs.
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=cfg.train.epochs * steps, lr_min=cfg.train.min_lr,
+        warmup_t=cfg.train.warmup_epochs * steps, warmup_lr_init=cfg.train.warmup_lr, t_in_epochs=False,
+    )
+    start_epoch = 0
+    state = restore(cfg.train.resume_from)
+    if state is not None:
+        check_compatible(state, kind="cam", classes=manifest.classes, arch=model.arch, source="resume checkpoint")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+
+    train_transform = cam_train_transform(
+        cfg.train.img_size, scale_min=cfg.train.scale_min, color_jitter=cfg.train.color_jitter,
+        auto_augment=cfg.train.auto_augment, re_prob=cfg.train.re_prob,
+    )
+
+    def to_train_example(sample):
+        return {"image": train_transform(sample.image), "target": multi_hot(sample.labels, num_classes)}
+
+    failures = FailureTracker(cfg.data.max_failure_fraction)
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        started = time.perf_counter()
+        loader = make_loader(
+            train_shards, transform=to_train_example, batch_size=cfg.train.batch_size, rank=rank,
+            world_size=world_size, epoch=epoch, seed=cfg.run.seed, num_workers=cfg.data.loader_workers,
+            steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
+        )
+        loss_sums = np.zeros(4)  # total, cls, coarse, fine
+        keys_seen: set[str] = set()
+        for step, batch in enumerate(loader):
+            failures.update(batch)
+            keys_seen.update(batch["key"])
+            images = batch["image"].to(device, non_blocking=True)  # [B, 3, H, W]
+            targets = batch["target"].to(device, non_blocking=True)  # [B, C]
+            with autocast(device, cfg.train.amp):
+                out = model(images)
+                loss, terms = unwrap(model).loss(out, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step_update(epoch * steps + step + 1)
+            loss_sums += [loss.item(), terms["cls"], terms["coarse"], terms["fine"]]
+        failures.check()
+        elapsed = time.perf_counter() - started
+
+        val_map = evaluate_map(unwrap(model), manifest, cfg, rank, world_size, device)
+        # Keys seen by more than one rank in this epoch: 0 when shard splitting is disjoint.
+        all_keys = all_gather(sorted(keys_seen))
+        overlap = sum(len(set(a) & set(b)) for i, a in enumerate(all_keys) for b in all_keys[i + 1:])
+        totals = all_reduce_sum([steps * cfg.train.batch_size, failures.seen, failures.failed], device)
+        metrics = {
+            "epoch": epoch,
+            "loss": loss_sums[0] / steps,
+            "loss_cls": loss_sums[1] / steps,
+            "loss_coarse": loss_sums[2] / steps,
+            "loss_fine": loss_sums[3] / steps,
+            "val_mAP": val_map,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": totals[0] / elapsed,
+            "samples_failed": int(totals[2]),
+            "rank_overlap_keys": overlap,
+            "epoch_seconds": elapsed,
+        }
+
+        def save(directory: Path) -> None:
+            save_checkpoint(
+                directory, kind="cam", model_state=unwrap(model).state_dict(), arch=unwrap(model).arch,
+                classes=manifest.classes, config=to_dict(cfg), epoch=epoch,
+                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(), metrics=metrics,
+            )
+
+        report(metrics, save)
+
+
+@torch.no_grad()
+def evaluate_map(model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, world_size: int, device) -> float:
+    """Validation mAP of the class-token + coarse predictions, each rank scoring its share of the shards."""
+    shards = manifest.shard_paths(cfg.data.val_split)
+    # Fewer shards than ranks: rank 0 scores them all rather than leaving ranks idle-but-waiting.
+    mine = shards[rank::world_size] if len(shards) >= world_size else (shards if rank == 0 else [])
+    transform = cam_eval_transform(cfg.model.img_size if cfg.train.img_size is None else cfg.train.img_size)
+    model.eval()
+    scores, targets = [], []
+    batch_images, batch_targets = [], []
+
+    def flush():
+        images = torch.stack(batch_images).to(device)
+        with autocast(device, cfg.train.amp):
+            out = model(images)
+        # The class-token and coarse-CAM heads are both trained as classifiers; average them.
+        probs = torch.sigmoid((out.cls_logits.float() + out.coarse_logits.float()) / 2)
+        scores.append(probs.cpu().numpy())
+        targets.append(torch.stack(batch_targets).numpy())
+        batch_images.clear()
+        batch_targets.clear()
+
+    from weaktr.data.shards import iter_samples
+
+    for sample in iter_samples(mine):
+        batch_images.append(transform(sample.image))
+        batch_targets.append(multi_hot(sample.labels, len(manifest.classes)))
+        if len(batch_images) == cfg.train.batch_size:
+            flush()
+    if batch_images:
+        flush()
+    model.train()
+    gathered = all_gather((scores, targets))
+    all_scores = np.concatenate([s for rank_scores, _ in gathered for s in rank_scores])
+    all_targets = np.concatenate([t for _, rank_targets in gathered for t in rank_targets])
+    return float(mean_average_precision(all_scores, all_targets))
+
+
+def fit(cfg: Config):
+    """Run phase-1 training on the connected Ray cluster; returns Ray Train's ``Result``."""
+    trainer = make_trainer(
+        train_loop_per_worker,
+        {"config": to_dict(cfg)},
+        name=cfg.run.name,
+        storage_path=cfg.run.storage_path,
+        num_workers=cfg.train.num_workers,
+        use_gpu=cfg.train.use_gpu,
+        cpus_per_worker=cfg.train.cpus_per_worker,
+        max_failures=cfg.train.max_failures,
+        checkpoints_to_keep=cfg.train.checkpoints_to_keep,
+        score_attribute="val_mAP",
+    )
+    return trainer.fit()
