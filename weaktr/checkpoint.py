@@ -19,6 +19,9 @@ import weaktr
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
+# Architecture arguments that change how a model runs but not which weights it has.
+RUNTIME_ONLY_ARCH = frozenset({"fused_attn", "drop_path_rate", "dropout"})
+
 
 class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the model or dataset it is loaded against."""
@@ -85,7 +88,7 @@ def check_compatible(
         diffs = [
             f"{key}: checkpoint {ckpt['arch'].get(key)!r} vs config {value!r}"
             for key, value in arch.items()
-            if ckpt["arch"].get(key) != value
+            if key not in RUNTIME_ONLY_ARCH and ckpt["arch"].get(key) != value
         ]
         if diffs:
             raise CheckpointMismatch(f"{source} architecture differs from the config ({'; '.join(diffs)})")

@@ -96,7 +96,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step_update(epoch * steps + step + 1)
-            loss_sums += [loss.item(), terms["cls"], terms["coarse"], terms["fine"]]
+            loss_sums += [terms["loss"], terms["loss_cls"], terms["loss_coarse"], terms["loss_fine"]]
         failures.check()
         elapsed = time.perf_counter() - started
 

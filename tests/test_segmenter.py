@@ -1,0 +1,183 @@
+"""Phase-2 Segmenter and its dense inference helpers, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weaktr.models.inference import predict_probs, sliding_window_logits
+from weaktr.models.segmenter import Segmenter
+
+NUM_CLASSES = 4
+TINY = dict(embed_dim=64, depth=2, num_heads=2, d_model=64, img_size=64)
+
+
+def tiny_segmenter(**overrides) -> Segmenter:
+    torch.manual_seed(0)
+    return Segmenter(NUM_CLASSES, **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model() -> Segmenter:
+    return tiny_segmenter().eval()
+
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 96), (96, 48)])
+def test_logits_have_input_resolution(model, size):
+    x = torch.randn(2, 3, *size)
+    logits = model(x)
+    assert logits.shape == (2, NUM_CLASSES, *size)
+    assert torch.isfinite(logits).all()
+
+
+def test_rejects_sizes_that_are_not_patch_multiples(model):
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 3, 64, 70))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.randn(3, 64, 64))
+
+
+def test_gradient_reaches_encoder_and_decoder():
+    model = tiny_segmenter().train()
+    logits = model(torch.randn(2, 3, 64, 96))
+    target = torch.randint(0, NUM_CLASSES, (2, 64, 96))
+    F.cross_entropy(logits, target).backward()
+    for name in [
+        "encoder.patch_embed.proj.weight",
+        "encoder.blocks.0.attn.qkv.weight",
+        "encoder.pos_embed",
+        "decoder.proj_dec.weight",
+        "decoder.cls_emb",
+        "decoder.blocks.1.mlp.fc2.weight",
+        "decoder.proj_patch",
+        "decoder.proj_classes",
+    ]:
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_fused_and_explicit_attention_agree(model):
+    explicit = tiny_segmenter(fused_attn=False).eval()
+    explicit.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    torch.testing.assert_close(explicit(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_arch_rebuilds_the_same_architecture(model):
+    rebuilt = Segmenter(**model.arch)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert model.arch["num_classes"] == NUM_CLASSES and model.arch["d_model"] == TINY["d_model"]
+
+
+def test_decoder_width_and_heads_follow_arguments():
+    model = tiny_segmenter(d_model=128, decoder_heads=4, decoder_depth=3)
+    assert model.decoder.proj_dec.weight.shape == (128, TINY["embed_dim"])
+    assert len(model.decoder.blocks) == 3 and model.decoder.blocks[0].attn.num_heads == 4
+    default = tiny_segmenter(d_model=None)  # decoder as wide as the encoder, d_model // 64 heads
+    assert default.decoder.cls_emb.shape == (1, NUM_CLASSES, TINY["embed_dim"])
+    assert default.decoder.blocks[0].attn.num_heads == 1
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_segmenter(d_model=64, decoder_heads=3)
+
+
+def test_param_groups_cover_every_parameter_once(model):
+    groups = model.param_groups(weight_decay=0.05)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert model.no_weight_decay() <= names.keys()
+    for name in ["encoder.pos_embed", "encoder.cls_token", "decoder.cls_emb", "decoder.mask_norm.weight"]:
+        assert id(names[name]) in no_decay, name
+    for name in ["decoder.proj_patch", "decoder.proj_dec.weight", "encoder.blocks.0.attn.qkv.weight"]:
+        assert id(names[name]) not in no_decay, name
+
+
+# Dense inference ------------------------------------------------------------------------------------------------
+
+
+def test_sliding_window_with_one_window_is_a_direct_forward(model):
+    x = torch.randn(2, 3, 64, 96)
+    padded_forward = model(F.pad(x, (0, 0, 0, 32)))[..., :64, :]  # the image padded at the bottom to 96 x 96
+    torch.testing.assert_close(sliding_window_logits(model, x, window=96, stride=64), padded_forward)
+    torch.testing.assert_close(sliding_window_logits(model, x[..., :64], window=64, stride=32), model(x[..., :64]))
+
+
+def test_sliding_window_stitches_non_overlapping_tiles(model):
+    x = torch.randn(1, 3, 128, 192)
+    tiles = [[model(x[..., r : r + 64, c : c + 64]) for c in range(0, 192, 64)] for r in range(0, 128, 64)]
+    stitched = torch.cat([torch.cat(row, dim=-1) for row in tiles], dim=-2)
+    out = sliding_window_logits(model, x, window=64, stride=64, num_classes=NUM_CLASSES, max_batch=4)
+    torch.testing.assert_close(out, stitched, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_averages_overlaps(model):
+    # 50 x 100: the height is padded up to the window; columns get windows at 0, 32 and 36 (flush with the edge).
+    x = torch.randn(2, 3, 50, 100)
+    padded = F.pad(x, (0, 0, 0, 14))  # [2, 3, 64, 100]
+    total = torch.zeros(2, NUM_CLASSES, 64, 100)
+    count = torch.zeros(64, 100)
+    for left in (0, 32, 36):
+        total[..., left : left + 64] += model(padded[..., left : left + 64])
+        count[:, left : left + 64] += 1
+    expected = (total / count)[..., :50, :]
+    out = sliding_window_logits(model, x, window=64, stride=32)
+    assert out.shape == (2, NUM_CLASSES, 50, 100)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_checks_its_arguments(model):
+    with pytest.raises(ValueError, match="stride"):
+        sliding_window_logits(model, torch.randn(1, 3, 64, 64), window=64, stride=96)
+    with pytest.raises(ValueError, match="num_classes"):
+        sliding_window_logits(model, torch.randn(1, 3, 64, 64), window=64, stride=64, num_classes=NUM_CLASSES + 1)
+
+
+def test_predict_probs_is_a_probability_map(model):
+    image = torch.randn(3, 70, 90)  # sides not multiples of the patch size
+    probs = predict_probs(model, image, scales=(1.0, 0.75, 1.25), flip=True, window=64, stride=32)
+    assert probs.shape == (NUM_CLASSES, 70, 90)
+    assert (probs >= 0).all()
+    torch.testing.assert_close(probs.sum(0), torch.ones(70, 90))
+
+
+def test_predict_probs_without_augmentation_is_the_window_softmax(model):
+    image = torch.randn(3, 70, 90)
+    probs = predict_probs(model, image, scales=(1.0,), flip=False, window=64, stride=32)
+    torch.testing.assert_close(probs, sliding_window_logits(model, image[None], 64, 32)[0].softmax(0))
+
+
+def test_flip_averaging_makes_the_prediction_flip_equivariant(model):
+    image = torch.randn(3, 64, 64)  # one unpadded window: flipping the image flips everything
+    probs = predict_probs(model, image, flip=True, window=64, stride=64)
+    flipped = predict_probs(model, image.flip(-1), flip=True, window=64, stride=64)
+    torch.testing.assert_close(flipped, probs.flip(-1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(predict_probs(model, image, flip=False, window=64, stride=64), probs)
+
+
+# Learning -------------------------------------------------------------------------------------------------------
+
+
+def test_overfits_a_tiny_batch():
+    """Each class is a solid colour block; the model must learn to label the blocks."""
+    torch.manual_seed(0)
+    masks = torch.zeros(2, 64, 96, dtype=torch.long)
+    masks[0, :32, :48], masks[0, 32:, 48:] = 1, 2
+    masks[1, 16:48, 16:80], masks[1, :16, :] = 3, 1
+    colours = torch.randn(NUM_CLASSES, 3)
+    images = colours[masks].permute(0, 3, 1, 2) + 0.1 * torch.randn(2, 3, 64, 96)  # [2, 3, 64, 96]
+
+    model = tiny_segmenter(drop_path_rate=0.0, dropout=0.0).train()
+    optimizer = torch.optim.AdamW(model.param_groups(weight_decay=0.0), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(images), masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # mask_norm keeps logits at unit scale until its gain grows, so the loss falls fast but not to ~0 in 30 steps.
+    assert losses[-1] < 0.4 * losses[0], losses
+    accuracy = (model.eval()(images).argmax(1) == masks).float().mean()
+    assert accuracy > 0.9

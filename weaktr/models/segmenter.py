@@ -1,0 +1,204 @@
+"""Phase 2: Segmenter-style segmentation network (SPEC.md "Phase 2").
+
+A plain ViT encoder (timm VisionTransformer: one class token, final norm) followed by the mask-transformer decoder
+of Segmenter (Strudel et al., ICCV 2021): n_cls learned class embeddings attend jointly with the projected patch
+tokens, and each class mask is the cosine similarity between the patch features and that class's feature.
+Parameter names follow the Segmenter reference code (encoder.*, decoder.cls_emb, decoder.proj_patch, ...).
+
+Shapes: B batch, H x W input, p patch size, h x w = H/p x W/p grid, N = h*w patch tokens, D encoder width,
+E = d_model decoder width, n = n_cls classes including background.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention, trunc_normal_
+from timm.models.vision_transformer import Block
+from timm.optim import param_groups_weight_decay
+from torch import Tensor
+
+from weaktr.models.vit import create_backbone
+
+
+class MaskTransformer(nn.Module):
+    """Segmenter's mask-transformer decoder: patch tokens [B, N, D] -> class masks [B, n, h, w] (grid resolution)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        encoder_dim: int,
+        d_model: int,
+        depth: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"decoder width d_model={d_model} must be divisible by decoder_heads={num_heads}")
+        self.num_classes = num_classes
+        self.proj_dec = nn.Linear(encoder_dim, d_model)
+        self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, d_model))  # [1, n, E]
+        # Segmenter's blocks: qkv with bias, MLP 4x, dropout on attention, projections and MLP.
+        self.blocks = nn.ModuleList(
+            Block(d_model, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=dropout, attn_drop=dropout)
+            for _ in range(depth)
+        )
+        self.decoder_norm = nn.LayerNorm(d_model)
+        # Plain matrices (no bias): the features are L2-normalized right after, so only directions matter.
+        self.proj_patch = nn.Parameter(d_model**-0.5 * torch.randn(d_model, d_model))
+        self.proj_classes = nn.Parameter(d_model**-0.5 * torch.randn(d_model, d_model))
+        self.mask_norm = nn.LayerNorm(num_classes)
+
+        self.apply(_init_weights)
+        trunc_normal_(self.cls_emb, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_emb"}
+
+    def forward(self, patch_tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        B = patch_tokens.shape[0]
+        h, w = grid
+        n = self.num_classes
+        x = self.proj_dec(patch_tokens)  # [B, N, E]
+        x = torch.cat([x, self.cls_emb.expand(B, -1, -1)], dim=1)  # [B, N + n, E]
+        for block in self.blocks:
+            x = block(x)
+        x = self.decoder_norm(x)
+
+        patches = x[:, :-n] @ self.proj_patch  # [B, N, E]
+        classes = x[:, -n:] @ self.proj_classes  # [B, n, E]
+        patches = F.normalize(patches, dim=-1)
+        classes = F.normalize(classes, dim=-1)
+        masks = patches @ classes.transpose(1, 2)  # [B, N, n] cosine similarities
+        masks = self.mask_norm(masks)  # normalized over the class axis
+        return masks.transpose(1, 2).reshape(B, n, h, w)  # [B, n, h, w]
+
+
+class Segmenter(nn.Module):
+    """ViT encoder + mask-transformer decoder -> per-pixel logits [B, num_classes, H, W].
+
+    num_classes counts the background (class 0 = background, c+1 = foreground class c, like the masks).
+    Inputs are ImageNet-normalized [B, 3, H, W] with H and W multiples of the patch size, any aspect ratio:
+    the encoder is built with timm's dynamic_img_size, which resamples the patch positional embedding
+    (stored for the img_size grid) to each input's grid. fused_attn chooses F.scaled_dot_product_attention
+    (True) or timm's explicit softmax attention (False) in every attention layer.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "deit_small_patch16_224",
+        pretrained: bool = False,
+        weights_path: str | os.PathLike | None = None,
+        img_size: int = 224,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        drop_path_rate: float = 0.1,
+        d_model: int | None = None,
+        decoder_depth: int = 2,
+        decoder_heads: int | None = None,
+        dropout: float = 0.1,
+        fused_attn: bool = True,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes (background included) must be >= 2, got {num_classes}")
+        if decoder_depth < 1:
+            raise ValueError(f"decoder_depth must be >= 1, got {decoder_depth}")
+        # Everything that shapes the model (not where its weights came from), for checkpoints to record and check;
+        # Segmenter(**arch) rebuilds the same architecture.
+        self.arch = dict(
+            num_classes=num_classes,
+            backbone=backbone,
+            img_size=img_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            drop_path_rate=drop_path_rate,
+            d_model=d_model,
+            decoder_depth=decoder_depth,
+            decoder_heads=decoder_heads,
+            dropout=dropout,
+            fused_attn=fused_attn,
+        )
+        self.encoder = create_backbone(
+            backbone,
+            pretrained=pretrained,
+            weights_path=weights_path,
+            img_size=img_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            drop_path_rate=drop_path_rate,
+            dynamic_img_size=True,
+        )
+        _check_encoder(self.encoder, backbone)
+        self.num_classes = num_classes
+        d_model = d_model or self.encoder.embed_dim
+        self.decoder = MaskTransformer(
+            num_classes,
+            encoder_dim=self.encoder.embed_dim,
+            d_model=d_model,
+            depth=decoder_depth,
+            num_heads=decoder_heads or max(d_model // 64, 1),
+            dropout=dropout,
+        )
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fused_attn = fused_attn
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.encoder.patch_embed.patch_size)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Full parameter names exempt from weight decay (timm's create_optimizer_v2 reads this)."""
+        names = {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+        names |= {f"decoder.{name}" for name in self.decoder.no_weight_decay()}
+        return names & dict(self.named_parameters()).keys()  # timm lists tokens this backbone may not have
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups as timm builds them: no decay for biases, norms and no_weight_decay()."""
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self.no_weight_decay())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        ph, pw = self.patch_size
+        if H % ph or W % pw:
+            raise ValueError(f"input size {H}x{W} must be a multiple of the patch size {ph}x{pw} (pad or crop it)")
+
+        tokens = self.encoder.forward_features(x)  # [B, 1 + N, D], final norm applied
+        patch_tokens = tokens[:, self.encoder.num_prefix_tokens :]  # [B, N, D]
+        masks = self.decoder(patch_tokens, (H // ph, W // pw))  # [B, n, h, w]
+        return F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)  # [B, n, H, W]
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Segmenter's decoder initialization (the encoder keeps timm's own, or pretrained weights)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _check_encoder(vit: nn.Module, name: str) -> None:
+    """The token layout the decoder relies on, with a clear error otherwise."""
+    if vit.cls_token is None or vit.num_prefix_tokens != 1 or vit.pos_embed is None:
+        raise ValueError(
+            f"backbone {name!r} must have exactly one class token and a learned positional embedding "
+            "(DeiT / ViT layout; no register or distillation tokens)"
+        )
+    if isinstance(vit.norm, nn.Identity):
+        raise ValueError(f"backbone {name!r} has no final norm on its tokens (a global-pool ViT?)")

@@ -1,0 +1,99 @@
+"""Shared helpers for timm ViT backbones (phase-1 CAM model and phase-2 Segmenter encoder)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models import load_state_dict
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import Tensor
+
+
+def create_backbone(
+    name: str = "deit_small_patch16_224",
+    pretrained: bool = False,
+    weights_path: str | os.PathLike | None = None,
+    img_size: int | tuple[int, int] = 224,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    drop_path_rate: float = 0.0,
+    **timm_kwargs: Any,
+) -> VisionTransformer:
+    """A timm VisionTransformer without classifier head (num_classes=0).
+
+    embed_dim / depth / num_heads, when given, override the named architecture (tests build tiny models this
+    way). pretrained=True downloads timm's weights for `name`; weights_path instead loads a local timm/DeiT
+    checkpoint (see load_backbone_weights). Extra keyword arguments go to timm.create_model.
+    """
+    if pretrained and weights_path is not None:
+        raise ValueError("give either pretrained=True or weights_path, not both")
+    overrides = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    model = timm.create_model(
+        name,
+        pretrained=pretrained,
+        num_classes=0,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        **overrides,
+        **timm_kwargs,
+    )
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"backbone {name!r} is a {type(model).__name__}, expected a timm VisionTransformer")
+    if weights_path is not None:
+        load_backbone_weights(model, weights_path)
+    return model
+
+
+def load_backbone_weights(model: VisionTransformer, weights_path: str | os.PathLike) -> None:
+    """Load a local ViT checkpoint into `model` (in place, strict).
+
+    The file is a state dict, possibly nested under "model" / "state_dict" (DeiT releases, timm training
+    checkpoints), possibly with DDP "module." prefixes; it is read with torch.load(weights_only=True). The
+    classifier head is dropped, and timm's checkpoint filter converts foreign layouts and resamples the
+    positional embedding to the model's grid.
+    """
+    path = os.fspath(weights_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    state_dict = load_state_dict(path, use_ema=False, weights_only=True)
+    classifier = model.pretrained_cfg.get("classifier", "head")
+    heads = (f"{classifier}.", "head.", "head_dist.")
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
+    state_dict = checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {path} do not fit the backbone {model.pretrained_cfg.get('architecture', '')}: "
+            f"missing keys {missing}, unexpected keys {unexpected}"
+        )
+
+
+def resize_patch_pos_embed(
+    pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], antialias: bool = False
+) -> Tensor:
+    """Bicubically resample the patch part of a positional embedding: [1, h0*w0, D] -> [1, h*w, D].
+
+    Grids are (rows, cols) and may be non-square. No antialiasing by default, like the reference
+    implementations (DeiT/DINO/WeakTr interpolate_pos_encoding, plain F.interpolate).
+    """
+    h0, w0 = old_grid
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[1] != h0 * w0:
+        raise ValueError(
+            f"pos_embed must be [1, {h0}*{w0}, D] for grid {tuple(old_grid)}, got shape {tuple(pos_embed.shape)}"
+        )
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    return resample_abs_pos_embed(
+        pos_embed,
+        new_size=list(new_grid),
+        old_size=list(old_grid),
+        num_prefix_tokens=0,
+        interpolation="bicubic",
+        antialias=antialias,
+    )
