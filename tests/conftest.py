@@ -4,16 +4,25 @@ the Train/Data tests connect to it with ``ray.init`` and the job tests submit to
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+
+# The test cluster listens on loopback only. Ray 2.60 turns token auth on whenever a token
+# file exists in ~/.ray, which other local Ray use can create or replace mid-session; pin the
+# mode for the head, this process and every job/CLI subprocess so they always agree.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def _free_port() -> int:
@@ -23,25 +32,48 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_head():
-    """Start a real local Ray head once; yields (gcs_address, dashboard_url)."""
+def ray_head(tmp_path_factory):
+    """Start a real local Ray head once; yields (gcs_address, dashboard_url).
+
+    ``--block`` keeps the head in one process group that teardown ends, so only this
+    session's Ray goes away (``ray stop`` would end every Ray on the machine)."""
     port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run(
-        [RAY, "start", "--head", "--num-cpus=4", f"--port={port}", "--include-dashboard=true",
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={port}", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True,
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
+        _wait_for_dashboard(dashboard, head)
         yield address, dashboard
     finally:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        # A throwaway test cluster needs no graceful drain (which takes up to a minute).
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    """The job server is the last thing a head brings up; once it answers, the head is ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {head.returncode}; see {head.args} log")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:  # answering, if only to ask for Ray's auth token
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray head did not come up within {timeout} s")
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,8 @@ from timm.scheduler import CosineLRScheduler
 
 from weaktr.checkpoint import check_compatible, save_checkpoint
 from weaktr.config import Config, from_dict, to_dict
-from weaktr.data.shards import FailureTracker, Manifest, make_loader, shards_for_rank, steps_per_epoch
-from weaktr.data.transforms import cam_eval_transform, cam_train_transform, multi_hot
+from weaktr.data.shards import FailureTracker, Manifest, iter_samples, make_loader, steps_per_epoch
+from weaktr.data.transforms import CamExample, cam_eval_transform, cam_train_transform, multi_hot
 from weaktr.metrics import mean_average_precision
 from weaktr.models.cam import WeakTrCAM
 from weaktr.train.common import all_gather, all_reduce_sum, autocast, make_trainer, report, restore, unwrap
@@ -65,13 +65,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch = state["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
 
-    train_transform = cam_train_transform(
-        cfg.train.img_size, scale_min=cfg.train.scale_min, color_jitter=cfg.train.color_jitter,
-        auto_augment=cfg.train.auto_augment, re_prob=cfg.train.re_prob,
+    to_train_example = CamExample(
+        cam_train_transform(
+            cfg.train.img_size, scale_min=cfg.train.scale_min, color_jitter=cfg.train.color_jitter,
+            auto_augment=cfg.train.auto_augment, re_prob=cfg.train.re_prob,
+        ),
+        num_classes,
     )
-
-    def to_train_example(sample):
-        return {"image": train_transform(sample.image), "target": multi_hot(sample.labels, num_classes)}
 
     failures = FailureTracker(cfg.data.max_failure_fraction)
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -82,7 +82,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             world_size=world_size, epoch=epoch, seed=cfg.run.seed, num_workers=cfg.data.loader_workers,
             steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
         )
-        loss_sums = np.zeros(4)  # total, cls, coarse, fine
+        loss_sums = [0.0, 0.0, 0.0, 0.0]  # total, cls, coarse, fine
         keys_seen: set[str] = set()
         for step, batch in enumerate(loader):
             failures.update(batch)
@@ -96,7 +96,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step_update(epoch * steps + step + 1)
-            loss_sums += [terms["loss"], terms["loss_cls"], terms["loss_coarse"], terms["loss_fine"]]
+            for i, name in enumerate(("loss", "loss_cls", "loss_coarse", "loss_fine")):
+                loss_sums[i] += terms[name]
         failures.check()
         elapsed = time.perf_counter() - started
 
@@ -135,7 +136,7 @@ def evaluate_map(model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, w
     shards = manifest.shard_paths(cfg.data.val_split)
     # Fewer shards than ranks: rank 0 scores them all rather than leaving ranks idle-but-waiting.
     mine = shards[rank::world_size] if len(shards) >= world_size else (shards if rank == 0 else [])
-    transform = cam_eval_transform(cfg.model.img_size if cfg.train.img_size is None else cfg.train.img_size)
+    transform = cam_eval_transform(cfg.train.img_size)
     model.eval()
     scores, targets = [], []
     batch_images, batch_targets = [], []
@@ -150,8 +151,6 @@ def evaluate_map(model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, w
         targets.append(torch.stack(batch_targets).numpy())
         batch_images.clear()
         batch_targets.clear()
-
-    from weaktr.data.shards import iter_samples
 
     for sample in iter_samples(mine):
         batch_images.append(transform(sample.image))
