@@ -12,22 +12,21 @@ from weaktr.data.shards import Manifest
 
 
 def prepare_data(cfg: Config) -> Manifest:
-    """Resolve ``data.root`` to an absolute path (workers run elsewhere) and generate the
-    built-in synthetic dataset there if it has no manifest yet."""
+    """Resolve ``data.root`` to an absolute path (workers run elsewhere) and, when
+    ``data.synthetic.enabled``, make sure the built-in synthetic dataset is there."""
     root = Path(cfg.data.root).expanduser().resolve()
     cfg.data.root = str(root)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.exists() and cfg.data.synthetic.enabled:
+    if cfg.data.synthetic.enabled:
         from weaktr.data.synthetic import SyntheticSpec, write_synthetic
 
         s = cfg.data.synthetic
-        print(f"writing the synthetic dataset to {root}")
+        # write_synthetic reuses the shards when they were made from the same spec.
         spec = SyntheticSpec(
             num_classes=s.num_classes, num_train=s.num_train, num_val=s.num_val,
             min_size=s.min_size, max_size=s.max_size, max_objects=s.max_objects, seed=s.seed,
         )
         return write_synthetic(root, spec)
-    return Manifest.load(manifest_path)
+    return Manifest.load(root / "manifest.json")
 
 
 def init_ray() -> None:

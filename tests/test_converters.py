@@ -1,0 +1,242 @@
+"""VOC / COCO / folder converters on small fixture directories built here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from weaktr.data.coco import coco2014_splits, convert_coco
+from weaktr.data.folder import convert_folder, read_label_file
+from weaktr.data.shards import Manifest, iter_samples
+from weaktr.data.voc import VOC_CLASSES, convert_voc, read_id_list, save_palette_png, voc_palette
+
+
+def random_image(rng, h, w):
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def read_split(manifest: Manifest, split: str) -> dict:
+    return {s.key: s for s in iter_samples(manifest.shard_paths(split))}
+
+
+def decoded(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+# --------------------------------------------------------------------------- VOC
+
+
+def block_mask(rng, h, w, ids):
+    """0 background with one rectangle per id and a 255 outline around each, like VOC."""
+    mask = np.zeros((h, w), np.uint8)
+    for i, value in enumerate(ids):
+        top, left = 2 + 8 * i, 3 + 5 * i
+        mask[top : top + 10, left : left + 12] = 255
+        mask[top + 1 : top + 9, left + 1 : left + 11] = value
+    return mask
+
+
+@pytest.fixture
+def voc_root(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    masks = {
+        "2007_000001": [15],  # person
+        "2007_000002": [1, 12],  # aeroplane, dog
+        "2007_000003": [7],
+        "2007_000004": [20, 3],
+        "2008_000005": [9],  # only in the SBD aug set
+    }
+    for image_id, ids in masks.items():
+        h, w = rng.integers(40, 60, size=2)
+        Image.fromarray(random_image(rng, h, w)).save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
+        mask = block_mask(rng, h, w, ids)
+        if image_id.startswith("2007"):
+            save_palette_png(root / "SegmentationClass" / f"{image_id}.png", mask)
+        Image.fromarray(mask, mode="L").save(root / "SegmentationClassAug" / f"{image_id}.png")
+    (root / "ImageSets/Segmentation/train.txt").write_text("2007_000001\n2007_000002\n")
+    (root / "ImageSets/Segmentation/val.txt").write_text("2007_000003\n2007_000004\n")
+    (tmp_path / "train_aug.txt").write_text(
+        "".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ("2007_000001", "2008_000005"))
+    )
+    return root, masks
+
+
+def test_voc_palette_is_the_canonical_colormap():
+    palette = voc_palette()
+    assert len(palette) == 768
+    colours = [tuple(palette[3 * i : 3 * i + 3]) for i in range(256)]
+    assert colours[0] == (0, 0, 0) and colours[1] == (128, 0, 0) and colours[15] == (192, 128, 128)
+    assert colours[255] == (224, 224, 192)
+    assert len(set(colours)) == 256
+
+
+def test_read_id_list_accepts_both_forms(tmp_path):
+    path = tmp_path / "ids.txt"
+    path.write_text("2007_000032\n\n/JPEGImages/2007_000039.jpg /SegmentationClassAug/2007_000039.png\n")
+    assert read_id_list(path) == ["2007_000032", "2007_000039"]
+
+
+def test_voc_converter_labels_from_masks(voc_root, tmp_path):
+    root, masks = voc_root
+    manifest = convert_voc(root, tmp_path / "out", aug_list=tmp_path / "train_aug.txt", samples_per_shard=1)
+    assert manifest.classes == list(VOC_CLASSES) and manifest.num_classes == 20
+    assert {k: v.num_samples for k, v in manifest.splits.items()} == {"train": 2, "val": 2, "train_aug": 2}
+    for split in manifest.splits:
+        for key, sample in read_split(Manifest.load(tmp_path / "out"), split).items():
+            assert sample.labels == sorted(i - 1 for i in masks[key])
+            expected_mask = np.array(Image.open(root / "SegmentationClassAug" / f"{key}.png"))
+            np.testing.assert_array_equal(sample.mask, expected_mask)
+            np.testing.assert_array_equal(sample.image, decoded(root / "JPEGImages" / f"{key}.jpg"))  # bit-exact
+
+
+def test_voc_converter_cls_labels_override(voc_root, tmp_path):
+    root, _ = voc_root
+    table = {"2007_000001": np.eye(20)[[4, 5]].sum(0), "2007_000002": np.eye(20)[0]}
+    np.save(tmp_path / "cls_labels.npy", table)
+    manifest = convert_voc(root, tmp_path / "out", splits=("train",), cls_labels=tmp_path / "cls_labels.npy")
+    labels = {k: s.labels for k, s in read_split(manifest, "train").items()}
+    assert labels == {"2007_000001": [4, 5], "2007_000002": [0]}
+
+
+def test_voc_converter_errors_name_the_file(voc_root, tmp_path):
+    root, _ = voc_root
+    (root / "ImageSets/Segmentation/train.txt").write_text("2007_000001\n2007_999999\n")
+    with pytest.raises(FileNotFoundError, match="2007_999999"):
+        convert_voc(root, tmp_path / "out", splits=("train",))
+    with pytest.raises(FileNotFoundError, match="test.txt"):
+        convert_voc(root, tmp_path / "out", splits=("test",))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# --------------------------------------------------------------------------- COCO
+
+
+def uncompressed_rle(mask: np.ndarray) -> list[int]:
+    """COCO's run lengths: alternating 0-runs and 1-runs over column-major pixels, starting with 0s."""
+    counts, current, run = [], False, 0
+    for value in mask.T.reshape(-1):
+        if value == current:
+            run += 1
+        else:
+            counts.append(run)
+            current, run = value, 1
+    return counts + [run]
+
+
+@pytest.fixture
+def coco_root(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    categories = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
+    for split, offset in (("train", 0), ("val", 10)):
+        (root / f"{split}2014").mkdir()
+        images, annotations = [], []
+        for n in range(3):
+            image_id = offset + n
+            name = f"COCO_{split}2014_{image_id:012d}.jpg"
+            Image.fromarray(random_image(rng, 30, 40)).save(root / f"{split}2014" / name)
+            images.append({"id": image_id, "file_name": name, "height": 30, "width": 40})
+        # image 0: a person polygon (a square 5..15) and a crowd of cars as uncompressed RLE
+        annotations.append({"id": 1, "image_id": offset, "category_id": 1, "iscrowd": 0, "area": 100.0,
+                            "bbox": [5, 5, 10, 10], "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15]]})
+        crowd = np.zeros((30, 40), bool)
+        crowd[20:25, 30:38] = True
+        counts = uncompressed_rle(crowd)
+        annotations.append({"id": 2, "image_id": offset, "category_id": 3, "iscrowd": 1, "area": 40.0,
+                            "bbox": [30, 20, 8, 5], "segmentation": {"counts": counts, "size": [30, 40]}})
+        # image 1: a toothbrush triangle; image 2: no annotations (skipped)
+        annotations.append({"id": 3, "image_id": offset + 1, "category_id": 90, "iscrowd": 0, "area": 50.0,
+                            "bbox": [0, 0, 20, 20], "segmentation": [[0, 0, 20, 0, 0, 20]]})
+        data = {"images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(data))
+    return root
+
+
+def test_coco_converter(coco_root, tmp_path):
+    manifest = convert_coco(tmp_path / "out", coco2014_splits(coco_root))
+    assert manifest.classes == ["person", "car", "toothbrush"]  # sorted by category id 1, 3, 90
+    assert {k: v.num_samples for k, v in manifest.splits.items()} == {"train": 2, "val": 2}
+    samples = read_split(manifest, "val")
+    first, second = samples["COCO_val2014_000000000010"], samples["COCO_val2014_000000000011"]
+    assert first.labels == [0, 1] and second.labels == [2]
+    assert (first.mask[7:13, 7:13] == 1).all() and (first.mask[20:25, 30:38] == 2).all()
+    assert first.mask[0, 39] == 0 and first.mask[28, 2] == 0
+    assert (second.mask[2, 2] == 3) and second.mask[25, 35] == 0
+    np.testing.assert_array_equal(first.image, decoded(coco_root / "val2014" / "COCO_val2014_000000000010.jpg"))
+
+
+def test_coco_rle_must_cover_the_image(coco_root, tmp_path):
+    path = coco_root / "annotations" / "instances_train2014.json"
+    data = json.loads(path.read_text())
+    data["annotations"][1]["segmentation"]["counts"] = [5, 5]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="RLE covers 10 pixels"):
+        convert_coco(tmp_path / "out", coco2014_splits(coco_root))
+
+
+# --------------------------------------------------------------------------- folder
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    names = ["a.png", "b.jpg", "sub/c.d.png", "e.bmp", "f.png", "g.png"]
+    for name in names:
+        Image.fromarray(random_image(rng, 20, 24)).save(folder / name)
+    masks = tmp_path / "masks"
+    (masks / "sub").mkdir(parents=True)
+    mask = np.zeros((20, 24), np.uint8)
+    mask[5:10, 5:10] = 2
+    mask[4, 4:11] = 255
+    Image.fromarray(mask, mode="L").save(masks / "sub" / "c.d.png")
+    return folder, masks, mask
+
+
+def test_folder_converter_csv(image_folder, tmp_path):
+    folder, masks, mask = image_folder
+    labels = tmp_path / "labels.csv"
+    labels.write_text("filename,labels\na.png,cat\nb.jpg,dog;cat\nsub/c.d.png,dog\ne.bmp,bird|cat\n")
+    manifest = convert_folder(folder, labels, tmp_path / "out", mask_dir=masks)
+    assert manifest.classes == ["bird", "cat", "dog"]
+    samples = read_split(manifest, "train")
+    assert {k: s.labels for k, s in samples.items()} == {"a": [1], "b": [1, 2], "sub_c_d": [2], "e": [0, 1]}
+    np.testing.assert_array_equal(samples["sub_c_d"].mask, mask)
+    assert samples["a"].mask is None
+    for key, name in (("a", "a.png"), ("b", "b.jpg"), ("e", "e.bmp")):
+        np.testing.assert_array_equal(samples[key].image, decoded(folder / name))
+
+
+def test_folder_converter_json_with_val_split(image_folder, tmp_path):
+    folder, _, _ = image_folder
+    labels = tmp_path / "labels.json"
+    table = {"a.png": "cat", "b.jpg": ["dog"], "f.png": ["cat", "dog"], "g.png": "dog"}
+    labels.write_text(json.dumps(table))
+    manifest = convert_folder(folder, labels, tmp_path / "out", val_fraction=0.5, seed=1)
+    train, val = read_split(manifest, "train"), read_split(manifest, "val")
+    assert len(train) == len(val) == 2 and not set(train) & set(val)
+    assert set(train) | set(val) == {"a", "b", "f", "g"}
+    assert read_label_file(labels) == {"a.png": ["cat"], "b.jpg": ["dog"], "f.png": ["cat", "dog"], "g.png": ["dog"]}
+
+
+def test_folder_converter_errors(image_folder, tmp_path):
+    folder, _, _ = image_folder
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a.png,cat\nb.jpg,dog\n")
+    with pytest.raises(ValueError, match=r"\['dog'\] are not in classes"):
+        convert_folder(folder, labels, tmp_path / "out", classes=["cat"])
+    labels.write_text("a.png,cat\nmissing.png,dog\n")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        convert_folder(folder, labels, tmp_path / "out")
+    labels.write_text("a.png,cat\nb.jpg,\n")
+    with pytest.raises(ValueError, match="without a class.*b.jpg"):
+        convert_folder(folder, labels, tmp_path / "out")

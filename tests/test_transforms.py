@@ -1,0 +1,129 @@
+"""Phase-1 and phase-2 transforms and the normalization helpers."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from weaktr.data.shards import Sample
+from weaktr.data.transforms import (
+    IGNORE_INDEX,
+    CamExample,
+    SegExample,
+    SegTrainTransform,
+    cam_eval_transform,
+    cam_train_transform,
+    denormalize,
+    multi_hot,
+    normalize_image,
+    seg_eval_transform,
+)
+
+COLOURS = np.array([[10, 20, 30], [250, 30, 30], [30, 250, 30], [30, 30, 250]], np.uint8)
+
+
+def striped_pair(h=50, w=70):
+    """An image whose colour encodes its mask: vertical bands of ids 0..3."""
+    mask = (np.arange(w)[None, :].repeat(h, 0) * 4 // w).astype(np.uint8)  # [h, w]
+    return COLOURS[mask], mask
+
+
+def test_normalize_denormalize_roundtrip():
+    image = np.random.default_rng(0).integers(0, 256, size=(9, 13, 3), dtype=np.uint8)
+    tensor = normalize_image(image)
+    assert tensor.shape == (3, 9, 13) and tensor.dtype == torch.float32
+    expected_red = (image[..., 0] / 255 - IMAGENET_DEFAULT_MEAN[0]) / IMAGENET_DEFAULT_STD[0]
+    np.testing.assert_allclose(tensor[0].numpy(), expected_red, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(denormalize(tensor), image)
+    np.testing.assert_array_equal(denormalize(torch.stack([tensor, tensor])), np.stack([image, image]))
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_image(image.astype(np.float32))
+
+
+def test_multi_hot():
+    target = multi_hot([0, 3], 5)
+    assert target.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert multi_hot([], 3).sum() == 0
+    with pytest.raises(ValueError, match=r"outside 0\.\.4"):
+        multi_hot([5], 5)
+
+
+@pytest.mark.parametrize("options", [{}, {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.5}])
+def test_cam_train_transform_accepts_numpy_and_pil(options):
+    transform = cam_train_transform(32, scale_min=0.3, **options)
+    image = np.random.default_rng(0).integers(0, 256, size=(40, 57, 3), dtype=np.uint8)
+    for source in (image, Image.fromarray(image)):
+        out = transform(source)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    outs = torch.stack([transform(image) for _ in range(4)])
+    assert not torch.allclose(outs[0], outs[1])  # random crops differ
+
+
+def test_cam_eval_transform_is_deterministic_resize_and_center_crop():
+    image, _ = striped_pair(48, 96)
+    transform = cam_eval_transform(32)
+    out = transform(image)
+    assert out.shape == (3, 32, 32)
+    assert torch.equal(out, transform(Image.fromarray(image)))
+    # Short side 48 -> 32 and a centre crop of the 64-wide result keeps bands 1 and 2 only.
+    colours = denormalize(out)[16, [1, -2]]
+    np.testing.assert_allclose(colours, COLOURS[[1, 2]], atol=12)
+
+
+def test_seg_train_transform_keeps_image_and_mask_aligned():
+    random.seed(0)
+    image, mask = striped_pair()
+    transform = SegTrainTransform(crop_size=(40, 48), scale_range=(0.7, 1.6))
+    for _ in range(10):
+        out_image, out_mask = transform(image, mask)
+        assert out_image.shape == (3, 40, 48) and out_mask.shape == (40, 48) and out_mask.dtype == torch.int64
+        assert set(out_mask.unique().tolist()) <= {0, 1, 2, 3, IGNORE_INDEX}
+        pixels = denormalize(out_image).astype(int)  # [h, w, 3]
+        # Away from band edges (where bilinear image and nearest mask may blend) colours must match.
+        ids = np.pad(out_mask.numpy(), ((0, 0), (2, 2)), mode="edge")
+        interior = (ids[:, 2:-2] != IGNORE_INDEX) & np.all([ids[:, 2 + d : ids.shape[1] - 2 + d] == ids[:, 2:-2]
+                                                             for d in (-2, -1, 1, 2)], axis=0)
+        assert interior.mean() > 0.5
+        expected = COLOURS[out_mask.numpy()[interior]].astype(int)
+        assert (np.abs(pixels[interior] - expected).max(axis=1) < 40).all()
+
+
+def test_seg_train_transform_pads_small_images():
+    random.seed(1)
+    image, mask = striped_pair(20, 24)
+    out_image, out_mask = SegTrainTransform(crop_size=64, scale_range=(1.0, 1.0), hflip_prob=0.0)(image, mask)
+    assert out_image.shape == (3, 64, 64)
+    assert (out_mask[20:, :] == IGNORE_INDEX).all() and (out_mask[:, 24:] == IGNORE_INDEX).all()
+    assert (out_mask[:20, :24] != IGNORE_INDEX).all()
+    assert (denormalize(out_image)[20:, 24:] == 0).all()  # image padding is black
+
+
+def test_seg_train_transform_base_size_sets_the_short_side():
+    random.seed(2)
+    image, mask = striped_pair(50, 100)
+    transform = SegTrainTransform(crop_size=400, scale_range=(2.0, 2.0), base_size=100, hflip_prob=0.0)
+    _, out_mask = transform(image, mask)
+    labelled = (out_mask != IGNORE_INDEX).nonzero()
+    assert labelled[:, 0].max() + 1 == 200  # short side 50 -> 100 * 2
+    with pytest.raises(ValueError, match="differ in size"):
+        transform(image, mask[:10])
+
+
+def test_seg_eval_transform_and_loader_examples():
+    image, mask = striped_pair()
+    tensor, target = seg_eval_transform(image, mask)
+    assert torch.equal(tensor, normalize_image(image)) and torch.equal(target, torch.from_numpy(mask).long())
+    assert torch.equal(seg_eval_transform(image), tensor)
+
+    sample = Sample("k", image, [0, 2], mask=mask)
+    cam = CamExample(cam_eval_transform(32), num_classes=4)(sample)
+    assert cam["image"].shape == (3, 32, 32) and cam["target"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    seg = SegExample(SegTrainTransform(32), target="mask")(sample)
+    assert seg["image"].shape == (3, 32, 32) and seg["mask"].shape == (32, 32)
+    with pytest.raises(ValueError, match="no pseudo label map"):
+        SegExample(SegTrainTransform(32))(sample)

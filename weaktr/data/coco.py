@@ -1,0 +1,165 @@
+"""COCO 2014 instance annotations to shards (semantic masks rasterized from the instances).
+
+Expected layout::
+
+    train2014/COCO_train2014_*.jpg   val2014/COCO_val2014_*.jpg
+    annotations/instances_{train,val}2014.json
+
+The 80 categories are mapped to class indices 0..79 in sorted category-id order. Polygons are
+rasterized with PIL and uncompressed RLE (what COCO uses for crowd regions) is decoded here, so
+pycocotools is not needed; compressed RLE uses pycocotools when importable, otherwise the
+region's bounding box is marked 255 (ignore) with a warning. Images without annotations have no
+image-level label and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from typing import Iterator, Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from weaktr.data.shards import Manifest, Sample, write_dataset
+from weaktr.data.voc import read_image
+
+log = logging.getLogger(__name__)
+IGNORE = 255
+
+
+def coco2014_splits(root: str | os.PathLike) -> dict[str, tuple[str, str]]:
+    """The standard COCO 2014 split -> (image dir, instances JSON) under ``root``."""
+    root = os.fspath(root)
+    return {
+        split: (os.path.join(root, f"{split}2014"), os.path.join(root, "annotations", f"instances_{split}2014.json"))
+        for split in ("train", "val")
+    }
+
+
+def category_table(coco: dict, path: str = "annotations") -> tuple[dict[int, int], list[str]]:
+    """COCO category id -> class index (sorted id order), and the class names."""
+    if "categories" not in coco or not coco["categories"]:
+        raise ValueError(f"{path}: no 'categories'")
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    return {c["id"]: i for i, c in enumerate(categories)}, [c["name"] for c in categories]
+
+
+def _decode_uncompressed_rle(counts: list[int], height: int, width: int) -> np.ndarray:
+    """COCO RLE: alternating runs of 0s and 1s over the column-major (Fortran-order) pixels."""
+    if sum(counts) != height * width:
+        raise ValueError(f"RLE covers {sum(counts)} pixels, image has {height * width}")
+    values = np.repeat(np.arange(len(counts)) % 2 == 1, counts)  # [H * W], column-major
+    return values.reshape(width, height).T
+
+
+def _decode_rle(segmentation: dict, height: int, width: int) -> Optional[np.ndarray]:
+    """A boolean [H, W] mask, or None for compressed RLE without pycocotools."""
+    counts = segmentation["counts"]
+    if isinstance(counts, list):
+        return _decode_uncompressed_rle(counts, height, width)
+    try:
+        from pycocotools import mask as mask_utils
+    except ImportError:
+        return None
+    rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def rasterize(annotations: list[dict], height: int, width: int, category_index: dict[int, int]) -> np.ndarray:
+    """Semantic id mask uint8 [H, W] (0 background, c+1 class c) from one image's instances.
+    Larger instances are drawn first so small ones on top of them stay visible."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for ann in sorted(annotations, key=lambda a: -a.get("area", 0)):
+        value = category_index[ann["category_id"]] + 1
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
+            for polygon in segmentation:
+                if len(polygon) >= 6:
+                    draw.polygon([float(p) for p in polygon], fill=value)
+        elif isinstance(segmentation, dict):
+            region = _decode_rle(segmentation, height, width)
+            if region is None:
+                log.warning("annotation %s: compressed RLE needs pycocotools; its box is marked ignore", ann.get("id"))
+                x, y, w, h = ann["bbox"]
+                draw.rectangle([x, y, x + w, y + h], fill=IGNORE)
+            else:
+                pixels = np.array(canvas)
+                pixels[region] = value
+                canvas = Image.fromarray(pixels, mode="L")
+                draw = ImageDraw.Draw(canvas)
+    return np.array(canvas, dtype=np.uint8)
+
+
+def _load_annotations(annotation_path: str) -> dict:
+    with open(annotation_path) as f:
+        coco = json.load(f)
+    for key in ("images", "categories"):
+        if key not in coco:
+            raise ValueError(f"{annotation_path}: missing key '{key}'")
+    return coco
+
+
+def _coco_samples(
+    image_dir: str, annotation_path: str, classes: list[str], with_masks: bool, loaded: dict
+) -> Iterator[Sample]:
+    """One split's samples; its JSON is loaded only when the split is written (one at a time)."""
+    coco = loaded.pop(annotation_path, None) or _load_annotations(annotation_path)
+    category_index, names = category_table(coco, annotation_path)
+    if names != classes:
+        raise ValueError(f"{annotation_path}: categories differ from the first split's")
+    by_image = defaultdict(list)
+    for ann in coco.get("annotations", []):
+        by_image[ann["image_id"]].append(ann)
+    skipped = 0
+    for info in sorted(coco["images"], key=lambda i: i["id"]):
+        annotations = by_image.get(info["id"], [])
+        labels = sorted({category_index[a["category_id"]] for a in annotations})
+        if not labels:
+            skipped += 1
+            continue
+        path = os.path.join(image_dir, info["file_name"])
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"COCO image {info['id']} listed in {annotation_path} but missing: {path}")
+        image, data = read_image(path)
+        if image.shape[:2] != (info["height"], info["width"]):
+            raise ValueError(f"{path}: image is {image.shape[:2]}, annotations say {(info['height'], info['width'])}")
+        mask = rasterize(annotations, info["height"], info["width"], category_index) if with_masks else None
+        key = os.path.splitext(os.path.basename(info["file_name"]))[0].replace(".", "_")
+        yield Sample(key=key, image=image, labels=labels, mask=mask, image_bytes=data)
+    if skipped:
+        log.info("%s: skipped %d images without annotations", annotation_path, skipped)
+
+
+def convert_coco(
+    out_dir: str | os.PathLike,
+    splits: dict[str, tuple[str, str]],
+    *,
+    name: str = "coco14",
+    with_masks: bool = True,
+    samples_per_shard: int = 500,
+    max_shard_bytes: int = 256 * 2**20,
+) -> Manifest:
+    """Write each split ``name -> (image_dir, instances_json)`` (see :func:`coco2014_splits`)."""
+    if not splits:
+        raise ValueError("no COCO splits given")
+    for split, (image_dir, annotation_path) in splits.items():
+        for path in (image_dir, annotation_path):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"COCO split '{split}': not found: {path}")
+    # The class list must be known before writing: take it from the first split's JSON and keep
+    # that JSON for its split, so no more than one split's annotations are in memory at a time.
+    first_annotations = next(iter(splits.values()))[1]
+    loaded = {first_annotations: _load_annotations(first_annotations)}
+    _, classes = category_table(loaded[first_annotations], first_annotations)
+    split_samples = {
+        split: _coco_samples(image_dir, annotation_path, classes, with_masks, loaded)
+        for split, (image_dir, annotation_path) in splits.items()
+    }
+    return write_dataset(
+        out_dir, name, classes, split_samples, meta={"source": "coco"},
+        samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="jpg",
+    )

@@ -1,0 +1,191 @@
+"""Image transforms for both phases; the one place that knows the ImageNet mean/std.
+
+Phase 1 (classification) wraps timm's DeiT-style ``create_transform``. Phase 2 (segmentation)
+transforms image and mask together: random rescale, crop (padding the image with 0 and the mask
+with 255, i.e. ignored), flip, normalize.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+from weaktr.data.shards import Sample
+
+IGNORE_INDEX = 255
+_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+
+
+def normalize_image(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W], ImageNet-normalized."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
+    if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch.from_numpy warns on those
+        image = image.copy()
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)  # [3, H, W]
+    return (tensor - _MEAN) / _STD
+
+
+def denormalize(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`normalize_image`: [3, H, W] or [B, 3, H, W] -> uint8 [H, W, 3] / [B, H, W, 3]."""
+    if tensor.ndim not in (3, 4) or tensor.shape[-3] != 3:
+        raise ValueError(f"expected [3, H, W] or [B, 3, H, W], got {tuple(tensor.shape)}")
+    image = tensor.detach().float().cpu() * _STD + _MEAN
+    image = (image * 255).round().clamp_(0, 255).to(torch.uint8)
+    return image.movedim(-3, -1).numpy()
+
+
+def multi_hot(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Class indices -> float [C] with ones at ``labels``."""
+    target = torch.zeros(num_classes)
+    if len(labels):
+        index = torch.as_tensor(list(labels), dtype=torch.long)
+        if index.min() < 0 or index.max() >= num_classes:
+            raise ValueError(f"labels {list(labels)} outside 0..{num_classes - 1}")
+        target[index] = 1.0
+    return target
+
+
+def _to_pil(image) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8), "RGB")
+
+
+class _PilTransform:
+    """A torchvision/timm transform that also accepts uint8 [H, W, 3] arrays."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.transform(_to_pil(image))
+
+    def __repr__(self) -> str:
+        return repr(self.transform)
+
+
+def cam_train_transform(
+    img_size: int,
+    *,
+    scale_min: float = 0.08,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    color_jitter: float = 0.4,
+    auto_augment: Optional[str] = None,
+    re_prob: float = 0.0,
+    re_mode: str = "pixel",
+    interpolation: str = "bicubic",
+):
+    """DeiT-style training transform (timm): random resized crop, flip, colour jitter (off when
+    ``auto_augment`` is set, as in timm), optional RandAugment string (e.g. "rand-m9-mstd0.5-inc1")
+    and random erasing, ImageNet normalization. PIL image or uint8 array -> float [3, S, S]."""
+    transform = create_transform(
+        img_size, is_training=True, scale=(scale_min, 1.0), ratio=ratio, hflip=hflip,
+        color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
+        re_prob=re_prob, re_mode=re_mode, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+    )
+    return _PilTransform(transform)
+
+
+def cam_eval_transform(img_size: int, *, crop_pct: float = 1.0, interpolation: str = "bicubic"):
+    """Resize the short side to ``img_size / crop_pct``, center-crop ``img_size``, normalize."""
+    transform = create_transform(
+        img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+    )
+    return _PilTransform(transform)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class SegTrainTransform:
+    """Joint image + mask augmentation for phase 2.
+
+    Random rescale by ``s ~ U(scale_range)`` (of ``base_size`` for the short side when given,
+    else of the image itself), pad to at least ``crop_size`` (image 0, mask 255), random crop,
+    horizontal flip, normalize. Returns (image float [3, h, w], mask int64 [h, w]).
+    Randomness comes from Python's ``random`` (seeded per DataLoader worker by PyTorch).
+    """
+
+    def __init__(
+        self,
+        crop_size: int | Sequence[int],
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        base_size: Optional[int] = None,
+        hflip_prob: float = 0.5,
+    ):
+        self.crop_h, self.crop_w = _pair(crop_size)
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be 0 < low <= high, got {scale_range}")
+        self.scale_range = scale_range
+        self.base_size = base_size
+        self.hflip_prob = hflip_prob
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = np.asarray(image, dtype=np.uint8), np.asarray(mask, dtype=np.uint8)
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
+        height, width = mask.shape
+        scale = random.uniform(*self.scale_range)
+        if self.base_size is not None:
+            scale *= self.base_size / min(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL order (w, h)
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+
+        pad_h, pad_w = max(0, self.crop_h - size[1]), max(0, self.crop_w - size[0])
+        if pad_h or pad_w:
+            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
+            mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+        top = random.randint(0, image.shape[0] - self.crop_h)
+        left = random.randint(0, image.shape[1] - self.crop_w)
+        image = image[top : top + self.crop_h, left : left + self.crop_w]
+        mask = mask[top : top + self.crop_h, left : left + self.crop_w]
+        if random.random() < self.hflip_prob:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        return normalize_image(image), torch.from_numpy(mask.astype(np.int64))  # [3, h, w], [h, w]
+
+
+def seg_eval_transform(image: np.ndarray, mask: Optional[np.ndarray] = None):
+    """Normalize only (evaluation runs on whole images): image -> float [3, H, W]; with a mask,
+    returns (image, mask int64 [H, W])."""
+    tensor = normalize_image(image)
+    if mask is None:
+        return tensor
+    return tensor, torch.from_numpy(np.asarray(mask).astype(np.int64))
+
+
+class CamExample:
+    """``make_loader`` transform for phase 1: Sample -> {"image": [3, S, S], "target": multi-hot [C]}.
+    A class rather than a closure so it pickles into spawned DataLoader workers."""
+
+    def __init__(self, image_transform, num_classes: int):
+        self.image_transform, self.num_classes = image_transform, num_classes
+
+    def __call__(self, sample: Sample) -> dict:
+        return {"image": self.image_transform(sample.image), "target": multi_hot(sample.labels, self.num_classes)}
+
+
+class SegExample:
+    """``make_loader`` transform for phase 2: Sample -> {"image": [3, h, w], "mask": int64 [h, w]},
+    training on ``sample.pseudo`` (default) or ``sample.mask``."""
+
+    def __init__(self, joint_transform, target: str = "pseudo"):
+        if target not in ("pseudo", "mask"):
+            raise ValueError(f"target must be 'pseudo' or 'mask', got {target!r}")
+        self.joint_transform, self.target = joint_transform, target
+
+    def __call__(self, sample: Sample) -> dict:
+        label_map = getattr(sample, self.target)
+        if label_map is None:
+            raise ValueError(f"sample {sample.key!r} has no {self.target} label map (was it generated?)")
+        image, mask = self.joint_transform(sample.image, label_map)
+        return {"image": image, "mask": mask}
