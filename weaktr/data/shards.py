@@ -548,6 +548,13 @@ class FailureTracker:
         self.failures.extend(failures[: max(0, self.keep - len(self.failures))])
         self.check(final=False)
 
+    def merge(self, other: "FailureTracker") -> "FailureTracker":
+        """Add another tracker's counts (e.g. another rank's), for a check over the whole run."""
+        self.seen += other.seen
+        self.failed += other.failed
+        self.failures.extend(other.failures[: max(0, self.keep - len(self.failures))])
+        return self
+
     @property
     def fraction(self) -> float:
         return self.failed / self.seen if self.seen else 0.0

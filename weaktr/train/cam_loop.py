@@ -73,7 +73,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         num_classes,
     )
 
-    failures = FailureTracker(cfg.data.max_failure_fraction)
+    # Checked per rank only once a rank has seen plenty of samples; the epoch-end check below
+    # is over all ranks, so one bad shard on one rank is judged against the whole run.
+    failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         started = time.perf_counter()
@@ -98,14 +100,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             scheduler.step_update(epoch * steps + step + 1)
             for i, name in enumerate(("loss", "loss_cls", "loss_coarse", "loss_fine")):
                 loss_sums[i] += terms[name]
-        failures.check()
         elapsed = time.perf_counter() - started
+        run_failures = FailureTracker(cfg.data.max_failure_fraction)
+        for rank_failures in all_gather(failures):
+            run_failures.merge(rank_failures)
+        run_failures.check()
 
         val_map = evaluate_map(unwrap(model), manifest, cfg, rank, world_size, device)
         # Keys seen by more than one rank in this epoch: 0 when shard splitting is disjoint.
         all_keys = all_gather(sorted(keys_seen))
         overlap = sum(len(set(a) & set(b)) for i, a in enumerate(all_keys) for b in all_keys[i + 1:])
-        totals = all_reduce_sum([steps * cfg.train.batch_size, failures.seen, failures.failed], device)
+        images_per_s = all_reduce_sum([steps * cfg.train.batch_size / elapsed], device)[0]
         metrics = {
             "epoch": epoch,
             "loss": loss_sums[0] / steps,
@@ -114,8 +119,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "loss_fine": loss_sums[3] / steps,
             "val_mAP": val_map,
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": totals[0] / elapsed,
-            "samples_failed": int(totals[2]),
+            "images_per_s": images_per_s,
+            "samples_failed": run_failures.failed,
             "rank_overlap_keys": overlap,
             "epoch_seconds": elapsed,
         }
