@@ -30,13 +30,18 @@ def smoke_config(tmp_path: Path, name: str, *overrides: str):
 
 
 def add_corrupt_samples(shard: str, count: int) -> None:
-    """Append samples whose image bytes are not an image to an existing (uncompressed) shard."""
-    with tarfile.open(shard, "a") as tar:
+    """Rewrite a shard with samples whose image bytes are not an image at its front, where a
+    rank meets them before its epoch's step budget runs out."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
         for i in range(count):
             for name, data in ((f"corrupt{i:03d}.png", b"not a png at all"), (f"corrupt{i:03d}.labels.json", b"[0]")):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
 
 
 def epoch_metrics(result) -> list[dict]:
@@ -98,7 +103,7 @@ def test_too_many_corrupt_samples_stop_the_run_naming_the_shard(ray_session, tmp
 
     cfg = smoke_config(tmp_path, "corrupt", "train.epochs=1", "train.max_failures=0")
     shard = Manifest.load(Path(cfg.data.root) / "manifest.json").shard_paths("train")[1]
-    add_corrupt_samples(shard, 8)
+    add_corrupt_samples(shard, 64)  # half of what one rank streams
     with pytest.raises(TrainingFailedError) as excinfo:
         fit(cfg)
     message = str(excinfo.value)

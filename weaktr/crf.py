@@ -49,13 +49,16 @@ class CRFParams:
 
 
 def _check_image(image, height: int, width: int) -> np.ndarray:
-    """The image as the C-contiguous uint8 [H, W, 3] array pydensecrf's bilateral kernel requires."""
+    """The image as the C-contiguous, writable uint8 [H, W, 3] array pydensecrf's bilateral
+    kernel requires (it rejects read-only buffers such as ``np.asarray`` of a PIL image)."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 RGB (0..255), got dtype {image.dtype}")
     if image.shape != (height, width, 3):
         raise ValueError(f"image must be [H, W, 3] = {(height, width, 3)}, got shape {image.shape}")
-    return np.ascontiguousarray(image)
+    if image.flags.c_contiguous and image.flags.writeable:
+        return image
+    return np.array(image, order="C")
 
 
 def _mean_field(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.ndarray:

@@ -422,9 +422,8 @@ class _RankStream(IterableDataset):
         info = get_worker_info()
         return 0 if info is None else info.id
 
-    def _samples_with_failures(self) -> Iterator[dict]:
-        """Repeat this worker's shards forever; each item carries the failures seen before it."""
-        pending: list[Failure] = []
+    def _samples(self) -> Iterator[dict]:
+        """Repeat this worker's shards forever, noting broken samples in ``self._pending``."""
         for repeat in itertools.count():
             order = list(self.urls)
             random.Random(_derived_seed(self.seed, self.epoch, self.rank, repeat)).shuffle(order)
@@ -432,24 +431,32 @@ class _RankStream(IterableDataset):
             if not urls:
                 return
             decoded = 0
-            for sample in _decoded_samples(urls, pending.append):
+            for sample in _decoded_samples(urls, self._pending.append):
                 decoded += 1
-                yield {"sample": sample, "failures": list(pending)}
-                pending.clear()
+                self._decoded += 1
+                yield {"sample": sample}
             if decoded == 0:  # without this check an all-broken rank would spin forever
-                reasons = "; ".join(f.reason for f in pending[:3])
+                reasons = "; ".join(f.reason for f in self._pending[:3])
                 raise DataError(f"no decodable sample in shards {urls} ({reasons})")
 
     def _transformed(self, items: Iterator[dict]) -> Iterator[dict]:
+        # Read counts are handed to the next example *after* the shuffle buffer: attached before
+        # it, they would ride on a sample that may sit in the buffer past the end of the epoch.
+        # Failures are judged against samples read (the buffer reads ahead), not samples used.
         # Not wds.map: it would add a "__key__" entry to every example.
         for item in items:
             example = dict(self.transform(item["sample"]))
             example["key"] = item["sample"].key
-            example["failures"] = item["failures"]
+            example["failures"] = list(self._pending)
+            example["samples_read"] = self._decoded
+            self._pending.clear()
+            self._decoded = 0
             yield example
 
     def __iter__(self):
-        stages: list = [self._samples_with_failures]
+        self._pending: list[Failure] = []  # per DataLoader worker: each has its own copy of self
+        self._decoded = 0
+        stages: list = [self._samples]
         if self.shuffle_buffer > 1:
             rng = random.Random(_derived_seed(self.seed, self.epoch, self.rank, self._worker_id(), 1))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
@@ -458,11 +465,14 @@ class _RankStream(IterableDataset):
 
 
 def collate_samples(examples: list[dict]) -> dict:
-    """Stack tensor fields; ``key`` becomes a list and ``failures`` one merged list."""
+    """Stack tensor fields; ``key`` becomes a list, ``failures`` one merged list and
+    ``samples_read`` (decodable samples read, for the failure fraction) a sum."""
     batch: dict[str, Any] = {
         "key": [example["key"] for example in examples],
         "failures": [failure for example in examples for failure in example["failures"]],
     }
+    if "samples_read" in examples[0]:
+        batch["samples_read"] = sum(example["samples_read"] for example in examples)
     for name in examples[0]:
         if name not in batch:
             batch[name] = default_collate([example[name] for example in examples])
@@ -540,7 +550,7 @@ class FailureTracker:
         self.failures: list[Failure] = []
 
     def update(self, batch: dict) -> None:
-        self.add(len(batch["key"]), batch["failures"])
+        self.add(batch.get("samples_read", len(batch["key"])), batch["failures"])
 
     def add(self, num_ok: int, failures: Sequence[Failure]) -> None:
         self.seen += num_ok + len(failures)

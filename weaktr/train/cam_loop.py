@@ -61,8 +61,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         check_compatible(state, kind="cam", classes=manifest.classes, arch=model.arch, source="resume checkpoint")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
+        # Not the scheduler's saved state: it would bring back the old run's length when
+        # train.epochs grew; the schedule is a function of the step, so step to it.
+        scheduler.step_update(start_epoch * steps)
     model = ray.train.torch.prepare_model(model)
 
     to_train_example = CamExample(
