@@ -23,7 +23,9 @@ from weaktr.data.shards import FailureTracker, Manifest, iter_samples, make_load
 from weaktr.data.transforms import CamExample, cam_eval_transform, cam_train_transform, multi_hot
 from weaktr.metrics import mean_average_precision
 from weaktr.models.cam import WeakTrCAM
-from weaktr.train.common import all_gather, all_reduce_sum, autocast, make_trainer, report, restore, unwrap
+from weaktr.train.common import (
+    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, make_trainer, report, restore, unwrap,
+)
 
 
 def build_model(cfg: Config, num_classes: int) -> WeakTrCAM:
@@ -75,8 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         num_classes,
     )
 
-    # Checked per rank only once a rank has seen plenty of samples; the epoch-end check below
-    # is over all ranks, so one bad shard on one rank is judged against the whole run.
+    # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
     failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
@@ -103,10 +104,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for i, name in enumerate(("loss", "loss_cls", "loss_coarse", "loss_fine")):
                 loss_sums[i] += terms[name]
         elapsed = time.perf_counter() - started
-        run_failures = FailureTracker(cfg.data.max_failure_fraction)
-        for rank_failures in all_gather(failures):
-            run_failures.merge(rank_failures)
-        run_failures.check()
+        run_failures = check_failures_across_ranks(failures)
 
         val_map = evaluate_map(unwrap(model), manifest, cfg, rank, world_size, device)
         # Keys seen by more than one rank in this epoch: 0 when shard splitting is disjoint.

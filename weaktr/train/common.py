@@ -14,6 +14,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from weaktr.checkpoint import load_checkpoint
+from weaktr.data.shards import FailureTracker
 
 
 def make_trainer(
@@ -96,3 +97,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def check_failures_across_ranks(failures: FailureTracker) -> FailureTracker:
+    """Merge every rank's decode-failure counts and raise if the run as a whole is over its
+    limit: one bad shard on one rank is judged against all the data, not that rank's share."""
+    merged = FailureTracker(failures.max_failure_fraction)
+    for rank_failures in all_gather(failures):
+        merged.merge(rank_failures)
+    merged.check()
+    return merged

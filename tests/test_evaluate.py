@@ -1,0 +1,114 @@
+"""Phase-2 evaluation: model loading checks, CRF, and the Ray Data job against a direct loop."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from seg_helpers import save_random_checkpoint, tiny_config, write_pseudo_dataset
+
+from weaktr.checkpoint import CHECKPOINT_FILE, CheckpointMismatch
+from weaktr.config import save_config
+from weaktr.data.shards import iter_samples
+from weaktr.evaluate import REPORT_NAME, evaluate_on_ray, evaluate_samples, load_segmenter
+
+
+def _load_job(name: str):
+    path = Path(__file__).resolve().parents[1] / "ray_jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"ray_jobs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate_job = _load_job("evaluate")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seg-eval")
+    manifest = write_pseudo_dataset(tmp, num_train=8, num_val=12)  # val: 12 images in 2 shards
+    cfg = tiny_config(tmp, tmp / "pseudo")
+    checkpoint = save_random_checkpoint(tmp / "ckpt", cfg, manifest.classes)
+    return tmp, cfg, manifest, checkpoint
+
+
+def _val_samples(manifest):
+    return list(iter_samples(manifest.shard_paths("val")))
+
+
+def test_loads_weights_and_refuses_other_classes_and_kinds(setup):
+    tmp, cfg, manifest, checkpoint = setup
+    model, ckpt = load_segmenter(checkpoint, classes=manifest.classes)
+    assert not model.training and ckpt["classes"] == manifest.classes
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+
+    with pytest.raises(CheckpointMismatch, match=r"trained on classes .* but the dataset has \['a', 'b', 'c'\]"):
+        load_segmenter(checkpoint, classes=["a", "b", "c"])
+    cam = save_random_checkpoint(tmp / "cam", cfg, manifest.classes, kind="cam")
+    with pytest.raises(CheckpointMismatch, match="'cam' checkpoint; this needs a phase-2 segmentation"):
+        load_segmenter(cam)
+    cfg_other = tiny_config(tmp, tmp / "pseudo")
+    cfg_other.eval.split = "val"
+    other = save_random_checkpoint(tmp / "other", cfg, ["x", "y", "z"])
+    with pytest.raises(CheckpointMismatch, match="trained on classes"):
+        evaluate_on_ray(cfg_other, other)  # refused on the driver, before any Ray work
+
+
+class _Payload:
+    """Anything but tensors and plain values: weights-only unpickling must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_loading_is_weights_only(setup, tmp_path):
+    _, _, _, checkpoint = setup
+    state = torch.load(checkpoint / CHECKPOINT_FILE, weights_only=True)
+    state["metrics"] = {"note": _Payload()}
+    (tmp_path / "bad").mkdir()
+    torch.save(state, tmp_path / "bad" / CHECKPOINT_FILE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_segmenter(tmp_path / "bad")
+
+
+def test_crf_and_multiscale_flip_score_every_valid_pixel(setup):
+    _, cfg, manifest, checkpoint = setup
+    model, _ = load_segmenter(checkpoint)
+    samples = _val_samples(manifest)[:3]
+    valid_pixels = sum(int((s.mask != 255).sum()) for s in samples)
+
+    cfg.eval.scales, cfg.eval.flip = [0.75, 1.0], True
+    plain = evaluate_samples(model, samples, cfg.eval)
+    cfg.eval.crf = True
+    refined = evaluate_samples(model, samples, cfg.eval)
+    assert plain.matrix.sum() == refined.matrix.sum() == valid_pixels
+    assert not np.array_equal(plain.matrix, refined.matrix)  # the CRF smooths an untrained model's noisy labels
+    cfg.eval.scales, cfg.eval.flip, cfg.eval.crf = [1.0], False, False
+
+
+@pytest.mark.ray
+def test_ray_job_matches_a_direct_loop(ray_session, setup, tmp_path, capsys):
+    _, cfg, manifest, checkpoint = setup
+    cfg.eval.scales, cfg.eval.flip = [0.75, 1.0], True
+    cfg.eval.out_dir = str(tmp_path / "report")
+    config_file = tmp_path / "eval.yaml"
+    save_config(cfg, config_file)
+
+    assert evaluate_job.main(["--config", str(config_file), "--checkpoint", str(checkpoint)]) == 0
+    report = json.loads((tmp_path / "report" / REPORT_NAME).read_text())
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "hstripes" in printed
+
+    model, _ = load_segmenter(checkpoint)
+    direct = evaluate_samples(model, _val_samples(manifest), cfg.eval)
+    assert report["num_images"] == manifest.splits["val"].num_samples
+    assert np.array_equal(np.array(report["confusion_matrix"]), direct.matrix)
+    assert report["miou"] == pytest.approx(direct.miou())
+    assert set(report["per_class"]) == {"background", *manifest.classes}
+    assert report["settings"]["scales"] == [0.75, 1.0] and report["settings"]["flip"] is True

@@ -1,0 +1,106 @@
+"""``weaktr predict``: any image mode and size, EXIF orientation, folders, unreadable files, wrong checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from seg_helpers import NUM_CLASSES, save_random_checkpoint, tiny_config
+
+from weaktr.cli import load_rgb, main
+from weaktr.data.voc import voc_palette
+
+CLASSES = ["hstripes", "vstripes", "diagonal"][:NUM_CLASSES]
+EXIF_ORIENTATION = 0x0112
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict-ckpt")
+    cfg = tiny_config(tmp, tmp)
+    return save_random_checkpoint(tmp / "seg", cfg, CLASSES), save_random_checkpoint(tmp / "cam", cfg, CLASSES, "cam")
+
+
+def _noise(height: int, width: int, channels: int, seed: int = 0) -> np.ndarray:
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _write_inputs(folder):
+    """Images of every awkward kind; returns {output stem: (width, height) as displayed}."""
+    folder.mkdir()
+    Image.fromarray(_noise(50, 70, 1), "L").save(folder / "gray.png")
+    Image.fromarray(_noise(40, 90, 4), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(_noise(75, 45, 3)).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(_noise(33, 47, 3)).convert("P").save(folder / "palette.gif")
+    # Stored 80 wide x 48 high; EXIF orientation 6 means "rotate 90° clockwise to display": 48 x 80.
+    rotated = Image.fromarray(_noise(48, 80, 3))
+    exif = rotated.getexif()
+    exif[EXIF_ORIENTATION] = 6
+    rotated.save(folder / "exif.jpg", exif=exif)
+    (folder / "sub").mkdir()
+    Image.fromarray(_noise(130, 200, 3)).save(folder / "sub" / "large.jpg")  # larger than the window
+    return {"gray": (70, 50), "rgba": (90, 40), "cmyk": (45, 75), "palette": (47, 33), "exif": (48, 80),
+            "sub/large": (200, 130)}
+
+
+def test_exif_orientation_and_modes_become_upright_rgb(tmp_path):
+    expected = _write_inputs(tmp_path / "in")
+    for stem, size in expected.items():
+        suffix = next(p.suffix for p in (tmp_path / "in").glob(f"{stem}.*"))
+        image = load_rgb(tmp_path / "in" / f"{stem}{suffix}")
+        assert image.dtype == np.uint8 and image.shape == (size[1], size[0], 3), stem
+
+
+def test_predict_labels_a_folder_and_files_of_any_kind(checkpoints, tmp_path, capsys):
+    expected = _write_inputs(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")  # ignored inside a folder
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not a jpeg")
+    extra = tmp_path / "extra.png"
+    Image.fromarray(_noise(20, 20, 3)).save(extra)  # smaller than one patch row of the window
+
+    code = main([
+        "predict", "--checkpoint", str(checkpoints[0]), str(tmp_path / "in"), str(broken), str(extra),
+        "--out", str(tmp_path / "out"), "--window", "64", "--stride", "48", "--no-flip",
+    ])
+    assert code == 1  # one unreadable input
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "broken.jpg" in captured.err
+    assert not (tmp_path / "out" / "broken.png").exists()
+
+    palette = voc_palette()
+    for stem, size in {**expected, "extra": (20, 20)}.items():
+        mask = Image.open(tmp_path / "out" / f"{stem}.png")
+        assert mask.mode == "P" and mask.size == size, stem
+        assert mask.getpalette()[: 3 * 8] == palette[: 3 * 8]
+        assert np.asarray(mask).max() <= NUM_CLASSES
+        overlay = Image.open(tmp_path / "out" / f"{stem}_overlay.jpg")
+        assert overlay.mode == "RGB" and overlay.size == size, stem
+    assert f"{len(expected) + 1} of {len(expected) + 2} inputs labelled" in captured.out
+
+
+def test_predict_with_scales_flip_and_crf(checkpoints, tmp_path):
+    Image.fromarray(_noise(70, 100, 3)).save(tmp_path / "a.jpg")
+    args = ["predict", "--checkpoint", str(checkpoints[0]), str(tmp_path / "a.jpg"), "--window", "64", "--stride",
+            "32", "--scales", "0.75", "1.25"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--crf", "--out", str(tmp_path / "crf")]) == 0
+    plain = np.asarray(Image.open(tmp_path / "plain" / "a.png"))
+    refined = np.asarray(Image.open(tmp_path / "crf" / "a.png"))
+    assert plain.shape == refined.shape == (70, 100)
+    assert not np.array_equal(plain, refined)
+
+
+def test_predict_refuses_other_checkpoint_kinds_and_bad_windows(checkpoints, tmp_path, capsys):
+    Image.fromarray(_noise(30, 30, 3)).save(tmp_path / "a.png")
+    assert main(["predict", "--checkpoint", str(checkpoints[1]), str(tmp_path / "a.png"), "--out", str(tmp_path)]) == 2
+    assert "'cam' checkpoint; this needs a phase-2 segmentation" in capsys.readouterr().err
+
+    assert main(["predict", "--checkpoint", str(checkpoints[0]), str(tmp_path / "a.png"), "--out", str(tmp_path),
+                 "--window", "50"]) == 2
+    assert "multiple of the patch size 16" in capsys.readouterr().err
+
+    assert main(["predict", "--checkpoint", str(tmp_path / "nowhere"), str(tmp_path / "a.png"),
+                 "--out", str(tmp_path)]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

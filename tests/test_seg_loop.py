@@ -1,0 +1,136 @@
+"""Phase-2 training: the loss, dataset checks, resume checks, and one 2-worker Ray Train run + a resumed run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from seg_helpers import save_random_checkpoint, tiny_config, write_pseudo_dataset
+from timm.optim import create_optimizer_v2
+
+from weaktr.checkpoint import CheckpointMismatch, load_checkpoint
+from weaktr.data.shards import DataError
+from weaktr.ops import gradient_clipping_loss
+from weaktr.train.seg_loop import build_model, fit, pixel_losses, resume
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg-data")
+    return root / "pseudo", write_pseudo_dataset(root)
+
+
+def _random_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 4, 50, 70, generator=g, requires_grad=True)  # sides not multiples of the region
+    target = torch.randint(0, 4, (2, 50, 70), generator=g)
+    target[:, :5] = 255  # an ignored band
+    return logits, target
+
+
+def test_plain_loss_is_mean_cross_entropy_and_clips_nothing(tmp_path, dataset):
+    cfg = tiny_config(tmp_path, dataset[0])
+    cfg.seg_train.clip = False
+    logits, target = _random_batch()
+    loss, stats = pixel_losses(logits, target, cfg)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item(), rel=1e-6)
+    assert stats["clipped_fraction"] == 0
+    assert stats["ce"] == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_clipped_loss_matches_ops_and_reports_clipped_share(tmp_path, dataset):
+    cfg = tiny_config(tmp_path, dataset[0])
+    cfg.seg_train.clip, cfg.seg_train.clip_start_value, cfg.seg_train.clip_patch_size = True, 10.0, 16
+    logits, target = _random_batch()
+    loss, stats = pixel_losses(logits, target, cfg)
+
+    pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    valid = target != 255
+    clipped = gradient_clipping_loss(pixel, valid, 10.0, 16)
+    assert loss.item() == pytest.approx((clipped.sum() / valid.sum()).item(), rel=1e-6)
+    assert loss.item() < stats["ce"]  # clipping only ever lowers the loss
+    expected = ((clipped < pixel) & valid).sum().item() / valid.sum().item()
+    assert 0 < stats["clipped_fraction"] == pytest.approx(expected)
+
+    # Pixels above their region's threshold get no gradient.
+    loss.backward()
+    pixel_grad = logits.grad.abs().sum(1)  # [B, H, W]
+    assert (pixel_grad[(clipped < pixel) & valid] == 0).all()
+    assert (pixel_grad[(clipped == pixel) & valid] > 0).all()
+
+
+def test_warm_up_clips_nothing_while_loss_is_high(tmp_path, dataset):
+    cfg = tiny_config(tmp_path, dataset[0])
+    cfg.seg_train.clip, cfg.seg_train.clip_start_value = True, 0.01  # random logits: mean CE ~1.9 > 0.01
+    logits, target = _random_batch()
+    loss, stats = pixel_losses(logits, target, cfg)
+    assert stats["clipped_fraction"] == 0
+    assert loss.item() == pytest.approx(stats["ce"], rel=1e-6)
+
+
+def test_refuses_a_dataset_without_pseudo_labels(tmp_path):
+    write_pseudo_dataset(tmp_path, num_train=8, num_val=8, pseudo=False)
+    cfg = tiny_config(tmp_path, tmp_path / "pseudo")
+    with pytest.raises(DataError, match="no pseudo-labels"):
+        fit(cfg)  # refused on the driver, before any Ray worker starts
+
+
+def test_resume_refuses_other_classes_and_phase_one_checkpoints(tmp_path, dataset):
+    cfg = tiny_config(tmp_path, dataset[0])
+    classes = dataset[1].classes
+    model = build_model(cfg, len(classes))
+    optimizer = create_optimizer_v2(model, opt="sgd", lr=0.1)
+
+    other = save_random_checkpoint(tmp_path / "other", cfg, ["cat", "dog", "bird"])
+    with pytest.raises(CheckpointMismatch, match=r"trained on classes \['cat', 'dog', 'bird'\] but the dataset has"):
+        resume(load_checkpoint(other), model, optimizer, classes)
+
+    cam = save_random_checkpoint(tmp_path / "cam", cfg, classes, kind="cam")
+    with pytest.raises(CheckpointMismatch, match="is a 'cam' checkpoint, expected 'seg'"):
+        resume(load_checkpoint(cam), model, optimizer, classes)
+
+    same = save_random_checkpoint(tmp_path / "same", cfg, classes, seed=1)
+    cfg.seg_model.d_model = 32
+    narrower = build_model(cfg, len(classes))
+    with pytest.raises(CheckpointMismatch, match="d_model: checkpoint 64 vs config 32"):
+        resume(load_checkpoint(same), narrower, create_optimizer_v2(narrower, opt="sgd", lr=0.1), classes)
+
+    # a matching checkpoint loads: the weights are the saved ones
+    start = resume(load_checkpoint(same), model, optimizer, classes)
+    assert start == 1
+    saved = load_checkpoint(same)["model"]
+    assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
+
+
+@pytest.mark.ray
+def test_two_worker_training_learns_reports_clipping_and_resumes(ray_session, tmp_path, dataset):
+    data_root, manifest = dataset
+    cfg = tiny_config(tmp_path, data_root)
+    cfg.seg_train.epochs, cfg.seg_train.eval_every = 3, 2
+    cfg.seg_train.checkpoints_to_keep = 3  # Result.metrics_dataframe holds the kept checkpoints' metrics
+    cfg.seg_train.clip_start_value = 10.0  # clip from the first step, so clipped_fraction is exercised
+    result = fit(cfg)
+
+    history = result.metrics_dataframe
+    assert list(history["epoch"]) == [0, 1, 2]
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert (history["clipped_fraction"] > 0).all() and (history["clipped_fraction"] < 1).all()
+    assert (history["loss"] < history["ce"]).all()
+    # validation every 2 epochs and at the last one
+    assert math.isnan(history["val_mIoU"].iloc[0])
+    assert 0 < history["val_mIoU"].iloc[1] <= 1 and 0 < history["val_mIoU"].iloc[2] <= 1
+
+    state = load_checkpoint(result.checkpoint.path)
+    assert state["kind"] == "seg" and state["epoch"] == 2 and state["classes"] == manifest.classes
+    assert state["arch"]["num_classes"] == manifest.num_classes + 1
+
+    # Resume in a new run: only the missing epoch runs, continuing the schedule and the weights.
+    cfg.run.name = "seg-test-resumed"
+    cfg.seg_train.epochs = 4
+    cfg.seg_train.resume_from = result.checkpoint.path
+    resumed = fit(cfg)
+    assert list(resumed.metrics_dataframe["epoch"]) == [3]
+    assert resumed.metrics["loss"] < history["loss"].iloc[0]
+    assert load_checkpoint(resumed.checkpoint.path)["epoch"] == 3

@@ -1,0 +1,151 @@
+"""The ``weaktr`` command.
+
+    weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf]
+
+``predict`` labels any images with a phase-2 checkpoint: for each it writes ``{name}.png`` (dataset ids as a
+VOC-palette PNG: 0 background, c+1 for class c) and ``{name}_overlay.jpg`` (the colours blended over the image).
+Images of any size and mode are accepted (grayscale, RGBA, CMYK, palette... are converted to RGB) and EXIF
+orientation is applied, so masks line up with the image as viewers show it. Unreadable files are reported and
+skipped; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+OVERLAY_ALPHA = 0.5
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of any image file, EXIF orientation applied."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # rotate/flip as the camera recorded it
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Composite transparency over white instead of exposing whatever colour hides under alpha 0.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        return np.array(image.convert("RGB"))  # writable: torch and pydensecrf want to own the buffer
+
+
+def collect_images(inputs: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(image path, output stem relative to --out) for every input file and every image file under input folders;
+    plus the inputs that do not exist."""
+    found, missing = [], []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+                found.append((file, file.relative_to(path).with_suffix("")))
+        elif path.is_file():
+            found.append((path, Path(path.stem)))
+        else:
+            missing.append(raw)
+    # Two inputs with the same name (a.jpg, a.png, other/a.jpg) must not overwrite each other's outputs.
+    seen: dict[Path, int] = {}
+    unique = []
+    for file, stem in found:
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        unique.append((file, stem if count == 0 else stem.with_name(f"{stem.name}_{count}")))
+    return unique, missing
+
+
+def colorize(labels: np.ndarray, palette: Sequence[int]) -> np.ndarray:
+    """uint8 [H, W, 3] colours of a dataset-id map."""
+    return np.asarray(palette, dtype=np.uint8).reshape(256, 3)[labels]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[int]) -> np.ndarray:
+    """The label colours blended over the foreground pixels of ``image``; background shows the image as is."""
+    blended = (1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * colorize(labels, palette)
+    return np.where((labels > 0)[..., None], blended, image).round().astype(np.uint8)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from weaktr.checkpoint import CheckpointMismatch
+    from weaktr.crf import CRFParams
+    from weaktr.data.voc import save_palette_png, voc_palette
+    from weaktr.evaluate import load_segmenter, predict_labels
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, ckpt = load_segmenter(args.checkpoint, device)
+    except (CheckpointMismatch, FileNotFoundError) as err:
+        print(f"weaktr predict: error: {err}", file=sys.stderr)
+        return 2
+    patch = model.patch_size[0]
+    if args.window % patch or not 0 < args.stride <= args.window:
+        print(f"weaktr predict: error: need --window a multiple of the patch size {patch} and "
+              f"0 < --stride <= --window, got {args.window}, {args.stride}", file=sys.stderr)
+        return 2
+    names = ["background", *ckpt["classes"]]
+    images, missing = collect_images(args.inputs)
+    for raw in missing:
+        print(f"skipped {raw}: no such file or directory", file=sys.stderr)
+    if not images:
+        print("weaktr predict: error: no images found in the inputs", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    palette = voc_palette()
+    crf = CRFParams() if args.crf else None
+    unreadable = 0
+    for path, stem in images:
+        try:
+            image = load_rgb(path)
+        except (OSError, UnidentifiedImageError, ValueError) as err:  # truncated, not an image, unsupported mode
+            print(f"skipped {path}: cannot read image ({err})", file=sys.stderr)
+            unreadable += 1
+            continue
+        labels = predict_labels(
+            model, image, scales=args.scales, flip=not args.no_flip, window=args.window, stride=args.stride,
+            crf=crf, amp=True,
+        )  # [H, W] dataset ids
+        (out / stem).parent.mkdir(parents=True, exist_ok=True)
+        mask_path = out / f"{stem}.png"
+        save_palette_png(mask_path, labels)
+        Image.fromarray(overlay(image, labels, palette)).save(out / f"{stem}_overlay.jpg", quality=90)
+        present = [names[i] for i in np.unique(labels) if i > 0]
+        print(f"{path} -> {mask_path} ({image.shape[1]}x{image.shape[0]}; {', '.join(present) or 'background only'})")
+    print(f"{len(images) - unreadable} of {len(images) + len(missing)} inputs labelled into {out}")
+    return 1 if unreadable or missing else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weaktr", description="WeakTr weakly-supervised semantic segmentation")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser(
+        "predict", help="label images with a phase-2 checkpoint",
+        description="Write a VOC-palette label PNG and an overlay for every image (files or folders).",
+    )
+    predict.add_argument("--checkpoint", required=True, help="phase-2 checkpoint directory or checkpoint.pt")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER", help="image files and/or folders")
+    predict.add_argument("--out", required=True, help="output directory")
+    predict.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales (default 1.0)")
+    predict.add_argument("--no-flip", action="store_true", help="no horizontal-flip averaging")
+    predict.add_argument("--window", type=int, default=480, help="sliding-window size (multiple of 16)")
+    predict.add_argument("--stride", type=int, default=320, help="sliding-window stride")
+    predict.add_argument("--crf", action="store_true", help="refine with a dense CRF (softmax unary)")
+    predict.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    predict.set_defaults(func=predict_command)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Phase-2 evaluation: sliding window, multi-scale + flip, optional dense CRF, mIoU against ground truth.
+
+Two ways to run the same per-image scoring (``score_sample``):
+- ``evaluate_samples``: a plain loop in this process (tests, small sets, notebooks);
+- ``evaluate_on_ray``: a Ray Data pipeline. The split's shards are decoded in parallel tasks, an actor pool
+  (``eval.actors`` actors, ``eval.gpus_per_actor`` GPUs each) runs inference on every sample and returns that
+  image's confusion-matrix contribution, and the driver sums them, so a 5k-image validation set spreads over the
+  whole cluster and only K x K counts per image travel back.
+
+Also the model-loading and single-image prediction helpers that ``weaktr predict`` uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from weaktr.checkpoint import CheckpointMismatch, check_compatible, load_checkpoint
+from weaktr.config import Config, CrfConfig, EvalConfig, from_dict, to_dict
+from weaktr.crf import CRFParams, crf_refine_probs
+from weaktr.data.shards import DataError, Manifest, Sample, iter_samples
+from weaktr.data.transforms import normalize_image
+from weaktr.metrics import ConfusionMatrix
+from weaktr.models.inference import predict_probs
+from weaktr.models.segmenter import Segmenter
+from weaktr.train.common import autocast
+
+REPORT_NAME = "eval_report.json"
+
+
+# --------------------------------------------------------------------------- model and single-image prediction
+
+
+def load_segmenter(
+    path: str | Path, device: str | torch.device = "cpu", classes: Optional[Sequence[str]] = None
+) -> tuple[Segmenter, dict]:
+    """A phase-2 model rebuilt from its checkpoint (weights-only loading), in eval mode, and the checkpoint.
+
+    Refuses a checkpoint of another kind and, when ``classes`` is given, one trained on other classes.
+    """
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] != "seg":
+        raise CheckpointMismatch(
+            f"{path} is a '{ckpt['kind']}' checkpoint; this needs a phase-2 segmentation ('seg') checkpoint "
+            f"from ray_jobs/train_seg.py"
+        )
+    if classes is not None:
+        check_compatible(ckpt, kind="seg", classes=classes, source=f"checkpoint {path}")
+    model = Segmenter(**ckpt["arch"])  # arch holds no weight source: nothing is downloaded
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def crf_params(crf: CrfConfig) -> CRFParams:
+    return CRFParams(**dataclasses.asdict(crf))
+
+
+@torch.no_grad()
+def predict_labels(
+    model: Segmenter,
+    image: np.ndarray,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    window: int = 480,
+    stride: int = 320,
+    crf: Optional[CRFParams] = None,
+    amp: bool = True,
+) -> np.ndarray:
+    """Dataset ids uint8 [H, W] for one RGB image uint8 [H, W, 3] of any size.
+
+    Softmax probabilities from ``predict_probs`` (sliding window, each scale, flip), refined by a dense CRF with
+    the softmax unary when ``crf`` is given, then argmax.
+    """
+    device = next(model.parameters()).device
+    tensor = normalize_image(image).to(device)  # [3, H, W]
+    with autocast(device, amp):
+        probs = predict_probs(model, tensor, scales=scales, flip=flip, window=window, stride=stride)  # [K, H, W]
+    probs = probs.float().cpu().numpy()
+    if crf is not None:
+        # A writable copy: pydensecrf's bilateral kernel rejects read-only buffers (e.g. np.asarray of a PIL image).
+        probs = crf_refine_probs(np.array(image), probs, crf)  # [K, H, W]
+    return probs.argmax(0).astype(np.uint8)
+
+
+def _inference_kwargs(eval_cfg: EvalConfig, amp: bool) -> dict:
+    return dict(
+        scales=list(eval_cfg.scales), flip=eval_cfg.flip, window=eval_cfg.window, stride=eval_cfg.stride,
+        crf=crf_params(eval_cfg.crf_params) if eval_cfg.crf else None, amp=amp,
+    )
+
+
+def score_sample(model: Segmenter, sample: Sample, eval_cfg: EvalConfig, amp: bool = True) -> np.ndarray:
+    """One image's confusion-matrix counts int64 [K, K] (rows ground truth, columns prediction)."""
+    if sample.mask is None:
+        raise DataError(f"sample {sample.key!r} has no ground-truth mask: evaluation needs a split with masks")
+    pred = predict_labels(model, sample.image, **_inference_kwargs(eval_cfg, amp))
+    return ConfusionMatrix(model.num_classes).update(pred, sample.mask).matrix
+
+
+def evaluate_samples(
+    model: Segmenter, samples: Iterable[Sample], eval_cfg: EvalConfig, amp: bool = True
+) -> ConfusionMatrix:
+    """The confusion matrix over ``samples``, scored one by one in this process."""
+    confusion = ConfusionMatrix(model.num_classes)
+    for sample in samples:
+        confusion.matrix += score_sample(model, sample, eval_cfg, amp)
+    return confusion
+
+
+# --------------------------------------------------------------------------- Ray Data pipeline
+
+
+def _decode_shard(row: dict) -> list[dict]:
+    """One shard -> its samples as rows (image uint8 [H, W, 3], mask uint8 [H, W])."""
+    return [
+        {"key": s.key, "image": s.image, "mask": s.mask if s.mask is not None else np.zeros((0, 0), np.uint8)}
+        for s in iter_samples([row["shard"]])
+    ]
+
+
+class SegEvalActor:
+    """An actor-pool stage: loads the model once, then maps batches of samples to per-image confusion counts."""
+
+    def __init__(self, checkpoint: str, classes: Sequence[str], config: dict):
+        cfg: Config = from_dict(config)
+        device = "cuda" if cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.model, _ = load_segmenter(checkpoint, device, classes)
+        self.eval_cfg, self.amp = cfg.eval, cfg.seg_train.amp
+
+    def __call__(self, batch: dict) -> dict:
+        confusions = []
+        for key, image, mask in zip(batch["key"], batch["image"], batch["mask"]):
+            if mask.size == 0:
+                raise DataError(f"sample {key!r} has no ground-truth mask: evaluation needs a split with masks")
+            sample = Sample(str(key), np.asarray(image, dtype=np.uint8), [], mask=np.asarray(mask, dtype=np.uint8))
+            confusions.append(score_sample(self.model, sample, self.eval_cfg, self.amp).reshape(-1))
+        return {"key": np.asarray(batch["key"]), "confusion": np.stack(confusions)}  # [b, K*K]
+
+
+def evaluate_on_ray(cfg: Config, checkpoint: str | Path) -> dict:
+    """Evaluate ``checkpoint`` on ``data.root`` / ``eval.split`` with Ray Data; returns the report dict.
+
+    Needs a connected Ray (``weaktr.launch.init_ray``).
+    """
+    import ray
+
+    started = time.perf_counter()
+    checkpoint = str(Path(checkpoint).expanduser().resolve())
+    manifest = Manifest.load(Path(cfg.data.root).expanduser().resolve())
+    # Fail here, on the driver, with a clear message rather than inside every actor.
+    load_segmenter(checkpoint, "cpu", manifest.classes)
+    shards = manifest.shard_paths(cfg.eval.split)
+    num_classes = manifest.num_classes + 1
+
+    ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=max(1, len(shards)))
+    ds = ds.flat_map(_decode_shard)
+    ds = ds.map_batches(
+        SegEvalActor,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "classes": manifest.classes, "config": to_dict(cfg)},
+        batch_size=1,  # images differ in size; one image per call keeps batches rectangular
+        batch_format="numpy",
+        concurrency=cfg.eval.actors,
+        num_gpus=cfg.eval.gpus_per_actor,
+        num_cpus=1 if cfg.eval.gpus_per_actor == 0 else None,
+    )
+    confusion = ConfusionMatrix(num_classes)
+    num_images = 0
+    for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        confusion.matrix += batch["confusion"].sum(0).reshape(num_classes, num_classes)
+        num_images += len(batch["confusion"])
+    return make_report(confusion, manifest, cfg, checkpoint, num_images, time.perf_counter() - started)
+
+
+def make_report(
+    confusion: ConfusionMatrix, manifest: Manifest, cfg: Config, checkpoint: str, num_images: int, seconds: float
+) -> dict:
+    e = cfg.eval
+    return {
+        "checkpoint": checkpoint,
+        "dataset": manifest.root,
+        "split": e.split,
+        "num_images": num_images,
+        "settings": {
+            "window": e.window, "stride": e.stride, "scales": list(e.scales), "flip": e.flip,
+            "crf": dataclasses.asdict(e.crf_params) if e.crf else None,
+        },
+        **confusion.to_dict(class_names(manifest)),
+        "confusion_matrix": confusion.matrix.tolist(),
+        "seconds": seconds,
+    }
+
+
+def class_names(manifest: Manifest) -> list[str]:
+    return ["background", *manifest.classes]
+
+
+def report_dir(cfg: Config, checkpoint: str | Path) -> Path:
+    """``eval.out_dir``, else the checkpoint's own directory."""
+    if cfg.eval.out_dir:
+        return Path(cfg.eval.out_dir).expanduser()
+    checkpoint = Path(checkpoint)
+    return checkpoint if checkpoint.is_dir() else checkpoint.parent
+
+
+def write_report(report: dict, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / REPORT_NAME
+    path.write_text(json.dumps(report, indent=1))
+    return path

@@ -1,0 +1,273 @@
+"""Phase 2: retrain a Segmenter on the pseudo-labels with Ray Train (one ``train_loop_per_worker``).
+
+Each worker streams a disjoint, per-epoch reshuffled subset of the pseudo-label shards (random rescale, crop,
+flip; 255 ignored), trains under DDP on the per-pixel cross-entropy passed through the gradient-clipping loss of
+SPEC.md (``seg_train.clip``; plain cross-entropy otherwise), scores validation mIoU against the ground-truth masks
+on its share of the validation shards every ``eval_every`` epochs, and reports metrics; rank 0 attaches a
+checkpoint (kind "seg") every epoch.
+
+Training reads ``seg_train.data_root`` (default ``pseudo.out_dir``): a dataset whose training samples carry a
+``pseudo`` label map. Validation reads ``data.root``, the dataset with ground-truth masks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import PolyLRScheduler
+
+from weaktr.checkpoint import check_compatible, save_checkpoint
+from weaktr.config import Config, from_dict, to_dict
+from weaktr.data.shards import (
+    DataError, FailureTracker, Manifest, iter_samples, make_loader, steps_per_epoch,
+)
+from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, normalize_image
+from weaktr.metrics import ConfusionMatrix
+from weaktr.models.inference import sliding_window_logits
+from weaktr.models.segmenter import Segmenter
+from weaktr.ops import gradient_clipping_loss
+from weaktr.train.common import (
+    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, make_trainer, report, restore, unwrap,
+)
+
+
+def build_model(cfg: Config, num_classes: int) -> Segmenter:
+    """A Segmenter for ``num_classes`` foreground classes (+ background)."""
+    m = cfg.seg_model
+    return Segmenter(
+        num_classes + 1,
+        backbone=m.backbone, pretrained=m.pretrained, weights_path=m.weights_path, img_size=m.img_size,
+        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path_rate,
+        d_model=m.d_model, decoder_depth=m.decoder_depth, dropout=m.dropout, fused_attn=m.fused_attn,
+    )
+
+
+def train_data_root(cfg: Config) -> str:
+    """The pseudo-label dataset: ``seg_train.data_root``, else the pseudo-label job's ``pseudo.out_dir``."""
+    return cfg.seg_train.data_root or cfg.pseudo.out_dir
+
+
+def require_pseudo_labels(manifest: Manifest, split: str) -> None:
+    """Refuse a training split whose samples carry no pseudo-label (checked on its first sample)."""
+    shards = manifest.shard_paths(split)
+    first = next(iter(iter_samples(shards[:1])), None) if shards else None
+    if first is None:
+        raise DataError(f"dataset at {manifest.root} has no samples in split '{split}'")
+    if first.pseudo is None:
+        raise DataError(
+            f"dataset at {manifest.root} has no pseudo-labels in split '{split}' (sample {first.key!r} has no "
+            f"pseudo.png): phase 2 trains on pseudo-labels; run ray_jobs/make_pseudo_labels.py first or point "
+            f"seg_train.data_root at its output"
+        )
+
+
+def pixel_losses(logits: torch.Tensor, target: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, dict]:
+    """The training loss and its statistics for logits [B, K, H, W] and pseudo-labels [B, H, W] (255 ignored).
+
+    loss = sum(l') / num_valid, l' the gradient-clipped per-pixel cross-entropy (or the plain one without
+    clipping). Statistics (floats, synchronizing): "ce" = plain mean cross-entropy, "clipped_fraction" = share
+    of valid pixels whose loss was clipped.
+    """
+    pixel_loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")  # [B, H, W]
+    valid = target != IGNORE_INDEX  # [B, H, W]
+    num_valid = valid.sum().clamp(min=1)
+    if cfg.seg_train.clip:
+        loss_map = gradient_clipping_loss(
+            pixel_loss, valid, cfg.seg_train.clip_start_value, cfg.seg_train.clip_patch_size
+        )  # [B, H, W], zero where invalid
+    else:
+        loss_map = torch.where(valid, pixel_loss, pixel_loss.new_zeros(()))
+    clipped = (loss_map.detach() < pixel_loss.detach()) & valid  # [B, H, W]
+    stats = {
+        "ce": (pixel_loss.detach().sum() / num_valid).item(),
+        "clipped_fraction": (clipped.sum() / num_valid).item(),
+    }
+    return loss_map.sum() / num_valid, stats
+
+
+def resume(state: dict, model: Segmenter, optimizer, classes: list[str]) -> int:
+    """Load a checkpoint's model and optimizer state; returns the epoch to start from.
+
+    Refuses (CheckpointMismatch) a checkpoint of phase 1, of other classes or of another architecture.
+    The scheduler keeps this run's settings rather than loading the saved ones: the learning rate is a function
+    of the step count alone (set by ``step_update`` every step), so resuming with more epochs stretches the
+    decay over the new length instead of silently keeping the old one.
+    """
+    check_compatible(state, kind="seg", classes=classes, arch=model.arch, source="resume checkpoint")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"] + 1
+
+
+def make_optimizer(model: Segmenter, cfg: Config, steps: int):
+    """timm's optimizer for ``seg_train.opt`` (SGD or AdamW; no weight decay on norms, biases, tokens) and the
+    polynomial decay over the whole run, stepped every iteration (``step_update``), as in Segmenter."""
+    st = cfg.seg_train
+    optimizer = create_optimizer_v2(model, opt=st.opt, lr=st.lr, weight_decay=st.weight_decay, momentum=st.momentum)
+    scheduler = PolyLRScheduler(optimizer, t_initial=st.epochs * steps, power=st.poly_power, t_in_epochs=False)
+    return optimizer, scheduler
+
+
+def make_train_loader(shards: list[str], cfg: Config, *, epoch: int, steps: int, rank: int = 0, world_size: int = 1):
+    """``steps`` batches {"image": [B, 3, S, S], "mask": int64 [B, S, S]} of this rank's shards, the target being
+    each sample's pseudo-label (random rescale around ``base_size``, crop, flip; padding is 255)."""
+    st = cfg.seg_train
+    to_example = SegExample(
+        SegTrainTransform(st.crop_size, scale_range=(st.scale_min, st.scale_max), base_size=st.base_size),
+        target="pseudo",
+    )
+    return make_loader(
+        shards, transform=to_example, batch_size=st.batch_size, rank=rank, world_size=world_size, epoch=epoch,
+        seed=cfg.run.seed, num_workers=cfg.data.loader_workers, steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, *, epoch: int, failures=None):
+    """One pass over ``loader``; returns the per-step sums [loss, ce, clipped_fraction] (numpy)."""
+    steps = len(loader)
+    sums = np.zeros(3)
+    model.train()
+    for step, batch in enumerate(loader):
+        if failures is not None:
+            failures.update(batch)
+        images = batch["image"].to(device, non_blocking=True)  # [B, 3, S, S]
+        targets = batch["mask"].to(device, non_blocking=True)  # [B, S, S] pseudo-label ids, 255 ignored
+        with autocast(device, cfg.seg_train.amp):
+            logits = model(images)  # [B, K, S, S]
+        loss, stats = pixel_losses(logits, targets, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step_update(epoch * steps + step + 1)
+        sums += [loss.item(), stats["ce"], stats["clipped_fraction"]]
+    return sums
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg: Config = from_dict(loop_config["config"])
+    st = cfg.seg_train
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.run.seed + rank)
+
+    manifest = Manifest.load(Path(train_data_root(cfg)) / "manifest.json")
+    val_manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
+    if val_manifest.classes != manifest.classes:
+        raise DataError(
+            f"the pseudo-label dataset's classes {manifest.classes} differ from the validation dataset's "
+            f"{val_manifest.classes} ({cfg.data.root})"
+        )
+    train_shards = manifest.shard_paths(cfg.data.train_split)
+    steps = steps_per_epoch(manifest.split(cfg.data.train_split).num_samples, world_size, st.batch_size)
+
+    model = build_model(cfg, manifest.num_classes).to(device)
+    optimizer, scheduler = make_optimizer(model, cfg, steps)
+    state = restore(st.resume_from)
+    start_epoch = 0 if state is None else resume(state, model, optimizer, manifest.classes)
+    model = ray.train.torch.prepare_model(model)
+
+    # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
+    failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
+    for epoch in range(start_epoch, st.epochs):
+        started = time.perf_counter()
+        loader = make_train_loader(train_shards, cfg, epoch=epoch, steps=steps, rank=rank, world_size=world_size)
+        sums = train_one_epoch(model, loader, optimizer, scheduler, cfg, device, epoch=epoch, failures=failures)
+        elapsed = time.perf_counter() - started
+        run_failures = check_failures_across_ranks(failures)
+
+        last_epoch = epoch == st.epochs - 1
+        evaluated = (epoch + 1) % max(st.eval_every, 1) == 0 or last_epoch
+        # NaN between evaluations: Ray Train ranks such checkpoints below every scored one.
+        val_miou = float("nan")
+        if evaluated:
+            val_miou = evaluate_miou(unwrap(model), val_manifest, cfg, rank, world_size, device).miou()
+        # Means over all ranks' steps (every rank runs `steps` steps).
+        totals = all_reduce_sum([*sums, steps * st.batch_size], device)
+        metrics = {
+            "epoch": epoch,
+            "loss": totals[0] / (steps * world_size),
+            "ce": totals[1] / (steps * world_size),
+            "clipped_fraction": totals[2] / (steps * world_size),
+            "val_mIoU": val_miou,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": totals[3] / elapsed,
+            "samples_failed": run_failures.failed,
+            "epoch_seconds": elapsed,
+        }
+
+        def save(directory: Path) -> None:
+            save_checkpoint(
+                directory, kind="seg", model_state=unwrap(model).state_dict(), arch=unwrap(model).arch,
+                classes=manifest.classes, config=to_dict(cfg), epoch=epoch,
+                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(), metrics=metrics,
+            )
+
+        report(metrics, save)
+
+
+@torch.no_grad()
+def evaluate_miou(
+    model: Segmenter, manifest: Manifest, cfg: Config, rank: int, world_size: int, device
+) -> ConfusionMatrix:
+    """Validation confusion matrix against the ground-truth masks, merged over ranks.
+
+    Each rank scores its share of the validation shards, whole images by single-scale sliding window
+    (``eval.window`` / ``eval.stride``), no flip: a cheap training-time signal; ``weaktr.evaluate`` does the full
+    multi-scale + flip (+ CRF) evaluation.
+    """
+    shards = manifest.shard_paths(cfg.data.val_split)
+    # Fewer shards than ranks: rank 0 scores them all rather than leaving ranks idle-but-waiting.
+    mine = shards[rank::world_size] if len(shards) >= world_size else (shards if rank == 0 else [])
+    confusion = ConfusionMatrix(manifest.num_classes + 1)
+    model.eval()
+    for sample in iter_samples(mine):
+        if sample.mask is None:
+            raise DataError(f"validation sample {sample.key!r} in {manifest.root} has no ground-truth mask")
+        image = normalize_image(sample.image)[None].to(device)  # [1, 3, H, W]
+        with autocast(device, cfg.seg_train.amp):
+            logits = sliding_window_logits(model, image, cfg.eval.window, cfg.eval.stride)  # [1, K, H, W]
+        confusion.update(logits[0].argmax(0).cpu().numpy(), sample.mask)
+    model.train()
+    merged = ConfusionMatrix(manifest.num_classes + 1)
+    for part in all_gather(confusion):
+        merged.merge(part)
+    return merged
+
+
+def fit(cfg: Config):
+    """Run phase-2 training on the connected Ray cluster; returns Ray Train's ``Result``.
+
+    Paths are resolved here (workers may run elsewhere) and the training data is checked for pseudo-labels
+    before any worker starts. The Ray Train run is named ``{run.name}-seg`` so it never resumes a phase-1 run
+    of the same name.
+    """
+    cfg.seg_train.data_root = str(Path(train_data_root(cfg)).expanduser().resolve())
+    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.seg_train.resume_from:
+        cfg.seg_train.resume_from = str(Path(cfg.seg_train.resume_from).expanduser().resolve())
+    require_pseudo_labels(Manifest.load(cfg.seg_train.data_root), cfg.data.train_split)
+    trainer = make_trainer(
+        train_loop_per_worker,
+        {"config": to_dict(cfg)},
+        name=seg_run_name(cfg),
+        storage_path=cfg.run.storage_path,
+        num_workers=cfg.seg_train.num_workers,
+        use_gpu=cfg.seg_train.use_gpu,
+        cpus_per_worker=cfg.seg_train.cpus_per_worker,
+        max_failures=cfg.seg_train.max_failures,
+        checkpoints_to_keep=cfg.seg_train.checkpoints_to_keep,
+        score_attribute="val_mIoU",
+    )
+    return trainer.fit()
+
+
+def seg_run_name(cfg: Config) -> str:
+    return f"{cfg.run.name}-seg"
