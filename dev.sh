@@ -31,6 +31,8 @@ case "$cmd" in
         exec "$VENV/bin/python" ray_jobs/train_cam.py --config configs/synthetic.yaml "$@" ;;
     test)
         setup
+        # Many processes (Ray workers, DataLoader workers) share 2 cores: one BLAS thread each.
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
         exec "$VENV/bin/python" -m pytest "$@" ;;
     *)
         echo "usage: ./dev.sh {demo|test|setup} [extra args]" >&2
