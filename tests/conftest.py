@@ -49,6 +49,7 @@ def ray_head(tmp_path_factory):
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_dashboard(dashboard, head)
+        _wait_for_job_agent(dashboard)
         yield address, dashboard
     finally:
         import ray
@@ -58,6 +59,27 @@ def ray_head(tmp_path_factory):
         # A throwaway test cluster needs no graceful drain (which takes up to a minute).
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
+
+
+def _wait_for_job_agent(url: str, timeout: float = 180) -> None:
+    """The job server answers before its agent can run jobs ("No available agent to submit
+    job, please try again later"): submit a no-op job until one is accepted and finishes."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the Ray head's job agent did not run a no-op job")
+        time.sleep(1)
 
 
 def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
