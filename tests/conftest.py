@@ -40,9 +40,17 @@ def ray_head(tmp_path_factory):
     port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    # Every port free-picked: the defaults (e.g. the job agent's 52365) clash with any other Ray
+    # on the machine, and a head whose agent cannot bind answers "No available agent" forever.
+    agent_ports = [
+        f"--{flag}={_free_port()}"
+        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                     "metrics-export-port", "ray-client-server-port")
+    ]
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={port}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+         *agent_ports],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
