@@ -16,7 +16,10 @@ def prepare_data(cfg: Config) -> Manifest:
     ``data.synthetic.enabled``, make sure the built-in synthetic dataset is there."""
     root = Path(cfg.data.root).expanduser().resolve()
     cfg.data.root = str(root)
-    if cfg.data.synthetic.enabled:
+    manifest_path = root / "manifest.json"
+    # Only a synthetic dataset may be (re)generated in place: never overwrite a converted one.
+    is_other_dataset = manifest_path.exists() and "synthetic_spec" not in Manifest.load(manifest_path).meta
+    if cfg.data.synthetic.enabled and not is_other_dataset:
         from weaktr.data.synthetic import SyntheticSpec, write_synthetic
 
         s = cfg.data.synthetic
@@ -26,7 +29,7 @@ def prepare_data(cfg: Config) -> Manifest:
             min_size=s.min_size, max_size=s.max_size, max_objects=s.max_objects, seed=s.seed,
         )
         return write_synthetic(root, spec)
-    return Manifest.load(root / "manifest.json")
+    return Manifest.load(manifest_path)
 
 
 def init_ray() -> None:
