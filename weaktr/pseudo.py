@@ -20,9 +20,9 @@ Resuming: shards with a stats file are skipped; stale ``*.tmp`` files are remove
 half-committed is redone and rewrites the same bytes. The final outputs (manifest.json, failures.jsonl,
 report.json, bg_sweep.csv/png) are always rebuilt from all the stats files. Outputs are deterministic: a chunk's
 composition depends only on its shard (not on which shards run or how Ray batches rows), so an interrupted and
-resumed run writes the same bytes as an uninterrupted one. ``run_config.json`` records what the outputs were
-made from (checkpoint hash, data, settings); resuming with different settings is refused (use ``overwrite``).
-One run per output directory at a time.
+resumed run writes the same bytes as an uninterrupted one (on the same hardware). ``run_config.json`` records
+what the outputs were made from (checkpoint hash, data, settings); resuming with different settings is refused
+(use ``overwrite``). One run per output directory at a time.
 
 Output layout (``pseudo.out_dir``)::
 
