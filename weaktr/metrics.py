@@ -14,6 +14,9 @@ import math
 from typing import Sequence
 
 import numpy as np
+import torch
+
+from weaktr import ops
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -247,23 +250,12 @@ def _present_classes(present: Sequence[int], num_classes: int) -> list[int]:
 
 
 def normalize_cams(cams, present: Sequence[int]) -> np.ndarray:
-    """Min-max normalize the present classes' maps to [0, 1]; absent classes become 0.
-
-    cams [C, H, W] (numpy or torch) -> float32 [C, H, W]. Exactly the normalization inside
-    `weaktr.ops.cam_to_label` (float32, a constant map becomes all 0), so that thresholding these maps gives the
-    same labels as cam_to_label.
-    """
-    cams = _to_numpy(cams)
+    """`weaktr.ops.normalize_cams` for numpy or torch cams [C, H, W] -> float32 numpy [C, H, W], so that
+    thresholding these maps gives the same labels as `weaktr.ops.cam_to_label`."""
+    cams = torch.as_tensor(_to_numpy(cams))
     if cams.ndim != 3:
-        raise ValueError(f"cams must be [C, H, W], got shape {cams.shape}")
-    classes = _present_classes(present, cams.shape[0])
-    out = np.zeros(cams.shape, dtype=np.float32)
-    if classes:
-        maps = cams[classes].astype(np.float32)  # [P, H, W]
-        lo = maps.min(axis=(1, 2), keepdims=True)
-        hi = maps.max(axis=(1, 2), keepdims=True)
-        out[classes] = (maps - lo) / np.maximum(hi - lo, np.finfo(np.float32).tiny)
-    return out
+        raise ValueError(f"cams must be [C, H, W], got shape {tuple(cams.shape)}")
+    return ops.normalize_cams(cams, _present_classes(present, cams.shape[0])).numpy()
 
 
 class BackgroundSweep:

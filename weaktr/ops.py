@@ -102,6 +102,19 @@ def _region_thresholds(loss: Tensor, valid: Tensor, mean_loss: Tensor, patch_siz
     return tau.repeat_interleave(P, 0).repeat_interleave(P, 1)[:H, :W]  # [H, W]
 
 
+def normalize_cams(cams: Tensor, present: Sequence[int]) -> Tensor:
+    """Min-max normalize each present class's map of cams [C, H, W] to [0, 1] (float32; a constant map
+    becomes all 0); absent classes become 0. The normalization `cam_to_label` thresholds."""
+    classes = sorted({int(c) for c in present})
+    out = torch.zeros(cams.shape, dtype=torch.float32, device=cams.device)  # [C, H, W]
+    if classes:
+        maps = cams[classes].float()  # [P, H, W]
+        lo = maps.amin((1, 2), keepdim=True)
+        hi = maps.amax((1, 2), keepdim=True)
+        out[classes] = (maps - lo) / (hi - lo).clamp(min=torch.finfo(torch.float32).tiny)
+    return out
+
+
 def cam_to_label(cams: Tensor, present: Sequence[int], bg_threshold: float) -> Tensor:
     """CAM label map: dataset ids [H, W] int64 (0 background, c+1 for foreground class c).
 
@@ -119,10 +132,7 @@ def cam_to_label(cams: Tensor, present: Sequence[int], bg_threshold: float) -> T
     if not classes:
         return torch.zeros(H, W, dtype=torch.int64, device=cams.device)
 
-    maps = cams[classes].float()  # [P, H, W]
-    lo = maps.amin((1, 2), keepdim=True)
-    hi = maps.amax((1, 2), keepdim=True)
-    maps = (maps - lo) / (hi - lo).clamp(min=torch.finfo(maps.dtype).tiny)  # [P, H, W] in [0, 1]
+    maps = normalize_cams(cams, classes)[classes]  # [P, H, W] in [0, 1]
     background = maps.new_full((1, H, W), float(bg_threshold))
     scores = torch.cat([background, maps])  # [1 + P, H, W]; argmax returns the first maximum: ties -> background
     ids = torch.tensor([0] + [c + 1 for c in classes], dtype=torch.int64, device=cams.device)

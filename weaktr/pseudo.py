@@ -65,6 +65,7 @@ from weaktr.data.transforms import normalize_image
 from weaktr.data.voc import voc_palette
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
 from weaktr.models.cam import WeakTrCAM
+from weaktr.train.common import autocast
 
 STATS_DIR = "stats"
 TMP_SUFFIX = ".tmp"
@@ -121,10 +122,6 @@ def _upsample(cam: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(cam[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.inference_mode()
 def multiscale_cams(
     model: WeakTrCAM,
@@ -153,7 +150,7 @@ def multiscale_cams(
             batch = torch.stack([inputs[i] for i in members]).to(device)  # [n, 3, h, w]
             if flip:
                 batch = torch.cat([batch, batch.flip(-1)])  # [2n, 3, h, w]
-            with _autocast(device):
+            with autocast(device, enabled=True):
                 cams = model(batch).fine_cam  # [n or 2n, C, h/p, w/p]
             for j, i in enumerate(members):
                 height, width = images[i].shape[:2]
