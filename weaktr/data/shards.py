@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+LABEL_MAPS = ("mask", "pseudo")  # optional per-pixel maps a sample may carry
+# Training streams repeat their shards endlessly: this many undecodable samples in a row means
+# nothing in them decodes (at the 1% failure limit, a run of even 5 is unlikely).
+MAX_CONSECUTIVE_FAILURES = 1000
 
 
 class DataError(RuntimeError):
@@ -230,8 +234,10 @@ def _decode_label_map(data: bytes, what: str) -> np.ndarray:
         return np.array(img, dtype=np.uint8)  # for "P" the palette indices are the ids
 
 
-def decode_sample(raw: dict) -> Sample:
-    """A webdataset dict of bytes back to a :class:`Sample`; ``SampleDecodeError`` if it is broken."""
+def decode_sample(raw: dict, label_maps: Sequence[str] = LABEL_MAPS) -> Sample:
+    """A webdataset dict of bytes back to a :class:`Sample`; ``SampleDecodeError`` if it is broken.
+
+    Only the ``label_maps`` named (of ``mask``, ``pseudo``) are decoded; phase 1 needs none."""
     key = raw.get("__key__", "?")
     where = f"sample {key!r} in {raw.get('__url__', '?')}"
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
@@ -251,7 +257,7 @@ def decode_sample(raw: dict) -> Sample:
     if not isinstance(labels, list) or not all(isinstance(c, int) and c >= 0 for c in labels):
         raise SampleDecodeError(f"{where}: labels.json must be a list of class indices, got {labels!r}")
     sample = Sample(key, image, sorted(labels))
-    for name in ("mask", "pseudo"):
+    for name in label_maps:
         if f"{name}.png" not in raw:
             continue
         try:
@@ -354,19 +360,27 @@ def _check_local_shards_exist(shards: Sequence[str]) -> None:
         raise DataError(f"{len(missing)} shard(s) do not exist, first: {missing[0]}")
 
 
-def _decoded_samples(urls: Sequence[str], on_failure: Callable[[Failure], None]) -> Iterator[Sample]:
-    """Decode the samples of ``urls`` in order, reporting broken samples/shards to ``on_failure``."""
+def _records(urls: Sequence[str], on_failure: Callable[[Failure], None]) -> Iterator[dict]:
+    """The raw webdataset records (dicts of bytes) of ``urls`` in order; an unreadable shard is
+    reported to ``on_failure`` and the stream goes on with the next one."""
     known = set(urls)
 
     def shard_error(exn: Exception) -> bool:
         # webdataset appends the shard url to the exception's args; find it for the report.
         url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in known), "?")
         on_failure(Failure(url, "", f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"))
-        return True  # keep going with the next shard
+        return True
 
-    for raw in wds.tarfile_samples(({"url": url} for url in urls), handler=shard_error):
+    return wds.tarfile_samples(({"url": url} for url in urls), handler=shard_error)
+
+
+def _decoded_samples(
+    records: Iterable[dict], on_failure: Callable[[Failure], None], label_maps: Sequence[str] = LABEL_MAPS
+) -> Iterator[Sample]:
+    """Decode ``records``, reporting the broken ones to ``on_failure`` and skipping them."""
+    for raw in records:
         try:
-            yield decode_sample(raw)
+            yield decode_sample(raw, label_maps)
         except SampleDecodeError as exn:
             on_failure(Failure(raw.get("__url__", "?"), raw.get("__key__", "?"), str(exn)))
 
@@ -382,7 +396,7 @@ def iter_samples(shards: Sequence[str], tracker: Optional["FailureTracker"] = No
         log.warning("skipping unreadable sample %r in %s: %s", failure.key, failure.url, failure.reason)
         tracker.add(0, [failure])
 
-    for sample in _decoded_samples(list(shards), report):
+    for sample in _decoded_samples(_records(list(shards), report), report):
         tracker.add(1, [])
         yield sample
     tracker.check(final=True)
@@ -409,54 +423,71 @@ def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
 
 
 class _RankStream(IterableDataset):
-    """One rank's endless stream of transformed samples (runs inside each DataLoader worker)."""
+    """One rank's endless stream of transformed samples (runs inside each DataLoader worker).
 
-    def __init__(self, urls, transform, *, seed: int, epoch: int, rank: int, shuffle_buffer: int):
+    Raw records (bytes) go through the shuffle buffer and are decoded after it: decoded before,
+    the samples still buffered when the epoch's steps run out would be decoded for nothing (a
+    third of the decoding when a rank's epoch is twice the buffer), and the buffer would hold
+    decoded images instead of compressed bytes.
+    """
+
+    def __init__(self, urls, transform, *, seed: int, epoch: int, rank: int, shuffle_buffer: int, label_maps):
         super().__init__()
         self.urls = list(urls)
         self.transform = transform
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.shuffle_buffer = shuffle_buffer
+        self.label_maps = tuple(label_maps)
 
     def _worker_id(self) -> int:
         info = get_worker_info()
         return 0 if info is None else info.id
 
-    def _samples(self) -> Iterator[dict]:
-        """Repeat this worker's shards forever, noting broken samples in ``self._pending``."""
+    def _worker_records(self) -> Iterator[dict]:
+        """Repeat this worker's shards forever, noting unreadable shards in ``self._pending``."""
         for repeat in itertools.count():
             order = list(self.urls)
             random.Random(_derived_seed(self.seed, self.epoch, self.rank, repeat)).shuffle(order)
             urls = list(wds.split_by_worker(order))  # same order in every worker -> disjoint slices
             if not urls:
                 return
-            decoded = 0
-            for sample in _decoded_samples(urls, self._pending.append):
-                decoded += 1
-                self._decoded += 1
-                yield {"sample": sample}
-            if decoded == 0:  # without this check an all-broken rank would spin forever
-                reasons = "; ".join(f.reason for f in self._pending[:3])
-                raise DataError(f"no decodable sample in shards {urls} ({reasons})")
+            read = 0
+            for raw in _records(urls, self._pending.append):
+                read += 1
+                yield raw
+            if read == 0:  # without this check a rank of unreadable shards would spin forever
+                raise DataError(f"no decodable sample in shards {urls} ({self._failure_reasons()})")
 
-    def _transformed(self, items: Iterator[dict]) -> Iterator[dict]:
-        # Read counts are handed to the next example *after* the shuffle buffer: attached before
-        # it, they would ride on a sample that may sit in the buffer past the end of the epoch.
-        # Failures are judged against samples read (the buffer reads ahead), not samples used.
-        # Not wds.map: it would add a "__key__" entry to every example.
-        for item in items:
-            example = dict(self.transform(item["sample"]))
-            example["key"] = item["sample"].key
+    def _transformed(self, records: Iterator[dict]) -> Iterator[dict]:
+        # A failure rides into the batch with the next good example; the training loop's
+        # FailureTracker judges failures against the samples used. Not wds.map: it would add a
+        # "__key__" entry to every example.
+        for sample in _decoded_samples(records, self._sample_failed, self.label_maps):
+            self._consecutive_failures = 0
+            example = dict(self.transform(sample))
+            example["key"] = sample.key
             example["failures"] = list(self._pending)
-            example["samples_read"] = self._decoded
             self._pending.clear()
-            self._decoded = 0
             yield example
+
+    def _sample_failed(self, failure: Failure) -> None:
+        self._pending.append(failure)
+        self._consecutive_failures += 1
+        # A stream whose samples all fail would never yield a batch, so the training loop's
+        # failure check would never run: stop it here.
+        if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            raise DataError(
+                f"no decodable sample in the last {self._consecutive_failures} read from shards "
+                f"{sorted(self.urls)} ({self._failure_reasons()})"
+            )
+
+    def _failure_reasons(self) -> str:
+        return "; ".join(f.reason for f in self._pending[:3])
 
     def __iter__(self):
         self._pending: list[Failure] = []  # per DataLoader worker: each has its own copy of self
-        self._decoded = 0
-        stages: list = [self._samples]
+        self._consecutive_failures = 0
+        stages: list = [self._worker_records]
         if self.shuffle_buffer > 1:
             rng = random.Random(_derived_seed(self.seed, self.epoch, self.rank, self._worker_id(), 1))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
@@ -465,14 +496,11 @@ class _RankStream(IterableDataset):
 
 
 def collate_samples(examples: list[dict]) -> dict:
-    """Stack tensor fields; ``key`` becomes a list, ``failures`` one merged list and
-    ``samples_read`` (decodable samples read, for the failure fraction) a sum."""
+    """Stack tensor fields; ``key`` becomes a list and ``failures`` one merged list."""
     batch: dict[str, Any] = {
         "key": [example["key"] for example in examples],
         "failures": [failure for example in examples for failure in example["failures"]],
     }
-    if "samples_read" in examples[0]:
-        batch["samples_read"] = sum(example["samples_read"] for example in examples)
     for name in examples[0]:
         if name not in batch:
             batch[name] = default_collate([example[name] for example in examples])
@@ -514,12 +542,14 @@ def make_loader(
     shuffle_buffer: int = 1000,
     collate: Callable[[list[dict]], Any] = collate_samples,
     pin_memory: bool = False,
+    label_maps: Sequence[str] = LABEL_MAPS,
 ) -> StepLoader:
     """Exactly ``steps`` batches of ``transform(sample)`` dicts from this rank's shards.
 
     ``transform`` maps a :class:`Sample` to a dict of tensors; each example also gets ``key``
     and ``failures``, and the default collate stacks the tensors and merges the failures.
-    Use the same (seed, epoch) on every rank.
+    Use the same (seed, epoch) on every rank. ``label_maps`` names the per-pixel maps to decode
+    (phase 1 needs none).
     """
     if batch_size < 1 or steps < 1:
         raise ValueError(f"batch_size ({batch_size}) and steps ({steps}) must be >= 1")
@@ -527,7 +557,9 @@ def make_loader(
     mine = shards_for_rank(shards, rank, world_size, epoch, seed)
     # A worker without a shard would end at once; more workers than shards buys nothing.
     num_workers = min(num_workers, len(mine))
-    stream = _RankStream(mine, transform, seed=seed, epoch=epoch, rank=rank, shuffle_buffer=shuffle_buffer)
+    stream = _RankStream(
+        mine, transform, seed=seed, epoch=epoch, rank=rank, shuffle_buffer=shuffle_buffer, label_maps=label_maps
+    )
     loader = DataLoader(
         stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory
     )
@@ -550,7 +582,7 @@ class FailureTracker:
         self.failures: list[Failure] = []
 
     def update(self, batch: dict) -> None:
-        self.add(batch.get("samples_read", len(batch["key"])), batch["failures"])
+        self.add(len(batch["key"]), batch["failures"])
 
     def add(self, num_ok: int, failures: Sequence[Failure]) -> None:
         self.seen += num_ok + len(failures)

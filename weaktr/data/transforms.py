@@ -85,6 +85,10 @@ def cam_train_transform(
     """DeiT-style training transform (timm): random resized crop, flip, colour jitter (off when
     ``auto_augment`` is set, as in timm), optional RandAugment string (e.g. "rand-m9-mstd0.5-inc1")
     and random erasing, ImageNet normalization. PIL image or uint8 array -> float [3, S, S]."""
+    if auto_augment and auto_augment.startswith("rand") and "mmax" not in auto_augment:
+        # timm's increasing posterize keeps 4 - int(4 * m / 10) bits, 0 at magnitude 10 (m9 + noise reaches it),
+        # which Pillow >= 12 rejects mid-epoch; capping the magnitude at 9 keeps at least 1 bit.
+        auto_augment += "-mmax9"
     transform = create_transform(
         img_size, is_training=True, scale=(scale_min, 1.0), ratio=ratio, hflip=hflip,
         color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
@@ -140,21 +144,22 @@ class SegTrainTransform:
         scale = random.uniform(*self.scale_range)
         if self.base_size is not None:
             scale *= self.base_size / min(height, width)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL order (w, h)
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-
-        pad_h, pad_w = max(0, self.crop_h - size[1]), max(0, self.crop_w - size[0])
-        if pad_h or pad_w:
-            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
-            mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
-        top = random.randint(0, image.shape[0] - self.crop_h)
-        left = random.randint(0, image.shape[1] - self.crop_w)
-        image = image[top : top + self.crop_h, left : left + self.crop_w]
-        mask = mask[top : top + self.crop_h, left : left + self.crop_w]
+        size_w, size_h = max(1, round(width * scale)), max(1, round(height * scale))  # the rescaled image
+        # Crop window in the rescaled image padded (bottom/right) to at least the crop size.
+        top = random.randint(0, max(size_h, self.crop_h) - self.crop_h)
+        left = random.randint(0, max(size_w, self.crop_w) - self.crop_w)
+        # Rescale only what the window shows of the image (PIL's resize box): the same pixels as rescaling
+        # the whole image and cropping, without rescaling up to 4x the crop's area for nothing.
+        shown_h, shown_w = min(size_h, top + self.crop_h) - top, min(size_w, left + self.crop_w) - left
+        step_y, step_x = height / size_h, width / size_w  # source pixels per rescaled pixel
+        box = (left * step_x, top * step_y, (left + shown_w) * step_x, (top + shown_h) * step_y)
+        out_image = np.zeros((self.crop_h, self.crop_w, 3), dtype=np.uint8)  # padding: 0 / ignored
+        out_mask = np.full((self.crop_h, self.crop_w), IGNORE_INDEX, dtype=np.uint8)
+        out_image[:shown_h, :shown_w] = Image.fromarray(image).resize((shown_w, shown_h), Image.BILINEAR, box=box)
+        out_mask[:shown_h, :shown_w] = Image.fromarray(mask).resize((shown_w, shown_h), Image.NEAREST, box=box)
         if random.random() < self.hflip_prob:
-            image, mask = image[:, ::-1], mask[:, ::-1]
-        return normalize_image(image), torch.from_numpy(mask.astype(np.int64))  # [3, h, w], [h, w]
+            out_image, out_mask = out_image[:, ::-1], out_mask[:, ::-1]
+        return normalize_image(out_image), torch.from_numpy(out_mask.astype(np.int64))  # [3, h, w], [h, w]
 
 
 def seg_eval_transform(image: np.ndarray, mask: Optional[np.ndarray] = None):
