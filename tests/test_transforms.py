@@ -19,6 +19,7 @@ from weaktr.data.transforms import (
     cam_eval_transform,
     cam_train_transform,
     denormalize,
+    normalize_batch,
     multi_hot,
     normalize_image,
     seg_eval_transform,
@@ -81,9 +82,10 @@ def test_seg_train_transform_keeps_image_and_mask_aligned():
     transform = SegTrainTransform(crop_size=(40, 48), scale_range=(0.7, 1.6))
     for _ in range(10):
         out_image, out_mask = transform(image, mask)
-        assert out_image.shape == (3, 40, 48) and out_mask.shape == (40, 48) and out_mask.dtype == torch.int64
+        assert out_image.shape == (3, 40, 48) and out_image.dtype == torch.uint8
+        assert out_mask.shape == (40, 48) and out_mask.dtype == torch.int64
         assert set(out_mask.unique().tolist()) <= {0, 1, 2, 3, IGNORE_INDEX}
-        pixels = denormalize(out_image).astype(int)  # [h, w, 3]
+        pixels = out_image.permute(1, 2, 0).numpy().astype(int)  # [h, w, 3]
         # Away from band edges (where bilinear image and nearest mask may blend) colours must match.
         ids = np.pad(out_mask.numpy(), ((0, 0), (2, 2)), mode="edge")
         interior = (ids[:, 2:-2] != IGNORE_INDEX) & np.all([ids[:, 2 + d : ids.shape[1] - 2 + d] == ids[:, 2:-2]
@@ -100,7 +102,7 @@ def test_seg_train_transform_pads_small_images():
     assert out_image.shape == (3, 64, 64)
     assert (out_mask[20:, :] == IGNORE_INDEX).all() and (out_mask[:, 24:] == IGNORE_INDEX).all()
     assert (out_mask[:20, :24] != IGNORE_INDEX).all()
-    assert (denormalize(out_image)[20:, 24:] == 0).all()  # image padding is black
+    assert (out_image[:, 20:, 24:] == 0).all()  # image padding is black
 
 
 def test_seg_train_transform_base_size_sets_the_short_side():
@@ -125,6 +127,12 @@ def test_seg_eval_transform_and_loader_examples():
     assert cam["image"].shape == (3, 32, 32) and cam["target"].tolist() == [1.0, 0.0, 1.0, 0.0]
     seg = SegExample(SegTrainTransform(32), target="mask")(sample)
     assert seg["image"].shape == (3, 32, 32) and seg["mask"].shape == (32, 32)
+    # Phase-2 loaders ship uint8; normalize_batch on the loop's device gives normalize_image's floats.
+    batch = torch.stack([seg["image"], seg["image"].flip(-1)])  # uint8 [2, 3, 32, 32]
+    expected = torch.stack([normalize_image(np.asarray(im.permute(1, 2, 0))) for im in batch])
+    torch.testing.assert_close(normalize_batch(batch), expected)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_batch(expected)
     with pytest.raises(ValueError, match="no pseudo label map"):
         SegExample(SegTrainTransform(32))(sample)
 
@@ -177,5 +185,5 @@ def test_seg_train_transform_equals_rescale_then_crop(base_size, scale_range):
         # row/column (a row of 48 pixels is 2.5% of the crop); the rest must be identical.
         assert (out_mask.numpy() != ref_mask).mean() < 0.03
         # PIL's fixed-point resampling may round pixels differently for a box than for the whole image.
-        diff = np.abs(denormalize(out_image).astype(int) - ref_image.astype(int))
+        diff = np.abs(out_image.permute(1, 2, 0).numpy().astype(int) - ref_image.astype(int))
         assert diff.max() <= 1

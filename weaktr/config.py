@@ -88,6 +88,8 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     amp: bool = True  # bf16 autocast, GPU only
+    compile: bool = False  # torch.compile the model (pays off on GPU once its compile time is amortized)
+    fused_optimizer: bool = True  # fused optimizer kernels (torch's fused=True), GPU only; same updates up to rounding
     max_failures: int = 1  # worker-failure restarts from the last checkpoint
     checkpoints_to_keep: int = 2
     resume_from: Optional[str] = None  # a checkpoint directory
@@ -169,7 +171,9 @@ class SegTrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
-    amp: bool = True
+    amp: bool = True  # bf16 autocast, GPU only
+    compile: bool = False  # torch.compile the model (pays off on GPU once its compile time is amortized)
+    fused_optimizer: bool = True  # fused optimizer kernels (torch's fused=True), GPU only; same updates up to rounding
     max_failures: int = 1
     checkpoints_to_keep: int = 2
     resume_from: Optional[str] = None

@@ -44,14 +44,12 @@ import pickle
 import re
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 from torch import Tensor
@@ -65,6 +63,7 @@ from weaktr.data.transforms import normalize_image
 from weaktr.data.voc import voc_palette
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
 from weaktr.models.cam import WeakTrCAM
+from weaktr.models.inference import cam_pass, cam_pass_reference
 from weaktr.train.common import autocast
 
 STATS_DIR = "stats"
@@ -117,12 +116,11 @@ def _scaled_input(image: np.ndarray, scale: float, patch_size: int) -> Tensor:
     return normalize_image(image[:h, :w])
 
 
-def _upsample(cam: Tensor, height: int, width: int) -> Tensor:
-    """[C, h, w] -> float32 [C, H, W], bilinear."""
-    return F.interpolate(cam[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+def _scaled_inputs(images: Sequence[np.ndarray], scales: Sequence[float], patch_size: int) -> list[list[Tensor]]:
+    """The CAM pass's inputs: [scale][image] normalized float [3, h, w] (see `_scaled_input`)."""
+    return [[_scaled_input(np.asarray(image), scale, patch_size) for image in images] for scale in scales]
 
 
-@torch.inference_mode()
 def multiscale_cams(
     model: WeakTrCAM,
     images: Sequence[np.ndarray],
@@ -134,34 +132,16 @@ def multiscale_cams(
     on the model's device: per scale, resize, crop to multiples of `patch_size`, run the model, upsample G
     bilinearly, un-flip, and sum over scales and flips (absent classes are not zeroed here).
 
-    Batched: per scale, the images with the same input grid and all their flips go through ONE forward pass;
-    bf16 autocast on GPU. Same result as `multiscale_cams_reference` up to float rounding. The model must be
-    in eval mode; pass as many images at once as fit in memory.
+    Batched (`weaktr.models.inference.cam_pass`): per scale, the images with the same input grid and all their
+    flips go through ONE forward pass; bf16 autocast on GPU. Same result as `multiscale_cams_reference` up to
+    float rounding. The model must be in eval mode; pass as many images at once as fit in memory.
     """
     device = next(model.parameters()).device
-    totals: list[Optional[Tensor]] = [None] * len(images)
-    for scale in scales:
-        inputs = [_scaled_input(np.asarray(image), scale, patch_size) for image in images]  # [3, h_i, w_i] each
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, x in enumerate(inputs):
-            groups[tuple(x.shape)].append(i)
-        for members in groups.values():
-            n = len(members)
-            batch = torch.stack([inputs[i] for i in members]).to(device)  # [n, 3, h, w]
-            if flip:
-                batch = torch.cat([batch, batch.flip(-1)])  # [2n, 3, h, w]
-            with autocast(device, enabled=True):
-                cams = model(batch).fine_cam  # [n or 2n, C, h/p, w/p]
-            for j, i in enumerate(members):
-                height, width = images[i].shape[:2]
-                cam = _upsample(cams[j], height, width)  # [C, H, W]
-                if flip:
-                    cam = cam + _upsample(cams[n + j], height, width).flip(-1)
-                totals[i] = cam if totals[i] is None else totals[i] + cam
-    return totals
+    sizes = [image.shape[:2] for image in images]
+    with autocast(device, enabled=True):
+        return cam_pass(model, _scaled_inputs(images, scales, patch_size), sizes, flip)
 
 
-@torch.inference_mode()
 def multiscale_cams_reference(
     model: WeakTrCAM,
     images: Sequence[np.ndarray],
@@ -169,24 +149,11 @@ def multiscale_cams_reference(
     flip: bool = True,
     patch_size: int = 16,
 ) -> list[Tensor]:
-    """The WeakTr reference loop: one image at a time, one forward per scale (the image and its flip), float32.
-    The equivalence baseline and benchmark baseline of `multiscale_cams`."""
-    device = next(model.parameters()).device
-    results = []
-    for image in images:
-        height, width = image.shape[:2]
-        total = None
-        for scale in scales:
-            x = _scaled_input(np.asarray(image), scale, patch_size)[None].to(device)  # [1, 3, h, w]
-            if flip:
-                x = torch.cat([x, x.flip(-1)])  # [2, 3, h, w]
-            cams = model(x).fine_cam  # [1 or 2, C, h/p, w/p]
-            cam = _upsample(cams[0], height, width)
-            if flip:
-                cam = cam + _upsample(cams[1], height, width).flip(-1)
-            total = cam if total is None else total + cam
-        results.append(total)
-    return results
+    """The WeakTr reference loop (`weaktr.models.inference.cam_pass_reference`): one image at a time, one forward
+    per scale (the image and its flip), float32. The equivalence baseline and benchmark baseline of
+    `multiscale_cams`."""
+    sizes = [image.shape[:2] for image in images]
+    return cam_pass_reference(model, _scaled_inputs(images, scales, patch_size), sizes, flip)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,18 @@ def normalize_image(image: np.ndarray) -> torch.Tensor:
     return (tensor - _MEAN) / _STD
 
 
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (on any device) -> float32, ImageNet-normalized as :func:`normalize_image` does.
+
+    Phase-2 loaders ship uint8 batches and the training loop normalizes them on its device: a quarter of the
+    bytes between loader processes, and the per-pixel float work off the CPU cores that decode.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
+    mean, std = _MEAN.to(images.device), _STD.to(images.device)
+    return (images.float().div_(255) - mean) / std  # [B, 3, H, W]
+
+
 def denormalize(tensor: torch.Tensor) -> np.ndarray:
     """Inverse of :func:`normalize_image`: [3, H, W] or [B, 3, H, W] -> uint8 [H, W, 3] / [B, H, W, 3]."""
     if tensor.ndim not in (3, 4) or tensor.shape[-3] != 3:
@@ -118,7 +130,8 @@ class SegTrainTransform:
 
     Random rescale by ``s ~ U(scale_range)`` (of ``base_size`` for the short side when given,
     else of the image itself), pad to at least ``crop_size`` (image 0, mask 255), random crop,
-    horizontal flip, normalize. Returns (image float [3, h, w], mask int64 [h, w]).
+    horizontal flip. Returns (image uint8 [3, h, w], mask int64 [h, w]); the loop normalizes whole batches on
+    its device (:func:`normalize_batch`).
     Randomness comes from Python's ``random`` (seeded per DataLoader worker by PyTorch).
     """
 
@@ -159,7 +172,8 @@ class SegTrainTransform:
         out_mask[:shown_h, :shown_w] = Image.fromarray(mask).resize((shown_w, shown_h), Image.NEAREST, box=box)
         if random.random() < self.hflip_prob:
             out_image, out_mask = out_image[:, ::-1], out_mask[:, ::-1]
-        return normalize_image(out_image), torch.from_numpy(out_mask.astype(np.int64))  # [3, h, w], [h, w]
+        image_chw = torch.from_numpy(np.ascontiguousarray(out_image.transpose(2, 0, 1)))  # uint8 [3, h, w]
+        return image_chw, torch.from_numpy(out_mask.astype(np.int64))  # [h, w]
 
 
 def seg_eval_transform(image: np.ndarray, mask: Optional[np.ndarray] = None):
@@ -183,7 +197,7 @@ class CamExample:
 
 
 class SegExample:
-    """``make_loader`` transform for phase 2: Sample -> {"image": [3, h, w], "mask": int64 [h, w]},
+    """``make_loader`` transform for phase 2: Sample -> {"image": uint8 [3, h, w], "mask": int64 [h, w]},
     training on ``sample.pseudo`` (default) or ``sample.mask``."""
 
     def __init__(self, joint_transform, target: str = "pseudo"):

@@ -69,7 +69,8 @@ class WeakTrCAM(nn.Module):
 
     fused_attn=True runs the encoder with F.scaled_dot_product_attention and computes the attention probabilities
     for the fusion separately without autograd (the fusion only uses them detached); fused_attn=False is the
-    explicit softmax(q k^T * scale) @ v. Both give the same outputs and encoder gradients up to float rounding.
+    explicit softmax(q k^T * scale) @ v, which is also what runs when autograd is off (inference needs the
+    probabilities anyway). Both give the same outputs and encoder gradients up to float rounding.
     """
 
     def __init__(
@@ -218,7 +219,8 @@ class WeakTrCAM(nn.Module):
         qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, Hd, T, hd]
         q, k = attn.q_norm(q), attn.k_norm(k)
-        if self.fused_attn:
+        # Without autograd (CAM pass, validation) the probabilities are computed anyway: reuse them for the output.
+        if self.fused_attn and torch.is_grad_enabled():
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # [B, Hd, T, hd]
             with torch.no_grad():  # the fusion reads them detached: no second autograd graph
                 probs = _attention_probs(q, k, attn.scale)

@@ -1,12 +1,15 @@
-"""Dense inference for segmentation models: sliding window, multi-scale and flip (SPEC.md "Phase 2", recipe).
+"""Dense inference: sliding window, multi-scale and flip for segmentation models (SPEC.md "Phase 2", recipe),
+and the multi-scale + flip CAM pass of the phase-1 model (SPEC.md "From CAMs to pseudo-labels").
 
-Works with any model that maps ImageNet-normalized images [B, 3, h, w] (sides multiples of its patch size) to
-per-pixel logits [B, n_cls, h, w], e.g. Segmenter. The caller picks the mode (model.eval()) and autocast;
-these functions only run forwards under torch.no_grad() and accumulate in float32.
+The segmentation helpers work with any model that maps ImageNet-normalized images [B, 3, h, w] (sides multiples
+of its patch size) to per-pixel logits [B, n_cls, h, w], e.g. Segmenter; the CAM pass with WeakTrCAM. The caller
+picks the mode (model.eval()) and autocast; these functions only run forwards without autograd and accumulate in
+float32. Nothing here needs Ray or the data readers, so bench/gpu_bench.py can time them on a bare GPU machine.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -93,6 +96,66 @@ def predict_probs(
         probs = F.interpolate(probs, size=(H, W), mode="bilinear", align_corners=False).sum(0)  # [n_cls, H, W]
         probs_sum = probs if probs_sum is None else probs_sum + probs
     return probs_sum / (len(scales) * (2 if flip else 1))  # [n_cls, H, W]
+
+
+@torch.inference_mode()
+def cam_pass(
+    model: nn.Module, inputs: Sequence[Sequence[Tensor]], sizes: Sequence[tuple[int, int]], flip: bool = True
+) -> list[Tensor]:
+    """Fine CAMs G summed over scales (and flips): one float32 [C, H_i, W_i] per image, at `sizes[i]`, on the
+    model's device (absent classes are not zeroed here).
+
+    inputs[s][i] is image i prepared for scale s: normalized [3, h, w], h and w multiples of the patch size (any
+    device). Batched: per scale, the images with the same input shape and all their flips go through ONE forward
+    pass; each G is upsampled bilinearly to its image's size, un-flipped and summed. Same result as
+    `cam_pass_reference` up to float rounding.
+    """
+    device = next(model.parameters()).device
+    totals: list[Tensor | None] = [None] * len(sizes)
+    for scaled in inputs:
+        groups: dict[tuple, list[int]] = defaultdict(list)  # input shape -> images with that shape
+        for i, x in enumerate(scaled):
+            groups[tuple(x.shape)].append(i)
+        for members in groups.values():
+            n = len(members)
+            batch = torch.stack([scaled[i] for i in members]).to(device)  # [n, 3, h, w]
+            if flip:
+                batch = torch.cat([batch, batch.flip(-1)])  # [2n, 3, h, w]
+            cams = model(batch).fine_cam  # [n or 2n, C, h/p, w/p]
+            for j, i in enumerate(members):
+                cam = _upsample(cams[j], sizes[i])  # [C, H, W]
+                if flip:
+                    cam = cam + _upsample(cams[n + j], sizes[i]).flip(-1)
+                totals[i] = cam if totals[i] is None else totals[i] + cam
+    return totals
+
+
+@torch.inference_mode()
+def cam_pass_reference(
+    model: nn.Module, inputs: Sequence[Sequence[Tensor]], sizes: Sequence[tuple[int, int]], flip: bool = True
+) -> list[Tensor]:
+    """`cam_pass` the way the WeakTr reference code runs it: one image at a time, one forward per scale (the image
+    and its flip). The equivalence and benchmark baseline of `cam_pass`."""
+    device = next(model.parameters()).device
+    results = []
+    for i, size in enumerate(sizes):
+        total = None
+        for scaled in inputs:
+            x = scaled[i][None].to(device)  # [1, 3, h, w]
+            if flip:
+                x = torch.cat([x, x.flip(-1)])  # [2, 3, h, w]
+            cams = model(x).fine_cam  # [1 or 2, C, h/p, w/p]
+            cam = _upsample(cams[0], size)
+            if flip:
+                cam = cam + _upsample(cams[1], size).flip(-1)
+            total = cam if total is None else total + cam
+        results.append(total)
+    return results
+
+
+def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:
+    """[C, h, w] -> float32 [C, H, W], bilinear."""
+    return F.interpolate(cam[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 def _window_starts(size: int, window: int, stride: int) -> list[int]:

@@ -24,7 +24,8 @@ from weaktr.data.transforms import CamExample, cam_eval_transform, cam_train_tra
 from weaktr.metrics import mean_average_precision
 from weaktr.models.cam import WeakTrCAM
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, make_trainer, report, restore, unwrap,
+    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, fused_optimizer_kwargs, make_trainer, report,
+    restore, unwrap,
 )
 
 
@@ -35,6 +36,26 @@ def build_model(cfg: Config, num_classes: int) -> WeakTrCAM:
         backbone=m.backbone, pretrained=m.pretrained, weights_path=m.weights_path, img_size=m.img_size,
         embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path_rate,
         reduction=m.reduction, feat_reduction=m.feat_reduction, pool=m.pool, fused_attn=m.fused_attn,
+    )
+
+
+def make_train_loader(
+    shards: list[str], cfg: Config, num_classes: int, *, epoch: int, steps: int, rank: int = 0, world_size: int = 1
+):
+    """``steps`` batches {"image": [B, 3, S, S], "target": multi-hot [B, C]} of this rank's shards, with the
+    DeiT-style augmentation of ``cfg.train``; only images and labels are decoded (no label maps)."""
+    t = cfg.train
+    to_example = CamExample(
+        cam_train_transform(
+            t.img_size, scale_min=t.scale_min, color_jitter=t.color_jitter, auto_augment=t.auto_augment,
+            re_prob=t.re_prob,
+        ),
+        num_classes,
+    )
+    return make_loader(
+        shards, transform=to_example, batch_size=t.batch_size, rank=rank, world_size=world_size, epoch=epoch,
+        seed=cfg.run.seed, num_workers=cfg.data.loader_workers, steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
+        label_maps=(),
     )
 
 
@@ -51,7 +72,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps = steps_per_epoch(manifest.splits[cfg.data.train_split].num_samples, world_size, cfg.train.batch_size)
 
     model = build_model(cfg, num_classes).to(device)
-    optimizer = create_optimizer_v2(model, opt=cfg.train.opt, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    fused = fused_optimizer_kwargs(cfg.train.opt, device, cfg.train.fused_optimizer)
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.train.opt, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **fused
+    )
     # Stepped every iteration (t_in_epochs=False) so warm-up is smooth even for short runs.
     scheduler = CosineLRScheduler(
         optimizer, t_initial=cfg.train.epochs * steps, lr_min=cfg.train.min_lr,
@@ -68,24 +92,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # train.epochs grew; the schedule is a function of the step, so step to it.
         scheduler.step_update(start_epoch * steps)
     model = ray.train.torch.prepare_model(model)
-
-    to_train_example = CamExample(
-        cam_train_transform(
-            cfg.train.img_size, scale_min=cfg.train.scale_min, color_jitter=cfg.train.color_jitter,
-            auto_augment=cfg.train.auto_augment, re_prob=cfg.train.re_prob,
-        ),
-        num_classes,
-    )
+    if cfg.train.compile:
+        model = torch.compile(model)  # around DDP, as torch recommends; unwrap() still reaches the plain model
 
     # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
     failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         started = time.perf_counter()
-        loader = make_loader(
-            train_shards, transform=to_train_example, batch_size=cfg.train.batch_size, rank=rank,
-            world_size=world_size, epoch=epoch, seed=cfg.run.seed, num_workers=cfg.data.loader_workers,
-            steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
+        loader = make_train_loader(
+            train_shards, cfg, num_classes, epoch=epoch, steps=steps, rank=rank, world_size=world_size
         )
         loss_sums = [0.0, 0.0, 0.0, 0.0]  # total, cls, coarse, fine
         keys_seen: set[str] = set()

@@ -1,8 +1,9 @@
-"""Pieces both training loops share: the trainer, autocast, checkpoint restore and reporting."""
+"""Pieces both training loops share: the trainer, autocast, optimizer options, checkpoint restore and reporting."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from timm.optim import get_optimizer_class
 
 from weaktr.checkpoint import load_checkpoint
 from weaktr.data.shards import FailureTracker
@@ -59,7 +61,24 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The plain model inside DDP and torch.compile wrappers (its state_dict has no wrapper prefixes)."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif hasattr(model, "module"):  # DistributedDataParallel
+            model = model.module
+        else:
+            return model
+
+
+def fused_optimizer_kwargs(opt: str, device: torch.device, enabled: bool) -> dict:
+    """``{"fused": True}`` for timm's ``create_optimizer_v2`` when asked for, on a GPU, and the optimizer class
+    has a fused kernel (torch's SGD / Adam / AdamW): one kernel per step for all parameters instead of several
+    per tensor, the same update up to float rounding. ``{}`` otherwise (the default multi-tensor path)."""
+    if not enabled or device.type != "cuda":
+        return {}
+    opt_class = get_optimizer_class(opt.lower().split("_")[-1], bind_defaults=False)  # as create_optimizer_v2 parses
+    return {"fused": True} if "fused" in inspect.signature(opt_class).parameters else {}
 
 
 def restore(resume_from: Optional[str]) -> Optional[dict]:

@@ -28,13 +28,14 @@ from weaktr.config import Config, from_dict, to_dict
 from weaktr.data.shards import (
     DataError, FailureTracker, Manifest, iter_samples, make_loader, steps_per_epoch,
 )
-from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, normalize_image
+from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, normalize_batch, normalize_image
 from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import sliding_window_logits
 from weaktr.models.segmenter import Segmenter
 from weaktr.ops import gradient_clipping_loss
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, make_trainer, report, restore, unwrap,
+    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, fused_optimizer_kwargs, make_trainer, report,
+    restore, unwrap,
 )
 
 
@@ -107,16 +108,20 @@ def resume(state: dict, model: Segmenter, optimizer, classes: list[str]) -> int:
 
 
 def make_optimizer(model: Segmenter, cfg: Config, steps: int):
-    """timm's optimizer for ``seg_train.opt`` (SGD or AdamW; no weight decay on norms, biases, tokens) and the
-    polynomial decay over the whole run, stepped every iteration (``step_update``), as in Segmenter."""
+    """timm's optimizer for ``seg_train.opt`` (SGD or AdamW; no weight decay on norms, biases, tokens; fused
+    kernels on GPU with ``seg_train.fused_optimizer``) and the polynomial decay over the whole run, stepped every
+    iteration (``step_update``), as in Segmenter. ``model`` is already on its device."""
     st = cfg.seg_train
-    optimizer = create_optimizer_v2(model, opt=st.opt, lr=st.lr, weight_decay=st.weight_decay, momentum=st.momentum)
+    fused = fused_optimizer_kwargs(st.opt, next(model.parameters()).device, st.fused_optimizer)
+    optimizer = create_optimizer_v2(
+        model, opt=st.opt, lr=st.lr, weight_decay=st.weight_decay, momentum=st.momentum, **fused
+    )
     scheduler = PolyLRScheduler(optimizer, t_initial=st.epochs * steps, power=st.poly_power, t_in_epochs=False)
     return optimizer, scheduler
 
 
 def make_train_loader(shards: list[str], cfg: Config, *, epoch: int, steps: int, rank: int = 0, world_size: int = 1):
-    """``steps`` batches {"image": [B, 3, S, S], "mask": int64 [B, S, S]} of this rank's shards, the target being
+    """``steps`` batches {"image": uint8 [B, 3, S, S], "mask": int64 [B, S, S]} of this rank's shards, the target being
     each sample's pseudo-label (random rescale around ``base_size``, crop, flip; padding is 255)."""
     st = cfg.seg_train
     to_example = SegExample(
@@ -126,6 +131,7 @@ def make_train_loader(shards: list[str], cfg: Config, *, epoch: int, steps: int,
     return make_loader(
         shards, transform=to_example, batch_size=st.batch_size, rank=rank, world_size=world_size, epoch=epoch,
         seed=cfg.run.seed, num_workers=cfg.data.loader_workers, steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
+        label_maps=(to_example.target,),
     )
 
 
@@ -137,7 +143,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, *,
     for step, batch in enumerate(loader):
         if failures is not None:
             failures.update(batch)
-        images = batch["image"].to(device, non_blocking=True)  # [B, 3, S, S]
+        images = normalize_batch(batch["image"].to(device, non_blocking=True))  # uint8 -> float [B, 3, S, S]
         targets = batch["mask"].to(device, non_blocking=True)  # [B, S, S] pseudo-label ids, 255 ignored
         with autocast(device, cfg.seg_train.amp):
             logits = model(images)  # [B, K, S, S]
@@ -173,6 +179,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = restore(st.resume_from)
     start_epoch = 0 if state is None else resume(state, model, optimizer, manifest.classes)
     model = ray.train.torch.prepare_model(model)
+    if st.compile:
+        model = torch.compile(model)  # around DDP, as torch recommends; unwrap() still reaches the plain model
 
     # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
     failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)

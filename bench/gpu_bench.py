@@ -1,0 +1,440 @@
+"""GPU efficiency benchmark (issue 5): the straightforward and the optimized version of each stage, one table.
+
+    python bench/gpu_bench.py                              # the issue's sizes: DeiT-S on a GPU (meant: < 5 min)
+    python bench/gpu_bench.py --no-compile --stages phase2 # one stage, without the torch.compile rows
+    python bench/gpu_bench.py --tiny --device cpu          # tiny models on the CPU: checks the bench works (tests)
+
+Stages (random weights and inputs: the speed does not depend on them):
+- phase2: a Segmenter step (DeiT-S encoder at 480x480 + 2-layer mask transformer, 21 classes), per-pixel
+  cross-entropy through the gradient-clipping loss, SGD with momentum. Reference = the WeakTr recipe: fp32, batch
+  4, explicit attention; then bf16 autocast with fused attention at batch 16 and 32, fused SGD, torch.compile.
+- cam: the pseudo-label CAM pass, fine CAMs of 320x480 images at scales 1.0 and 1.2 with flips (the VOC config),
+  upsampled and summed (`weaktr.models.inference.cam_pass`). Reference = one image at a time in fp32 with
+  explicit attention (`cam_pass_reference`, as the WeakTr code); then chunks of images per forward in bf16.
+- phase1: a WeakTrCAM training step, batch 64 at 224x224, 20 classes, AdamW. Reference = explicit attention in
+  fp16 autocast with a gradient scaler (the WeakTr code); then SDPA attention in bf16, torch.compile; and the
+  baseline the target is measured against: a plain timm DeiT-S classification step, bf16, eager and compiled.
+
+Every step ends by reading its loss back (`.item()` / WeakTrCAM.loss), as the training loops do. Times come from
+CUDA events around `--iters` steps after `--warmup` steps (the first step of a compiled row compiles); peak memory
+is torch.cuda.max_memory_allocated per row. On a CPU, autocast is off (fp32, like the training loops) and the
+compiled rows are skipped: the CPU run only shows that the bench works.
+
+This file needs only torch, timm and weaktr.ops / weaktr.models (the GPU machine has no Ray or webdataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from weaktr import ops  # noqa: E402
+from weaktr.models.cam import WeakTrCAM  # noqa: E402
+from weaktr.models.inference import cam_pass, cam_pass_reference  # noqa: E402
+from weaktr.models.segmenter import Segmenter  # noqa: E402
+
+IGNORE_INDEX = 255
+STAGES = ("phase2", "cam", "phase1")
+
+
+@dataclass
+class Sizes:
+    """Model and input sizes of one bench run."""
+
+    backbone: str = "deit_small_patch16_224"
+    arch: dict = field(default_factory=dict)  # ViT width/depth/heads overrides; {} = the backbone's own
+    num_classes: int = 20  # foreground classes (VOC)
+    seg_size: int = 480
+    seg_batches: tuple[int, int, int] = (4, 16, 32)  # reference, optimized, larger optimized
+    clip_patch_size: int = 120  # gradient-clipping regions (VOC config)
+    cam_size: tuple[int, int] = (320, 480)
+    cam_scales: tuple[float, ...] = (1.0, 1.2)
+    cam_chunk: int = 32  # images per batched call (forwards of 2 x chunk with the flips)
+    cls_size: int = 224
+    cls_batch: int = 64
+
+
+FULL = Sizes()
+# Tiny models and inputs so that the whole bench runs on a CPU in seconds (the tests run it).
+TINY = Sizes(
+    arch=dict(embed_dim=32, depth=2, num_heads=2), num_classes=4, seg_size=64, seg_batches=(2, 4, 8),
+    clip_patch_size=16, cam_size=(48, 64), cam_chunk=4, cls_size=64, cls_batch=8,
+)
+
+
+@dataclass
+class Row:
+    stage: str
+    variant: str
+    batch: int  # images per step (per call for the CAM pass)
+    precision: str
+    ms_per_step: Optional[float] = None  # None: skipped (see note)
+    images_per_s: Optional[float] = None
+    peak_mib: Optional[float] = None  # GPU only
+    ratio: Optional[float] = None  # images/s over the stage's reference row
+    kind: str = "optimized"  # "reference" (the stage's first row), "optimized" or "baseline" (plain ViT)
+    note: str = ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def autocast_for(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast to `dtype` on a GPU; fp32 (no autocast) for dtype None and on the CPU, like the training loops."""
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def time_steps(step: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Mean milliseconds per call of step(), over `iters` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - start) * 1e3 / iters
+
+
+def measure(row: Row, build: Callable[[], Callable[[], object]], device: torch.device, args) -> Row:
+    """Fill in a row: build() makes the models and inputs and returns the step function to time."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step = build()
+    row.ms_per_step = time_steps(step, device, args.warmup, args.iters)
+    row.images_per_s = row.batch * 1e3 / row.ms_per_step
+    if device.type == "cuda":
+        row.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    del step
+    gc.collect()
+    torch._dynamo.reset()  # drop compiled graphs: each row compiles its own model
+    print(f"  {row.stage:<7} {row.variant:<52} {row.ms_per_step:9.2f} ms/step", flush=True)
+    return row
+
+
+def skipped(row: Row, why: str) -> Row:
+    row.note = f"skipped: {why}"
+    print(f"  {row.stage:<7} {row.variant:<52} {row.note}", flush=True)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def seg_step(sizes: Sizes, device, batch: int, amp, fused_attn=True, fused_sgd=False, use_compile=False):
+    """A phase-2 training step; the loss is seg_loop.pixel_losses' (which imports Ray) without its statistics."""
+    torch.manual_seed(0)
+    model = Segmenter(
+        sizes.num_classes + 1, backbone=sizes.backbone, img_size=sizes.seg_size, fused_attn=fused_attn, **sizes.arch
+    ).to(device).train()
+    # timm's "sgd" (Nesterov momentum 0.9) as seg_loop.make_optimizer builds it.
+    fused = {"fused": True} if fused_sgd else {}
+    optimizer = create_optimizer_v2(model, opt="sgd", lr=1e-4, weight_decay=0.0, momentum=0.9, **fused)
+    forward = torch.compile(model) if use_compile else model
+    S = sizes.seg_size
+    images = torch.randn(batch, 3, S, S, device=device)  # [B, 3, S, S]
+    targets = torch.randint(0, sizes.num_classes + 1, (batch, S, S), device=device)  # [B, S, S]
+    targets[:, : S // 8] = IGNORE_INDEX  # some ignored pixels, like crop padding
+
+    def step():
+        with autocast_for(device, amp):
+            logits = forward(images)  # [B, K, S, S]
+        pixel_loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        valid = targets != IGNORE_INDEX  # [B, S, S]
+        loss_map = ops.gradient_clipping_loss(pixel_loss, valid, 1.2, sizes.clip_patch_size)  # [B, S, S]
+        loss = loss_map.sum() / valid.sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def cam_model(sizes: Sizes, device, fused_attn: bool) -> WeakTrCAM:
+    torch.manual_seed(0)
+    model = WeakTrCAM(
+        sizes.num_classes, backbone=sizes.backbone, img_size=sizes.cls_size, drop_path_rate=0.0,
+        fused_attn=fused_attn, **sizes.arch,
+    )
+    return model.to(device).eval()
+
+
+def cam_inputs(sizes: Sizes, count: int, patch: int) -> tuple[list[list[torch.Tensor]], list[tuple[int, int]]]:
+    """`cam_pass` inputs for `count` images of cam_size: [scale][image] normalized [3, h, w] on the CPU, at the
+    size weaktr.pseudo's resize + crop gives (decoding and resizing are the input pipeline's, not timed here)."""
+    H, W = sizes.cam_size
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for scale in sizes.cam_scales:
+        h, w = max(patch, round(H * scale)) // patch * patch, max(patch, round(W * scale)) // patch * patch
+        inputs.append(list(torch.randn(count, 3, h, w, generator=g).unbind(0)))
+    return inputs, [(H, W)] * count
+
+
+def cam_reference_step(sizes: Sizes, device):
+    """One image per call, fp32, explicit attention: the WeakTr reference CAM pass."""
+    model = cam_model(sizes, device, fused_attn=False)
+    inputs, out_sizes = cam_inputs(sizes, sizes.cam_chunk, model.patch_size[0])
+    calls = itertools.count()
+
+    def step():
+        i = next(calls) % len(out_sizes)
+        cams = cam_pass_reference(model, [scaled[i : i + 1] for scaled in inputs], out_sizes[i : i + 1])
+        return cams[0][0, 0, 0].item()  # the CAM actor reads every image's result back
+
+    return step
+
+
+def cam_batched_step(sizes: Sizes, device, amp, use_compile: bool = False):
+    """`cam_chunk` images per call (same size: one forward of 2 x chunk images per scale). Without autograd
+    WeakTrCAM runs explicit attention (it needs the probabilities anyway), whatever its fused_attn."""
+    model = cam_model(sizes, device, fused_attn=True)
+    inputs, out_sizes = cam_inputs(sizes, sizes.cam_chunk, model.patch_size[0])
+    if use_compile:
+        model = torch.compile(model)  # one graph per input shape: 2 scales here
+
+    def step():
+        with autocast_for(device, amp):
+            cams = cam_pass(model, inputs, out_sizes)
+        return cams[-1][0, 0, 0].item()
+
+    return step
+
+
+def cam_train_step(sizes: Sizes, device, amp, fused_attn=True, fused_adamw=True, use_compile=False):
+    """A phase-1 training step: WeakTrCAM's three-term loss (which reads the loss terms back), AdamW."""
+    torch.manual_seed(0)
+    model = WeakTrCAM(
+        sizes.num_classes, backbone=sizes.backbone, img_size=sizes.cls_size, fused_attn=fused_attn, **sizes.arch
+    ).to(device).train()
+    return _classification_step(model, lambda out, labels: model.loss(out, labels)[0], sizes, device, amp,
+                                fused_adamw, use_compile)
+
+
+def plain_vit_step(sizes: Sizes, device, amp, fused_adamw=True, use_compile=False):
+    """The baseline: a plain timm ViT classification step (one class token, SDPA attention), same loss type."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        sizes.backbone, num_classes=sizes.num_classes, img_size=sizes.cls_size, drop_path_rate=0.1, **sizes.arch
+    ).to(device).train()
+    return _classification_step(model, lambda logits, labels: F.multilabel_soft_margin_loss(logits.float(), labels),
+                                sizes, device, amp, fused_adamw, use_compile)
+
+
+def _classification_step(model, loss_fn, sizes: Sizes, device, amp, fused_adamw: bool, use_compile: bool):
+    fused = {"fused": True} if fused_adamw else {}
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=6e-4, weight_decay=0.03, **fused)
+    # fp16 needs loss scaling (the reference code's NativeScaler); a disabled scaler passes everything through.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16 and device.type == "cuda")
+    forward = torch.compile(model) if use_compile else model
+    B, S = sizes.cls_batch, sizes.cls_size
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(B, 3, S, S, device=device, generator=g)  # [B, 3, S, S]
+    labels = (torch.rand(B, sizes.num_classes, device=device, generator=g) < 0.15).float()  # [B, C] multi-hot
+
+    def step():
+        with autocast_for(device, amp):
+            loss = loss_fn(forward(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.item()
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_stage(stage: str, sizes: Sizes, device: torch.device, args) -> list[Row]:
+    """Every row of one stage, its reference first; ratios are images/s over the reference's."""
+    gpu = device.type == "cuda"
+    bf16, fp16 = torch.bfloat16, torch.float16
+
+    def row(variant: str, batch: int, amp, kind: str = "optimized") -> Row:
+        precision = "fp32" if amp is None or not gpu else {bf16: "bf16", fp16: "fp16"}[amp]
+        return Row(stage, variant, batch, precision, kind=kind)
+
+    # (row, build, compiles): build() returns the step function to time.
+    if stage == "phase2":
+        ref, mid, big = sizes.seg_batches
+        plan = [
+            (row("reference: explicit attention, SGD", ref, None, "reference"),
+             lambda: seg_step(sizes, device, ref, None, fused_attn=False), False),
+            (row("SDPA attention, SGD", mid, bf16), lambda: seg_step(sizes, device, mid, bf16), False),
+            (row("SDPA attention, SGD", big, bf16), lambda: seg_step(sizes, device, big, bf16), False),
+            (row("SDPA attention, fused SGD", big, bf16),
+             lambda: seg_step(sizes, device, big, bf16, fused_sgd=True), False),
+            (row("SDPA attention, fused SGD, torch.compile", big, bf16),
+             lambda: seg_step(sizes, device, big, bf16, fused_sgd=True, use_compile=True), True),
+        ]
+    elif stage == "cam":
+        chunk = sizes.cam_chunk
+        plan = [
+            (row("reference: one image at a time, explicit attention", 1, None, "reference"),
+             lambda: cam_reference_step(sizes, device), False),
+            (row("batched", chunk, bf16), lambda: cam_batched_step(sizes, device, bf16), False),
+            (row("batched, torch.compile", chunk, bf16),
+             lambda: cam_batched_step(sizes, device, bf16, use_compile=True), True),
+        ]
+    elif stage == "phase1":
+        batch = sizes.cls_batch
+        plan = [
+            (row("reference: explicit attention, AdamW", batch, fp16, "reference"),
+             lambda: cam_train_step(sizes, device, fp16, fused_attn=False, fused_adamw=False), False),
+            (row("SDPA attention, fused AdamW", batch, bf16), lambda: cam_train_step(sizes, device, bf16), False),
+            (row("SDPA attention, fused AdamW, torch.compile", batch, bf16),
+             lambda: cam_train_step(sizes, device, bf16, use_compile=True), True),
+            (row("plain timm ViT baseline, fused AdamW", batch, bf16, "baseline"),
+             lambda: plain_vit_step(sizes, device, bf16), False),
+            (row("plain timm ViT baseline, fused AdamW, torch.compile", batch, bf16, "baseline"),
+             lambda: plain_vit_step(sizes, device, bf16, use_compile=True), True),
+        ]
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+
+    rows = []
+    for r, build, compiles in plan:
+        if compiles and args.no_compile:
+            rows.append(skipped(r, "--no-compile"))
+        elif compiles and not gpu:
+            rows.append(skipped(r, "torch.compile rows run on GPU only"))
+        else:
+            rows.append(measure(r, build, device, args))
+    for r in rows:
+        if r.images_per_s is not None:
+            r.ratio = r.images_per_s / rows[0].images_per_s
+    return rows
+
+
+def targets(rows: list[Row]) -> list[dict]:
+    """The issue's three targets from the measured rows (skipped rows do not count)."""
+    def measured(stage: str) -> list[Row]:
+        return [r for r in rows if r.stage == stage and r.images_per_s is not None]
+
+    out = []
+    if seg := measured("phase2"):
+        best = max((r for r in seg if r.kind == "optimized"), key=lambda r: r.images_per_s)
+        out.append(dict(name=f"phase 2: best ({best.variant}, batch {best.batch}) / reference images/s",
+                        value=best.ratio, goal=">= 5x", met=best.ratio >= 5))
+    if cam := measured("cam"):
+        best = max((r for r in cam if r.kind == "optimized"), key=lambda r: r.images_per_s)
+        out.append(dict(name=f"CAM pass: best ({best.variant}) / one at a time images/s",
+                        value=best.ratio, goal=">= 10x", met=best.ratio >= 10))
+    if cls := measured("phase1"):
+        best = min((r for r in cls if r.kind == "optimized"), key=lambda r: r.ms_per_step)
+        base = min((r for r in cls if r.kind == "baseline"), key=lambda r: r.ms_per_step)
+        ratio = best.ms_per_step / base.ms_per_step
+        out.append(dict(name=f"phase 1: best WeakTr ({best.variant}) ms / {base.variant} ms",
+                        value=ratio, goal="<= 1.15", met=ratio <= 1.15))
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def print_table(rows: list[Row], header: dict, goals: list[dict]) -> None:
+    print()
+    for key, value in header.items():
+        print(f"{key}: {value}")
+    columns = ("stage", "variant", "batch", "precision", "ms/step", "images/s", "peak MiB", "vs reference", "note")
+    lines = [columns]
+    for r in rows:
+        measured = r.ms_per_step is not None
+        lines.append((
+            r.stage, r.variant, str(r.batch), r.precision,
+            f"{r.ms_per_step:.2f}" if measured else "-",
+            f"{r.images_per_s:.1f}" if measured else "-",
+            f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-",
+            f"{r.ratio:.2f}x" if measured else "-",
+            r.note,
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    for i, line in enumerate(lines):
+        cells = [cell.rjust(w) if 2 <= j < len(columns) - 1 else cell.ljust(w)
+                 for j, (cell, w) in enumerate(zip(line, widths))]
+        print("  ".join(cells).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    for goal in goals:
+        value = f"{goal['value']:.2f}" + ("x" if goal["goal"].startswith(">") else "")
+        print(f"{goal['name']}: {value} (target {goal['goal']}: {'met' if goal['met'] else 'NOT met'})")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny models and inputs (CPU tests)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--iters", type=int, default=20, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compiled rows compile here)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--json", default=None, help="also write the rows and targets to this JSON file")
+    args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    if unknown := set(stages) - set(STAGES):
+        parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {','.join(STAGES)}")
+    device = torch.device(args.device)
+    sizes = TINY if args.tiny else FULL
+    header = {
+        "device": device_name(device),
+        "torch": f"{torch.__version__}, timm {timm.__version__}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python bench/gpu_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "sizes": "tiny (CPU check)" if args.tiny else "issue 5 (DeiT-S)",
+    }
+    print(f"{header['device']} | torch {header['torch']}", flush=True)
+    started = time.perf_counter()
+    rows = [row for stage in stages for row in run_stage(stage, sizes, device, args)]
+    header["wall"] = f"{time.perf_counter() - started:.0f} s"
+    goals = targets(rows)
+    print_table(rows, header, goals)
+    if device.type != "cuda":
+        print("(CPU run: autocast off, compiled rows skipped; the targets are GPU targets)")
+    if args.json:
+        report = {**header, "rows": [asdict(r) for r in rows], "targets": goals}
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
