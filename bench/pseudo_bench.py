@@ -37,7 +37,7 @@ from weaktr.pseudo import _png, multiscale_cams, multiscale_cams_reference  # no
 ARCHS = {
     # DeiT-S as in the paper (random weights: the speed is the same).
     "deit_small": dict(backbone="deit_small_patch16_224", img_size=224, drop_path_rate=0.0),
-    # A small ViT (the synthetic demo's model when the figures were taken; the config now uses width 64, depth 2).
+    # A small ViT (the synthetic demo's model when the figures were taken; the config now uses width 64, depth 2, patch 8).
     "synthetic": dict(
         img_size=96, embed_dim=96, depth=4, num_heads=3, drop_path_rate=0.0, reduction=4, feat_reduction=4
     ),

@@ -36,6 +36,9 @@ def test_masks_agree_with_labels(samples):
         assert ids - {0, IGNORE} == {c + 1 for c in sample.labels}
         assert all(0 <= c < SPEC.num_classes for c in sample.labels)
         assert sample.mask.dtype == np.uint8 and sample.mask.shape == sample.image.shape[:2]
+        # No label for an object too small to see: each class covers its minimum share outside the band.
+        for c in sample.labels:
+            assert (sample.mask == c + 1).mean() >= SPEC.min_visible_fraction, (sample.key, c)
     counts = np.bincount([c for s in samples for c in s.labels], minlength=SPEC.num_classes)
     assert (counts > 0).all()
     assert any(len(s.labels) > 1 for s in samples) and any(len(s.labels) == 1 for s in samples)

@@ -35,6 +35,7 @@ class SyntheticConfig:
     min_size: int = 96
     max_size: int = 160
     max_objects: int = 3
+    min_visible_fraction: float = 0.06  # smaller (mostly hidden) objects are dropped, label and all
     seed: int = 0
 
 

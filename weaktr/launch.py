@@ -26,7 +26,8 @@ def prepare_data(cfg: Config) -> Manifest:
         # write_synthetic reuses the shards when they were made from the same spec.
         spec = SyntheticSpec(
             num_classes=s.num_classes, num_train=s.num_train, num_val=s.num_val,
-            min_size=s.min_size, max_size=s.max_size, max_objects=s.max_objects, seed=s.seed,
+            min_size=s.min_size, max_size=s.max_size, max_objects=s.max_objects,
+            min_visible_fraction=s.min_visible_fraction, seed=s.seed,
         )
         return write_synthetic(root, spec)
     return Manifest.load(manifest_path)
