@@ -92,9 +92,9 @@ def main(argv=None) -> int:
         }
         what = {
             "phase 1": f"crop {cfg.train.img_size}, jitter {cfg.train.color_jitter}, "
-                       f"autoaug {cfg.train.auto_augment}, erase {cfg.train.re_prob}",
+                       f"autoaug {cfg.train.auto_augment} (erasing and normalization: on the device)",
             "phase 2": f"base {cfg.seg_train.base_size} x U({cfg.seg_train.scale_min}, {cfg.seg_train.scale_max}), "
-                       f"crop {cfg.seg_train.crop_size}",
+                       f"crop {cfg.seg_train.crop_size} (normalization: on the device)",
         }
         rates = {phase: images_per_second(loader, args.batch_size, args.warmup) for phase, loader in loaders.items()}
 

@@ -19,6 +19,7 @@ from weaktr.data.transforms import (
     cam_eval_transform,
     cam_train_transform,
     denormalize,
+    batch_random_erasing,
     normalize_batch,
     multi_hot,
     normalize_image,
@@ -54,13 +55,13 @@ def test_multi_hot():
         multi_hot([5], 5)
 
 
-@pytest.mark.parametrize("options", [{}, {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.5}])
+@pytest.mark.parametrize("options", [{}, {"auto_augment": "rand-m9-mstd0.5-inc1"}])
 def test_cam_train_transform_accepts_numpy_and_pil(options):
     transform = cam_train_transform(32, scale_min=0.3, **options)
     image = np.random.default_rng(0).integers(0, 256, size=(40, 57, 3), dtype=np.uint8)
     for source in (image, Image.fromarray(image)):
         out = transform(source)
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8  # normalized on the device, per batch
     outs = torch.stack([transform(image) for _ in range(4)])
     assert not torch.allclose(outs[0], outs[1])  # random crops differ
 
@@ -144,7 +145,7 @@ def test_rand_augment_at_full_magnitude_survives_current_pillow():
     rng = np.random.default_rng(0)
     for _ in range(60):
         out = transform(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
-        assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
 
 
 def _seg_train_reference(transform: SegTrainTransform, image: np.ndarray, mask: np.ndarray):
@@ -187,3 +188,27 @@ def test_seg_train_transform_equals_rescale_then_crop(base_size, scale_range):
         # PIL's fixed-point resampling may round pixels differently for a box than for the whole image.
         diff = np.abs(out_image.permute(1, 2, 0).numpy().astype(int) - ref_image.astype(int))
         assert diff.max() <= 1
+
+
+def test_batch_random_erasing_erases_normalized_images_independently():
+    assert batch_random_erasing(0.0) is None
+    images = normalize_batch(torch.full((6, 3, 32, 32), 128, dtype=torch.uint8))  # flat grey [6, 3, 32, 32]
+    torch.manual_seed(0)
+    erased = batch_random_erasing(1.0)(images.clone())
+    changed = (erased != images).flatten(1).any(1)  # [6]
+    assert erased.shape == images.shape and changed.all()
+    # Pixel mode fills a rectangle with fresh normal noise: part of each image, different per image.
+    fraction = (erased != images).float().mean((1, 2, 3))
+    assert ((fraction > 0) & (fraction < 1)).all() and fraction.unique().numel() > 1
+
+
+def test_device_normalization_matches_timms_cpu_normalization():
+    # Training batches are normalized by normalize_batch, evaluation images by timm's transform: the same numbers.
+    from timm.data import create_transform
+
+    image = np.random.default_rng(4).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    as_uint8 = create_transform(
+        32, is_training=False, crop_pct=1.0, crop_mode="center", interpolation="bicubic", normalize=False
+    )(Image.fromarray(image))
+    assert as_uint8.dtype == torch.uint8
+    torch.testing.assert_close(normalize_batch(as_uint8[None])[0], cam_eval_transform(32)(image))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.random_erasing import RandomErasing
 
 from weaktr.data.shards import Sample
 
@@ -36,8 +37,8 @@ def normalize_image(image: np.ndarray) -> torch.Tensor:
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] (on any device) -> float32, ImageNet-normalized as :func:`normalize_image` does.
 
-    Phase-2 loaders ship uint8 batches and the training loop normalizes them on its device: a quarter of the
-    bytes between loader processes, and the per-pixel float work off the CPU cores that decode.
+    Training loaders (both phases) ship uint8 batches and the loops normalize them on their device: a quarter of
+    the bytes between loader processes, and the per-pixel float work off the CPU cores that decode.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
@@ -90,23 +91,30 @@ def cam_train_transform(
     hflip: float = 0.5,
     color_jitter: float = 0.4,
     auto_augment: Optional[str] = None,
-    re_prob: float = 0.0,
-    re_mode: str = "pixel",
     interpolation: str = "bicubic",
 ):
     """DeiT-style training transform (timm): random resized crop, flip, colour jitter (off when
-    ``auto_augment`` is set, as in timm), optional RandAugment string (e.g. "rand-m9-mstd0.5-inc1")
-    and random erasing, ImageNet normalization. PIL image or uint8 array -> float [3, S, S]."""
+    ``auto_augment`` is set, as in timm), optional RandAugment string (e.g. "rand-m9-mstd0.5-inc1").
+    PIL image or uint8 array -> uint8 [3, S, S]: like timm's prefetcher, the training loop normalizes
+    whole batches on its device (:func:`normalize_batch`) and then applies random erasing
+    (:func:`batch_random_erasing`), which works on normalized values."""
     if auto_augment and auto_augment.startswith("rand") and "mmax" not in auto_augment:
         # timm's increasing posterize keeps 4 - int(4 * m / 10) bits, 0 at magnitude 10 (m9 + noise reaches it),
         # which Pillow >= 12 rejects mid-epoch; capping the magnitude at 9 keeps at least 1 bit.
         auto_augment += "-mmax9"
     transform = create_transform(
         img_size, is_training=True, scale=(scale_min, 1.0), ratio=ratio, hflip=hflip,
-        color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
-        re_prob=re_prob, re_mode=re_mode, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation, normalize=False,
     )
     return _PilTransform(transform)
+
+
+def batch_random_erasing(probability: float, mode: str = "pixel", device: torch.device | str = "cpu"):
+    """timm's random erasing (DeiT's ``re_prob``) for normalized batches [B, 3, H, W] on ``device``, each image
+    erased independently with ``probability``; None when the probability is 0."""
+    if probability <= 0:
+        return None
+    return RandomErasing(probability, mode=mode, device=device)
 
 
 def cam_eval_transform(
@@ -186,7 +194,8 @@ def seg_eval_transform(image: np.ndarray, mask: Optional[np.ndarray] = None):
 
 
 class CamExample:
-    """``make_loader`` transform for phase 1: Sample -> {"image": [3, S, S], "target": multi-hot [C]}.
+    """``make_loader`` transform for phase 1: Sample -> {"image": [3, S, S], "target": multi-hot [C]} (the image as
+    the image transform gives it: uint8 from :func:`cam_train_transform`, float from :func:`cam_eval_transform`).
     A class rather than a closure so it pickles into spawned DataLoader workers."""
 
     def __init__(self, image_transform, num_classes: int):

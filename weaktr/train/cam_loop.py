@@ -20,7 +20,9 @@ from timm.scheduler import CosineLRScheduler
 from weaktr.checkpoint import check_compatible, save_checkpoint
 from weaktr.config import Config, from_dict, to_dict
 from weaktr.data.shards import FailureTracker, Manifest, iter_samples, make_loader, steps_per_epoch
-from weaktr.data.transforms import CamExample, cam_eval_transform, cam_train_transform, multi_hot
+from weaktr.data.transforms import (
+    CamExample, batch_random_erasing, cam_eval_transform, cam_train_transform, multi_hot, normalize_batch,
+)
 from weaktr.metrics import mean_average_precision
 from weaktr.models.cam import WeakTrCAM
 from weaktr.train.common import (
@@ -42,13 +44,13 @@ def build_model(cfg: Config, num_classes: int) -> WeakTrCAM:
 def make_train_loader(
     shards: list[str], cfg: Config, num_classes: int, *, epoch: int, steps: int, rank: int = 0, world_size: int = 1
 ):
-    """``steps`` batches {"image": [B, 3, S, S], "target": multi-hot [B, C]} of this rank's shards, with the
-    DeiT-style augmentation of ``cfg.train``; only images and labels are decoded (no label maps)."""
+    """``steps`` batches {"image": uint8 [B, 3, S, S], "target": multi-hot [B, C]} of this rank's shards, with the
+    DeiT-style augmentation of ``cfg.train`` but for random erasing (the loop's, on normalized batches); only
+    images and labels are decoded (no label maps)."""
     t = cfg.train
     to_example = CamExample(
         cam_train_transform(
-            t.img_size, scale_min=t.scale_min, color_jitter=t.color_jitter, auto_augment=t.auto_augment,
-            re_prob=t.re_prob,
+            t.img_size, scale_min=t.scale_min, color_jitter=t.color_jitter, auto_augment=t.auto_augment
         ),
         num_classes,
     )
@@ -95,6 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.train.compile:
         model = torch.compile(model)  # around DDP, as torch recommends; unwrap() still reaches the plain model
 
+    random_erasing = batch_random_erasing(cfg.train.re_prob, device=device)
     # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
     failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -108,7 +111,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for step, batch in enumerate(loader):
             failures.update(batch)
             keys_seen.update(batch["key"])
-            images = batch["image"].to(device, non_blocking=True)  # [B, 3, H, W]
+            images = normalize_batch(batch["image"].to(device, non_blocking=True))  # uint8 -> float [B, 3, H, W]
+            if random_erasing is not None:
+                images = random_erasing(images)
             targets = batch["target"].to(device, non_blocking=True)  # [B, C]
             with autocast(device, cfg.train.amp):
                 out = model(images)
