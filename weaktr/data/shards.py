@@ -7,7 +7,8 @@ and ``{key}.pseudo.png`` (optional pseudo-label, same encoding).
 
 Streaming for DDP (``make_loader``): each epoch the shard list is shuffled with a seed derived
 from (seed, epoch) and dealt out to the ranks (disjoint); each rank then deals its shards to its
-DataLoader workers (``webdataset.split_by_worker``), shuffles samples in a buffer and yields
+DataLoader workers (``webdataset.split_by_worker``), shuffles the raw (still encoded) samples
+in a buffer, decodes them as they leave it and yields
 exactly ``steps`` batches, repeating its shards if they run short, so every rank runs the same
 number of steps and DDP's collectives never wait on a rank that ran out of data.
 
