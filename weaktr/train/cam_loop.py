@@ -27,7 +27,7 @@ from weaktr.metrics import mean_average_precision
 from weaktr.models.cam import WeakTrCAM
 from weaktr.train.common import (
     all_gather, all_reduce_sum, autocast, check_failures_across_ranks, fused_optimizer_kwargs, make_trainer, report,
-    restore, unwrap,
+    restore, seed_rngs, unwrap,
 )
 
 
@@ -66,7 +66,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.run.seed + rank)
+    seed_rngs(cfg.run.seed + rank)
 
     manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
     num_classes = len(manifest.classes)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import random
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -51,6 +53,15 @@ def make_trainer(
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed torch, Python's ``random`` and numpy's global RNG in this training process. The augmentations draw
+    from Python's ``random``, which PyTorch seeds only in DataLoader worker processes: with
+    ``data.loader_workers: 0`` they run here, and were left to the interpreter's random seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def autocast(device: torch.device, enabled: bool):
