@@ -2,11 +2,14 @@
 
 Phase 1 (classification) wraps timm's DeiT-style ``create_transform``. Phase 2 (segmentation)
 transforms image and mask together: random rescale, crop (padding the image with 0 and the mask
-with 255, i.e. ignored), flip, normalize.
+with 255, i.e. ignored), flip. Both training transforms stop at uint8; the loops normalize whole
+batches on their device (:func:`normalize_batch`). Evaluation and inference normalize per image
+(:func:`normalize_image`, :func:`cam_eval_transform`).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Optional, Sequence
 
@@ -30,8 +33,7 @@ def normalize_image(image: np.ndarray) -> torch.Tensor:
         raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
     if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch.from_numpy warns on those
         image = image.copy()
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)  # [3, H, W]
-    return (tensor - _MEAN) / _STD
+    return _normalized(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))  # [3, H, W]
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
@@ -42,8 +44,19 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
-    mean, std = _MEAN.to(images.device), _STD.to(images.device)
-    return (images.float().div_(255) - mean) / std  # [B, 3, H, W]
+    return _normalized(images)  # [B, 3, H, W]
+
+
+def _normalized(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 (x / 255 - mean) / std, on the images' device."""
+    mean, std = _mean_std_on(images.device)
+    return (images.float().div_(255) - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Copied to a GPU once, not in every training step.
+    return _MEAN.to(device), _STD.to(device)
 
 
 def denormalize(tensor: torch.Tensor) -> np.ndarray:
