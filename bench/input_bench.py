@@ -34,8 +34,9 @@ from weaktr.data.shards import Manifest, write_dataset  # noqa: E402
 from weaktr.data.synthetic import CLASS_NAMES, SyntheticSpec, iter_synthetic  # noqa: E402
 from weaktr.train import cam_loop, seg_loop  # noqa: E402
 
-# Images/s one H200 trains at (issue 5's figures): what the cores-per-GPU column divides by.
-GPU_RATES = {"phase 1": 2277.0, "phase 2": 671.0}
+# Images/s one H200 trains at: the compiled bf16 rows of BENCHMARKS.md's gpu_bench table (2026-11-28).
+# What the cores-per-GPU column divides by.
+GPU_RATES = {"phase 1": 2484.0, "phase 2": 666.0}
 
 
 def write_stand_in(out_dir: Path, count: int, size: tuple[int, int], image_format: str) -> Manifest:
