@@ -3,11 +3,14 @@ the Train/Data tests connect to it with ``ray.init`` and the job tests submit to
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,15 +34,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """Start a real local Ray head once; yields (gcs_address, dashboard_url).
+@contextlib.contextmanager
+def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | None = None):
+    """A real ``ray start --head`` on loopback; yields (gcs_address, dashboard_url, env).
 
-    ``--block`` keeps the head in one process group that teardown ends, so only this
-    session's Ray goes away (``ray stop`` would end every Ray on the machine)."""
+    Its temporary directory is a fresh one, not Ray's default /tmp/ray: a head writes its address
+    to ``<temp dir>/ray_current_cluster``, and a later plain ``ray.init()`` (the user's demo) would
+    join the killed test head through that file. ``--block`` keeps the head in one process group
+    that teardown ends, so only this head goes away (``ray stop`` would end every Ray here)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    # Short, because Ray's unix sockets live under it (a 107-character limit on the path).
+    temp_dir = tempfile.mkdtemp(prefix="wtr-ray-", dir="/tmp")
     port, dashboard_port = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    log = open(Path(log_dir or temp_dir) / "head.log", "w")
     # Every port free-picked: the defaults (e.g. the job agent's 52365) clash with any other Ray
     # on the machine, and a head whose agent cannot bind answers "No available agent" forever.
     agent_ports = [
@@ -48,25 +55,37 @@ def ray_head(tmp_path_factory):
                      "metrics-export-port", "ray-client-server-port")
     ]
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={port}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
-         *agent_ports],
+        [RAY, "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={port}", f"--temp-dir={temp_dir}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--disable-usage-stats", *agent_ports],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_dashboard(dashboard, head)
-        _wait_for_job_agent(dashboard)
-        yield address, dashboard
+        yield address, dashboard, env
     finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
         # A throwaway test cluster needs no graceful drain (which takes up to a minute).
-        os.killpg(head.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """The session's shared 4-CPU Ray head; yields (gcs_address, dashboard_url)."""
+    with ray_head_process(4, log_dir=tmp_path_factory.mktemp("ray")) as (address, dashboard, _):
+        _wait_for_job_agent(dashboard)
+        try:
+            yield address, dashboard
+        finally:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
 
 
 def _wait_for_job_agent(url: str, timeout: float = 180) -> None:

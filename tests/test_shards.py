@@ -288,15 +288,32 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
 def test_failure_tracker_raises_naming_the_shard_above_the_limit(tmp_path):
     shard = tmp_path / "bad-000000.tar"
     write_bad_shard(shard, good=19)  # 1 of 20 = 5% > 1%
-    with pytest.raises(DataError, match=f"1 of 20 samples.*{shard}"):
+    with pytest.raises(DataError, match=f"1 of 20 samples.*{shard.name} in {tmp_path}"):
         list(iter_samples([str(shard)]))
 
     tracker = FailureTracker(max_failure_fraction=0.01, min_samples=50)
     loader = make_loader([str(shard)], transform=classification_example, batch_size=5, steps=40, shuffle_buffer=1)
-    with pytest.raises(DataError, match=str(shard)):
+    with pytest.raises(DataError, match=shard.name):
         for batch in loader:
             tracker.update(batch)
     assert tracker.seen >= 50
+
+
+def test_failure_message_stays_short_and_leads_with_counts_and_shards():
+    # Ray Train keeps only the first and last 500 characters of a worker's traceback, so a long
+    # message lost its counts; with deep paths and many shards the message must stay short.
+    folder = "/data/" + "/".join(["a-very-long-directory-name"] * 12)
+    failures = [Failure(f"{folder}/train-{i:06d}.tar", f"key{i}", "cannot identify image file " + "x" * 300)
+                for i in range(7)]
+    tracker = FailureTracker(max_failure_fraction=0.01)
+    tracker.add(50, failures)
+    with pytest.raises(DataError) as excinfo:
+        tracker.check()
+    message = str(excinfo.value)
+    assert len(message) <= 400
+    assert message.startswith("7 of 57 samples failed to decode (12.3% > 1.0% allowed), in 7 shard(s): ")
+    assert "train-000000.tar, train-000001.tar, train-000002.tar and 4 more" in message
+    assert "[key0] cannot identify image file" in message
 
 
 def test_failure_tracker_thresholds():

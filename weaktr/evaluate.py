@@ -151,6 +151,8 @@ def evaluate_on_ray(cfg: Config, checkpoint: str | Path) -> dict:
     """
     import ray
 
+    from weaktr.launch import actor_pool
+
     started = time.perf_counter()
     checkpoint = str(Path(checkpoint).expanduser().resolve())
     manifest = Manifest.load(Path(cfg.data.root).expanduser().resolve())
@@ -160,15 +162,18 @@ def evaluate_on_ray(cfg: Config, checkpoint: str | Path) -> dict:
     num_classes = manifest.num_classes + 1
 
     ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=max(1, len(shards)))
-    ds = ds.flat_map(_decode_shard)
+    # Decoding takes zero logical CPUs, bounded by its own pool size: with one CPU each it waited forever
+    # behind an actor pool holding every CPU of a small machine.
+    ds = ds.flat_map(_decode_shard, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
+    num_cpus = 1 if cfg.eval.gpus_per_actor == 0 else None  # GPU actors: Ray Data's default
     ds = ds.map_batches(
         SegEvalActor,
         fn_constructor_kwargs={"checkpoint": checkpoint, "classes": manifest.classes, "config": to_dict(cfg)},
         batch_size=1,  # images differ in size; one image per call keeps batches rectangular
         batch_format="numpy",
-        concurrency=cfg.eval.actors,
+        compute=actor_pool("eval.actors", cfg.eval.actors, num_cpus or 0, cfg.eval.gpus_per_actor),
         num_gpus=cfg.eval.gpus_per_actor,
-        num_cpus=1 if cfg.eval.gpus_per_actor == 0 else None,
+        num_cpus=num_cpus,
     )
     confusion = ConfusionMatrix(num_classes)
     num_images = 0

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import ray
 
 from weaktr.config import Config, save_config
 from weaktr.data.shards import Manifest
+
+# How long a Ray Data pipeline waits for room for the first actor of a pool (e.g. for the autoscaler).
+WAIT_FOR_FIRST_ACTOR_S = 600
 
 
 def prepare_data(cfg: Config) -> Manifest:
@@ -33,10 +38,51 @@ def prepare_data(cfg: Config) -> Manifest:
     return Manifest.load(manifest_path)
 
 
+class RayUnavailable(RuntimeError):
+    """The Ray cluster a job was pointed at does not answer."""
+
+
 def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (set by ``ray job submit``), else start a local Ray."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    """Join the cluster named by RAY_ADDRESS (set by ``ray job submit``), else the one ``ray start``
+    recorded on this machine, else start a local Ray. Never waits on a head that is gone.
+
+    ``ray start`` writes its address to ``ray_current_cluster`` in Ray's temporary directory and
+    a plain ``ray.init()`` joins that address; after the head is killed (not ``ray stop``-ped) the
+    file stays, and ``ray.init()`` waits on the dead address forever, deaf to Ctrl-C."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        if not _answers(address):
+            raise RayUnavailable(
+                f"RAY_ADDRESS={address} does not answer: is the Ray head running (`ray status --address "
+                f"{address}`)? Unset RAY_ADDRESS to run on a local Ray instead."
+            )
+    else:
+        from ray._common.utils import get_ray_address_file  # where `ray start` records its address
+
+        address_file = get_ray_address_file(None)
+        recorded = Path(address_file).read_text().strip() if os.path.exists(address_file) else ""
+        if recorded and not _answers(recorded):
+            print(
+                f"weaktr: {address_file} names the Ray head {recorded}, which does not answer (stopped or "
+                "killed); starting a local Ray instead. `ray stop` or deleting that file removes the stale "
+                "address.", file=sys.stderr, flush=True,
+            )
+            address = "local"  # a fresh local Ray; None would join the recorded address
+    ray.init(address=address, log_to_driver=True)
+
+
+def _answers(address: str, timeout: float = 5.0) -> bool:
+    """Whether something listens at a ``host:port`` Ray address (other forms are left to Ray)."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return True
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def run_dir(cfg: Config) -> Path:
@@ -53,3 +99,29 @@ def save_resolved_config(cfg: Config, filename: str = "config.yaml") -> Path:
     path = run_dir(cfg) / filename
     save_config(cfg, path)
     return path
+
+
+def actor_pool(setting: str, size: int, num_cpus: float, num_gpus: float = 0.0):
+    """A Ray Data actor pool of 1 to ``size`` actors; ``setting`` is the config key that asked for ``size``.
+
+    A fixed pool of ``size`` actors that the cluster cannot hold beside the pipeline's read tasks
+    waits for resources forever (``eval.actors: 2`` on a 2-CPU machine did). This pool starts with
+    one actor and grows as resources free up or the autoscaler adds nodes; asking for more than the
+    cluster has now is said on the console, and a pool of which not even one actor fits fails after
+    ``WAIT_FOR_FIRST_ACTOR_S`` instead of waiting forever."""
+    import ray.data
+
+    if size < 1:
+        raise ValueError(f"{setting} must be >= 1, got {size}")
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    fit = min(cpus // num_cpus if num_cpus else size, gpus // num_gpus if num_gpus else size)
+    if fit < size:
+        asked = f"{size * num_cpus:g} CPUs" + (f" and {size * num_gpus:g} GPUs" if num_gpus else "")
+        print(
+            f"weaktr: {setting}={size} asks for {asked}; the cluster has {cpus:g} CPUs and {gpus:g} GPUs now, so "
+            f"the pool starts with 1 actor and grows to {size} as resources allow", file=sys.stderr, flush=True,
+        )
+    if fit < 1:
+        ray.data.DataContext.get_current().wait_for_min_actors_s = WAIT_FOR_FIRST_ACTOR_S
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=size)

@@ -637,6 +637,8 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
 def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
     import ray.data
 
+    from weaktr.launch import actor_pool
+
     ray.data.DataContext.get_current().enable_progress_bars = True
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # Reading is light (tar + image decode to validate): zero logical CPUs, so it never waits on the actor pools
@@ -649,12 +651,13 @@ def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
             "model_ref": [model_ref], "settings": settings, "use_gpu": p.cam_gpus_per_actor > 0,
             "num_threads": max(1, int(p.cam_cpus_per_actor)),
         },
-        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=p.cam_actors),
+        batch_size=1, batch_format="numpy",
+        compute=actor_pool("pseudo.cam_actors", p.cam_actors, p.cam_cpus_per_actor, p.cam_gpus_per_actor),
         num_gpus=p.cam_gpus_per_actor, num_cpus=p.cam_cpus_per_actor,
     )
     return dataset.map_batches(
         CrfStage, fn_constructor_kwargs={"settings": settings},
-        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=p.crf_actors), num_cpus=1,
+        batch_size=1, batch_format="numpy", compute=actor_pool("pseudo.crf_actors", p.crf_actors, 1), num_cpus=1,
     )
 
 

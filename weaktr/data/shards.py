@@ -44,6 +44,8 @@ LABEL_MAPS = ("mask", "pseudo")  # optional per-pixel maps a sample may carry
 # Training streams repeat their shards endlessly: this many undecodable samples in a row means
 # nothing in them decodes (at the 1% failure limit, a run of even 5 is unlikely).
 MAX_CONSECUTIVE_FAILURES = 1000
+# Ray Train shows the last 500 characters of a worker's traceback: error messages stay below.
+MAX_ERROR_CHARS = 400
 
 
 class DataError(RuntimeError):
@@ -607,9 +609,33 @@ class FailureTracker:
         if self.seen == 0 or (not final and self.seen < self.min_samples):
             return
         if self.fraction > self.max_failure_fraction:
-            shards = sorted({f.url for f in self.failures})
-            examples = "; ".join(f"{f.url} [{f.key}]: {f.reason}" for f in self.failures[:3])
-            raise DataError(
-                f"{self.failed} of {self.seen} samples failed to decode ({self.fraction:.1%} > "
-                f"{self.max_failure_fraction:.1%}) in shards {shards}. First failures: {examples}"
-            )
+            for failure in self.failures:  # the full list goes to the log; the error stays short
+                log.error("unreadable sample %r in %s: %s", failure.key, failure.url, failure.reason)
+            raise DataError(self.summary())
+
+    def summary(self) -> str:
+        """One short line, most important first: counts, then the shards, then one example.
+
+        Short because Ray Train keeps only the first and last 500 characters of a worker's
+        traceback: a longer message loses its middle, where the counts and shard names were."""
+        shards = sorted({f.url for f in self.failures})
+        folders = {os.path.dirname(url) for url in shards}
+        names = [os.path.basename(url) for url in shards] if len(folders) == 1 else shards
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        where = f" in {_clip(folders.pop(), 120)}" if len(folders) == 1 else ""
+        first = self.failures[0]
+        return _clip(
+            f"{self.failed} of {self.seen} samples failed to decode ({self.fraction:.1%} > "
+            f"{self.max_failure_fraction:.1%} allowed), in {len(shards)} shard(s): {listed}{where}. "
+            f"First: [{first.key}] {_clip(first.reason, 100)}",
+            MAX_ERROR_CHARS,
+        )
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, keeping its end when it is a path (the file name)."""
+    if len(text) <= limit:
+        return text
+    if os.sep in text and " " not in text:
+        return "..." + text[-(limit - 3):]
+    return text[: limit - 3] + "..."

@@ -1,0 +1,108 @@
+"""How jobs find (or start) Ray: dead and stale addresses, small clusters, token authentication.
+
+Each test runs the job or `init_ray` in a subprocess: this process is already connected to the session's head,
+and the point is what a fresh job does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import RAY, ROOT, _free_port, ray_head_process
+from seg_helpers import save_random_checkpoint, tiny_config, write_pseudo_dataset
+
+from weaktr.config import save_config
+from weaktr.evaluate import REPORT_NAME
+
+INIT_RAY = (
+    "import ray; from weaktr.launch import init_ray; init_ray(); "
+    "print('connected', ray.get_runtime_context().gcs_address, flush=True)"
+)
+
+
+def _run(code_or_command, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", code_or_command] if isinstance(code_or_command, str) else code_or_command
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_dead_ray_address_fails_fast_naming_it():
+    dead = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    proc = _run(INIT_RAY, {**os.environ, "RAY_ADDRESS": dead}, timeout=60)
+    assert proc.returncode != 0
+    assert f"RAY_ADDRESS={dead} does not answer" in proc.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_stale_ray_address_file_starts_a_local_ray_instead_of_hanging():
+    # What a killed `ray start --head` leaves: <Ray temp dir>/ray_current_cluster naming a dead head. Ray's temp
+    # dir is $RAY_TMPDIR/ray; short, because Ray's unix sockets live under it.
+    tmp = tempfile.mkdtemp(prefix="wtr-stale-", dir="/tmp")
+    try:
+        (Path(tmp) / "ray").mkdir()
+        dead = f"127.0.0.1:{_free_port()}"
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text(dead)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
+        proc = _run(INIT_RAY, env, timeout=120)  # joining the dead address never returned
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"names the Ray head {dead}, which does not answer" in proc.stderr
+        connected = proc.stdout.split("connected", 1)[1].split()[0]
+        assert connected != dead
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_test_session_leaves_rays_default_address_file_alone(ray_head):
+    # The shared head runs in its own temp dir: a user's plain `ray.init()` after the tests must not find it.
+    default_file = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    recorded = default_file.read_text().strip() if default_file.exists() else ""
+    assert recorded != ray_head[0]
+
+
+def test_evaluate_on_a_two_cpu_cluster_with_two_actors(tmp_path):
+    # eval.actors=2 took both CPUs and the shard-decoding task waited for one forever.
+    manifest = write_pseudo_dataset(tmp_path, num_train=8, num_val=8)
+    cfg = tiny_config(tmp_path, tmp_path / "pseudo")
+    cfg.eval.actors, cfg.eval.out_dir = 2, str(tmp_path / "report")
+    checkpoint = save_random_checkpoint(tmp_path / "ckpt", cfg, manifest.classes)
+    save_config(cfg, tmp_path / "eval.yaml")
+    with ray_head_process(2) as (address, _, env):
+        proc = _run(
+            [sys.executable, "ray_jobs/evaluate.py", "--config", str(tmp_path / "eval.yaml"),
+             "--checkpoint", str(checkpoint)],
+            {**env, "RAY_ADDRESS": address, "OMP_NUM_THREADS": "1"}, timeout=240,
+        )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / REPORT_NAME).read_text())
+    assert report["num_images"] == 8
+
+
+def test_readme_cluster_flow_with_token_authentication(tmp_path):
+    # After any local `ray.init()` Ray keeps a token in ~/.ray/auth_token, and a later `ray start --head` turns
+    # token authentication on; `ray job submit` then needs RAY_AUTH_MODE=token too (the README's flow sets it).
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1"}
+    token = _run([RAY, "get-auth-token", "--generate"], env, timeout=60)
+    assert token.returncode == 0 and (home / ".ray" / "auth_token").exists(), token.stderr
+    with ray_head_process(1, env=env) as (_, dashboard, head_env):
+        # Without the token a client is refused: authentication is really on.
+        refused = _run([RAY, "job", "list", "--address", dashboard], {**head_env, "RAY_AUTH_MODE": "disabled"}, 60)
+        assert refused.returncode != 0
+        command = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
+                   sys.executable, "-c", "import ray, weaktr; ray.init(); print('job saw', ray.cluster_resources()['CPU'])"]
+        deadline = time.monotonic() + 180
+        while True:  # the job agent comes up a little after the dashboard
+            proc = _run(command, head_env, timeout=300)
+            if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "job saw 1.0" in proc.stdout and "succeeded" in proc.stdout
