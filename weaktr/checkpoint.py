@@ -39,7 +39,9 @@ def save_checkpoint(
     optimizer_state: Optional[dict] = None,
     scheduler_state: Optional[dict] = None,
     metrics: Optional[dict] = None,
+    history: Optional[Sequence[dict]] = None,
 ) -> Path:
+    """``metrics``: this epoch's; ``history``: every epoch's so far (the run's curves, kept across resumes)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -53,6 +55,7 @@ def save_checkpoint(
         "optimizer": optimizer_state,
         "scheduler": scheduler_state,
         "metrics": dict(metrics or {}),
+        "history": [dict(m) for m in history or []],
     }
     # Write under a temporary name so an interrupted save never leaves a truncated file.
     tmp = directory / (CHECKPOINT_FILE + ".tmp")
@@ -67,7 +70,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     file = path / CHECKPOINT_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(file, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # a file torch cannot read as a weights-only pickle
+        raise CheckpointMismatch(f"{file} is not a weaktr checkpoint ({type(err).__name__})") from None
     if not isinstance(payload, dict) or "kind" not in payload or "model" not in payload:
         raise CheckpointMismatch(f"{file} is not a weaktr checkpoint")
     return payload

@@ -151,8 +151,9 @@ def evaluate_on_ray(cfg: Config, checkpoint: str | Path) -> dict:
     """
     import ray
 
-    from weaktr.launch import actor_pool
+    from weaktr.launch import actor_pool, progress, quiet_ray_data
 
+    quiet_ray_data()
     started = time.perf_counter()
     checkpoint = str(Path(checkpoint).expanduser().resolve())
     manifest = Manifest.load(Path(cfg.data.root).expanduser().resolve())
@@ -177,9 +178,11 @@ def evaluate_on_ray(cfg: Config, checkpoint: str | Path) -> dict:
     )
     confusion = ConfusionMatrix(num_classes)
     num_images = 0
-    for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
-        confusion.matrix += batch["confusion"].sum(0).reshape(num_classes, num_classes)
-        num_images += len(batch["confusion"])
+    with progress(manifest.splits[cfg.eval.split].num_samples, f"evaluating {cfg.eval.split}") as bar:
+        for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
+            confusion.matrix += batch["confusion"].sum(0).reshape(num_classes, num_classes)
+            num_images += len(batch["confusion"])
+            bar.update(len(batch["confusion"]))
     return make_report(confusion, manifest, cfg, checkpoint, num_images, time.perf_counter() - started)
 
 

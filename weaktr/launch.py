@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -125,3 +126,23 @@ def actor_pool(setting: str, size: int, num_cpus: float, num_gpus: float = 0.0):
     if fit < 1:
         ray.data.DataContext.get_current().wait_for_min_actors_s = WAIT_FOR_FIRST_ACTOR_S
     return ray.data.ActorPoolStrategy(min_size=1, max_size=size)
+
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's own console output (a progress block every few seconds, execution-plan logs) off the
+    console: the pipelines show one progress bar of their own (``progress``). Ray Data still writes its logs to
+    the session's ``ray-data.log``."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.WARNING)
+
+
+def progress(total: int, what: str):
+    """A progress bar over ``total`` items (a line every 30 s when the console is not a terminal, e.g. a
+    ``ray job submit`` log)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="img", mininterval=0.5 if sys.stderr.isatty() else 30, file=sys.stderr)

@@ -623,7 +623,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         dataset = _build_dataset(
             [{"shard_id": i, "path": shard_paths[i], "offset": offsets[i]} for i in todo], settings, model_ref, p
         )
-        _consume(dataset, out_dir, split, shard_paths, settings)
+        _consume(dataset, out_dir, split, shard_paths, settings, sum(split.shard_sizes[i] for i in todo))
 
     report = _finalize(out_dir, manifest, p.split, thresholds, str(checkpoint), p.bg_threshold)
     report["run"] = {
@@ -637,9 +637,9 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
 def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
     import ray.data
 
-    from weaktr.launch import actor_pool
+    from weaktr.launch import actor_pool, quiet_ray_data
 
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    quiet_ray_data()
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # Reading is light (tar + image decode to validate): zero logical CPUs, so it never waits on the actor pools
     # holding every CPU of a small machine; `concurrency` bounds it instead.
@@ -661,17 +661,24 @@ def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
     )
 
 
-def _consume(dataset, out_dir: Path, split: SplitInfo, shard_paths: list[str], settings: StageSettings) -> None:
-    """Drive the pipeline; commit each shard as soon as all its rows are in."""
+def _consume(
+    dataset, out_dir: Path, split: SplitInfo, shard_paths: list[str], settings: StageSettings, num_images: int
+) -> None:
+    """Drive the pipeline; commit each shard as soon as all its rows (one per image) are in."""
+    from weaktr.launch import progress
+
     num_thresholds = len(settings.sweep_thresholds or [])
     pending: dict[int, _ShardResult] = {}
-    for row in dataset.iter_rows():
-        shard_id = int(row["shard_id"])
-        result = pending.get(shard_id)
-        if result is None:
-            result = pending[shard_id] = _ShardResult(int(row["shard_total"]), settings.num_classes, num_thresholds)
-        if result.add(row):
-            _commit_shard(out_dir, split.shards[shard_id], shard_paths[shard_id], pending.pop(shard_id))
+    with progress(num_images, "pseudo-labels") as bar:
+        for row in dataset.iter_rows():
+            shard_id = int(row["shard_id"])
+            result = pending.get(shard_id)
+            if result is None:
+                total = int(row["shard_total"])
+                result = pending[shard_id] = _ShardResult(total, settings.num_classes, num_thresholds)
+            bar.update(1)
+            if result.add(row):
+                _commit_shard(out_dir, split.shards[shard_id], shard_paths[shard_id], pending.pop(shard_id))
     if pending:
         raise RuntimeError(f"the pipeline ended with incomplete shards: {[split.shards[i] for i in pending]}")
 

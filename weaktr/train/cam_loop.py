@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import ray.train
@@ -26,8 +27,8 @@ from weaktr.data.transforms import (
 from weaktr.metrics import mean_average_precision
 from weaktr.models.cam import WeakTrCAM
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, fused_optimizer_kwargs, make_trainer, report,
-    restore, seed_rngs, unwrap,
+    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, fused_optimizer_kwargs, make_trainer,
+    quiet_ray_console, report, restore, seed_rngs, unwrap,
 )
 
 
@@ -67,6 +68,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     seed_rngs(cfg.run.seed + rank)
+    quiet_ray_console()
 
     manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
     num_classes = len(manifest.classes)
@@ -85,6 +87,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     start_epoch = 0
     state = restore(cfg.train.resume_from)
+    history = list(state.get("history", [])) if state is not None else []  # every epoch's metrics
     if state is not None:
         check_compatible(state, kind="cam", classes=manifest.classes, arch=model.arch, source="resume checkpoint")
         model.load_state_dict(state["model"])
@@ -146,14 +149,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "epoch_seconds": elapsed,
         }
 
+        history.append(metrics)
+
         def save(directory: Path) -> None:
             save_checkpoint(
                 directory, kind="cam", model_state=unwrap(model).state_dict(), arch=unwrap(model).arch,
                 classes=manifest.classes, config=to_dict(cfg), epoch=epoch,
                 optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(), metrics=metrics,
+                history=history,
             )
 
-        report(metrics, save)
+        report(metrics, save, epochs=cfg.train.epochs, started=started,
+               shown=("loss", "loss_cls", "loss_coarse", "loss_fine", "val_mAP"))
 
 
 @torch.no_grad()
@@ -192,12 +199,15 @@ def evaluate_map(model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, w
     return float(mean_average_precision(all_scores, all_targets))
 
 
-def fit(cfg: Config):
-    """Run phase-1 training on the connected Ray cluster; returns Ray Train's ``Result``."""
+def fit(cfg: Config, name: Optional[str] = None):
+    """Run phase-1 training on the connected Ray cluster; returns Ray Train's ``Result``.
+
+    The Ray Train run is ``name`` (default ``run.name``) under ``run.storage_path``; rerunning a finished or
+    interrupted run of that name continues it."""
     trainer = make_trainer(
         train_loop_per_worker,
         {"config": to_dict(cfg)},
-        name=cfg.run.name,
+        name=name or cfg.run.name,
         storage_path=cfg.run.storage_path,
         num_workers=cfg.train.num_workers,
         use_gpu=cfg.train.use_gpu,

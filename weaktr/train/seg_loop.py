@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import ray.train
@@ -34,8 +35,8 @@ from weaktr.models.inference import sliding_window_logits
 from weaktr.models.segmenter import Segmenter
 from weaktr.ops import gradient_clipping_loss
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, fused_optimizer_kwargs, make_trainer, report,
-    restore, seed_rngs, unwrap,
+    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, fused_optimizer_kwargs, make_trainer,
+    quiet_ray_console, report, restore, seed_rngs, unwrap,
 )
 
 
@@ -163,6 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     seed_rngs(cfg.run.seed + rank)
+    quiet_ray_console()
 
     manifest = Manifest.load(Path(train_data_root(cfg)) / "manifest.json")
     val_manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
@@ -177,6 +179,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(cfg, manifest.num_classes).to(device)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
     state = restore(st.resume_from)
+    history = list(state.get("history", [])) if state is not None else []  # every epoch's metrics
     start_epoch = 0 if state is None else resume(state, model, optimizer, manifest.classes)
     model = ray.train.torch.prepare_model(model)
     if st.compile:
@@ -211,14 +214,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "epoch_seconds": elapsed,
         }
 
+        history.append(metrics)
+
         def save(directory: Path) -> None:
             save_checkpoint(
                 directory, kind="seg", model_state=unwrap(model).state_dict(), arch=unwrap(model).arch,
                 classes=manifest.classes, config=to_dict(cfg), epoch=epoch,
                 optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(), metrics=metrics,
+                history=history,
             )
 
-        report(metrics, save)
+        report(metrics, save, epochs=st.epochs, started=started, shown=("loss", "ce", "clipped_fraction", "val_mIoU"))
 
 
 @torch.no_grad()
@@ -250,12 +256,12 @@ def evaluate_miou(
     return merged
 
 
-def fit(cfg: Config):
+def fit(cfg: Config, name: Optional[str] = None):
     """Run phase-2 training on the connected Ray cluster; returns Ray Train's ``Result``.
 
     Paths are resolved here (workers may run elsewhere) and the training data is checked for pseudo-labels
-    before any worker starts. The Ray Train run is named ``{run.name}-seg`` so it never resumes a phase-1 run
-    of the same name.
+    before any worker starts. The Ray Train run is ``name``, by default ``{run.name}-seg`` so it never resumes
+    a phase-1 run of the same name.
     """
     cfg.seg_train.data_root = str(Path(train_data_root(cfg)).expanduser().resolve())
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
@@ -265,7 +271,7 @@ def fit(cfg: Config):
     trainer = make_trainer(
         train_loop_per_worker,
         {"config": to_dict(cfg)},
-        name=seg_run_name(cfg),
+        name=name or seg_run_name(cfg),
         storage_path=cfg.run.storage_path,
         num_workers=cfg.seg_train.num_workers,
         use_gpu=cfg.seg_train.use_gpu,
