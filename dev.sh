@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine that has only python3:
-#   ./dev.sh demo   set up .venv, then train phase 1 on the built-in synthetic dataset with a local Ray
+#   ./dev.sh demo   set up .venv, then run the whole pipeline on the built-in synthetic dataset with a local Ray
 #   ./dev.sh test   set up .venv, then run the test suite
 #   ./dev.sh setup  only set up .venv
 # Set-up is skipped when .venv already matches pyproject.toml and constraints.txt.
@@ -28,7 +28,7 @@ case "$cmd" in
     setup) setup ;;
     demo)
         setup
-        exec "$VENV/bin/python" ray_jobs/train_cam.py --config configs/synthetic.yaml "$@" ;;
+        exec "$VENV/bin/python" ray_jobs/pipeline.py --config configs/synthetic.yaml "$@" ;;
     test)
         setup
         # Many processes (Ray workers, DataLoader workers) share 2 cores: one BLAS thread each.

@@ -1,0 +1,129 @@
+"""The whole pipeline (weaktr.pipeline): every stage for real on the shared Ray head, then reruns that skip, and
+a removed stage output that reruns that stage and everything after it. The skip/rerun rules alone are also
+checked with stage bodies that only record their calls (the orchestration is what those tests exercise)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from weaktr import pipeline
+from weaktr.config import load_config
+from weaktr.pipeline import STAGES, StageResult, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_pipeline_config(tmp_path: Path):
+    return load_config(ROOT / "configs" / "smoke.yaml", [
+        "run.name=pipe", f"run.storage_path={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
+        "data.synthetic.num_train=48", "data.synthetic.num_val=16", "data.loader_workers=0",
+        "train.epochs=1", "train.batch_size=8", "train.num_workers=1", "seg_train.epochs=1",
+        "seg_train.num_workers=1", "pseudo.batch_size=8",
+        "pseudo.overlay_samples=3", "pseudo.sweep_bg=0.3:0.5:0.1",
+    ])
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_session, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    cfg = tiny_pipeline_config(tmp_path)
+    return cfg, run_pipeline(cfg)
+
+
+def test_every_stage_runs_and_writes_a_readable_report(full_run):
+    cfg, records = full_run
+    assert [records[s]["status"] for s in STAGES] == ["ran"] * len(STAGES)
+    run_dir = Path(cfg.run.storage_path).resolve() / cfg.run.name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [row["split"] for row in report["miou"]] == ["train", "train", "val", "val"]
+    assert all(0 <= row["miou"] <= 1 for row in report["miou"])
+    assert set(report["miou"][0]["per_class"]) == {"background", "hstripes", "vstripes", "diagonal", "checker"}
+    assert [m["epoch"] for m in report["curves"]["phase1"]] == [0]
+    assert report["bg_sweep"]["curve"] and report["stages"]["eval"]["headline"].startswith("val mIoU")
+
+    page = (run_dir / "report.html").read_text()
+    for title in ("Stages", "mIoU at each stage", "Phase 1: CAM training", "Phase 2: retraining",
+                  "Background threshold", "Samples", "Config"):
+        assert title in page
+    figures = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(figures) == 4 and all(base64.b64decode(f)[:4] == b"\x89PNG" for f in figures)
+    # The retrained model's figure in the table is the evaluation's.
+    assert f"{100 * records['eval']['metrics']['eval']['miou']:.2f}" in page
+
+
+def test_a_rerun_skips_finished_stages_and_a_removed_output_reruns_what_follows(full_run):
+    cfg, records = full_run
+    run_dir = Path(cfg.run.storage_path).resolve() / cfg.run.name
+    again = run_pipeline(cfg)
+    assert [again[s]["status"] for s in STAGES] == ["skipped"] * len(STAGES)
+
+    phase1_checkpoint = records["phase1"]["outputs"]["checkpoint"]
+    shutil.rmtree(run_dir / "pseudo")
+    rerun = run_pipeline(cfg)
+    assert [rerun[s]["status"] for s in STAGES] == ["skipped", "skipped", "ran", "ran", "ran", "ran"]
+    assert rerun["phase1"]["outputs"]["checkpoint"] == phase1_checkpoint
+    # Phase 2 started over on the new pseudo-labels rather than continuing the finished run.
+    assert [m["epoch"] for m in rerun["phase2"]["metrics"]["history"]] == [0]
+    assert (run_dir / "pseudo" / "manifest.json").exists() and (run_dir / "report.html").exists()
+
+
+# ------------------------------------------------------------------------------ the rules, with recording stages
+
+
+@pytest.fixture
+def recording_stages(monkeypatch, tmp_path):
+    """Stage bodies that write one file each and record their order."""
+    calls = []
+
+    def runner(stage):
+        def run(cfg, directory, records):
+            calls.append(stage)
+            out = directory / f"{stage}.out"
+            out.write_text(str(len(calls)))
+            return StageResult(outputs={"file": str(out)}, metrics={})
+        return run
+
+    monkeypatch.setattr(pipeline, "RUNNERS", {stage: runner(stage) for stage in STAGES})
+    monkeypatch.setattr(pipeline, "STAGE_DIRS", {stage: (f"{stage}.out",) for stage in STAGES})
+    cfg = load_config(None, ["run.name=rules", f"run.storage_path={tmp_path}"])
+    return cfg, calls, tmp_path / "rules"
+
+
+def test_from_reruns_that_stage_and_every_later_one(recording_stages):
+    cfg, calls, _ = recording_stages
+    run_pipeline(cfg, log=lambda _: None)
+    assert calls == list(STAGES)
+    calls.clear()
+    run_pipeline(cfg, from_stage="phase2", log=lambda _: None)
+    assert calls == ["phase2", "eval", "report"]
+
+
+def test_an_interrupted_stage_reruns_without_touching_earlier_ones(recording_stages, monkeypatch):
+    cfg, calls, run_dir = recording_stages
+    recording = pipeline.RUNNERS
+    failing = dict(recording)
+
+    def interrupted(cfg, directory, records):
+        raise KeyboardInterrupt
+
+    failing["pseudo"] = interrupted
+    monkeypatch.setattr(pipeline, "RUNNERS", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, log=lambda _: None)
+    assert calls == ["data", "phase1"] and not (run_dir / "stages" / "pseudo.json").exists()
+    monkeypatch.setattr(pipeline, "RUNNERS", recording)
+    calls.clear()
+    run_pipeline(cfg, log=lambda _: None)
+    assert calls == ["pseudo", "phase2", "eval", "report"]
+
+
+def test_unknown_from_stage_is_refused(recording_stages):
+    cfg, _, _ = recording_stages
+    with pytest.raises(pipeline.PipelineError, match="unknown stage 'cam'"):
+        run_pipeline(cfg, from_stage="cam")

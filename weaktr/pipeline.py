@@ -1,0 +1,276 @@
+"""The whole method in one run: data -> phase 1 -> pseudo-labels -> phase 2 -> evaluation -> report.
+
+Everything a run makes lives in its run directory, ``{run.storage_path}/{run.name}``:
+
+    config.yaml            the resolved config
+    stages/<stage>.json    what each finished stage made (paths) and measured (metrics, seconds)
+    phase1/, phase2/       the two Ray Train runs (checkpoints)
+    pseudo/                the pseudo-label dataset (shards + report.json, overlays, the background sweep)
+    eval/, eval_crf/       evaluation reports of the retrained model, without and with the dense CRF
+    report.html, report.json
+
+Rerunning skips every stage whose record exists and whose outputs are still there. ``from_stage`` reruns that
+stage and all after it; a stage whose outputs were removed reruns, and so does everything after it. A stage rerun
+because of that starts over (its old outputs are cleared: they came from other inputs); a stage that was only
+interrupted resumes (Ray Train continues its run, the pseudo-label job skips finished shards). The dataset itself
+(``data.root``) is shared by runs and never cleared.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from weaktr.config import Config
+
+STAGES = ("data", "phase1", "pseudo", "phase2", "eval", "report")
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run (e.g. an earlier stage's outputs are unusable)."""
+
+
+@dataclass
+class StageResult:
+    """What a stage made: ``outputs`` (paths that must exist for the stage to count as done) and ``metrics``."""
+
+    outputs: dict
+    metrics: dict
+
+
+def run_dir(cfg: Config) -> Path:
+    if "://" in cfg.run.storage_path:
+        raise PipelineError("the pipeline writes its stages' outputs locally: run.storage_path must be a path")
+    return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+
+
+def stage_config(cfg: Config, directory: Path) -> Config:
+    """``cfg`` with the stage outputs pointed into the run directory (the user's copy stays as it was)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.run.storage_path = str(directory)  # the Ray Train runs: <run dir>/phase1, <run dir>/phase2
+    cfg.pseudo.out_dir = str(directory / "pseudo")
+    cfg.seg_train.data_root = str(directory / "pseudo")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- the stages
+
+
+def run_data(cfg: Config, directory: Path, records: dict) -> StageResult:
+    from weaktr.launch import prepare_data
+
+    manifest = prepare_data(cfg)
+    return StageResult(
+        outputs={"manifest": str(Path(manifest.root) / "manifest.json")},
+        metrics={"name": manifest.name, "classes": list(manifest.classes),
+                 "splits": {name: split.num_samples for name, split in manifest.splits.items()}},
+    )
+
+
+def run_phase1(cfg: Config, directory: Path, records: dict) -> StageResult:
+    from weaktr.train import cam_loop
+
+    result = cam_loop.fit(cfg, name="phase1")
+    return _training_result(result, "val_mAP")
+
+
+def run_pseudo(cfg: Config, directory: Path, records: dict) -> StageResult:
+    from weaktr.pseudo import run_pseudo_labels
+
+    report = run_pseudo_labels(cfg, records["phase1"]["outputs"]["checkpoint"])
+    out = Path(cfg.pseudo.out_dir)
+    return StageResult(outputs={"dataset": str(out / "manifest.json"), "report": str(out / "report.json")},
+                       metrics=report)
+
+
+def run_phase2(cfg: Config, directory: Path, records: dict) -> StageResult:
+    from weaktr.train import seg_loop
+
+    result = seg_loop.fit(cfg, name="phase2")
+    return _training_result(result, "val_mIoU")
+
+
+def run_eval(cfg: Config, directory: Path, records: dict) -> StageResult:
+    from weaktr.evaluate import evaluate_on_ray, write_report
+
+    checkpoint = records["phase2"]["outputs"]["checkpoint"]
+    outputs, metrics = {}, {}
+    for name, crf in (("eval", False), ("eval_crf", True)):
+        eval_cfg = copy.deepcopy(cfg)
+        eval_cfg.eval.crf = crf
+        report = evaluate_on_ray(eval_cfg, checkpoint)
+        outputs[name] = str(write_report(report, directory / name))
+        metrics[name] = report
+    return StageResult(outputs=outputs, metrics=metrics)
+
+
+def run_report(cfg: Config, directory: Path, records: dict) -> StageResult:
+    from weaktr.report import write_html_report
+
+    html, data = write_html_report(cfg, directory, records)
+    return StageResult(outputs={"html": str(html), "json": str(data)}, metrics={})
+
+
+def _training_result(result, score: str) -> StageResult:
+    """The best checkpoint by ``score`` and the run's per-epoch history (kept in every checkpoint)."""
+    from weaktr.checkpoint import load_checkpoint
+
+    if result.checkpoint is None:
+        raise PipelineError(f"training ended without a checkpoint ({result.error})")
+    best = result.get_best_checkpoint(score, "max") if result.best_checkpoints else result.checkpoint
+    last = load_checkpoint(result.checkpoint.path)
+    history = last.get("history", [])
+    best_metrics = max(history, key=lambda m: m[score] if m[score] == m[score] else float("-inf"), default={})
+    return StageResult(
+        outputs={"checkpoint": best.path, "last_checkpoint": result.checkpoint.path},
+        metrics={"history": history, "best": best_metrics},
+    )
+
+
+RUNNERS: dict[str, Callable[[Config, Path, dict], StageResult]] = {
+    "data": run_data, "phase1": run_phase1, "pseudo": run_pseudo, "phase2": run_phase2, "eval": run_eval,
+    "report": run_report,
+}
+# What a stage that starts over clears first (paths under the run directory); the data stage clears nothing.
+STAGE_DIRS = {"phase1": ("phase1",), "pseudo": ("pseudo",), "phase2": ("phase2",), "eval": ("eval", "eval_crf"),
+              "report": ("report.html", "report.json")}
+
+
+# ----------------------------------------------------------------------------------------------- orchestration
+
+
+def record_path(directory: Path, stage: str) -> Path:
+    return directory / "stages" / f"{stage}.json"
+
+
+def load_record(directory: Path, stage: str) -> Optional[dict]:
+    path = record_path(directory, stage)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def missing_outputs(record: dict) -> list[str]:
+    return [path for path in record["outputs"].values() if not Path(path).exists()]
+
+
+def run_pipeline(cfg: Config, from_stage: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the pipeline; returns {stage: record}. Needs a connected Ray (``launch.init_ray``)."""
+    from weaktr.config import save_config
+
+    if from_stage is not None and from_stage not in STAGES:
+        raise PipelineError(f"unknown stage {from_stage!r}; the stages are {', '.join(STAGES)}")
+    directory = run_dir(cfg)
+    (directory / "stages").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, directory / "config.yaml")
+    stage_cfg = stage_config(cfg, directory)
+
+    records: dict[str, dict] = {}
+    start_over = False  # once a stage reruns, every later stage starts over
+    for stage in STAGES:
+        record = load_record(directory, stage)
+        reason = None
+        if stage == from_stage:
+            reason = "--from"
+        elif start_over:
+            reason = "an earlier stage ran again"
+        elif record is None:
+            reason = "not done yet"
+        elif missing := missing_outputs(record):
+            reason = f"its output {missing[0]} is gone"
+        if reason is None:
+            log(f"[{stage}] done earlier ({record['finished']}), skipped")
+            records[stage] = record | {"status": "skipped"}
+            continue
+
+        record_path(directory, stage).unlink(missing_ok=True)
+        if start_over or stage == from_stage:
+            for name in STAGE_DIRS.get(stage, ()):
+                _remove(directory / name)
+        log(f"[{stage}] running ({reason})")
+        started = time.perf_counter()
+        result = RUNNERS[stage](stage_cfg, directory, records)
+        record = {
+            "stage": stage, "outputs": result.outputs, "metrics": result.metrics,
+            "seconds": round(time.perf_counter() - started, 1),
+            "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        }
+        # Written last and atomically: a record exists only for a stage that finished.
+        tmp = record_path(directory, stage).with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(record_path(directory, stage))
+        records[stage] = record | {"status": "ran"}
+        log(f"[{stage}] finished in {record['seconds']:.0f} s")
+        start_over = True
+    return records
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def summary_table(records: dict) -> str:
+    """The console's closing table: one row per stage with its headline figure."""
+    rows = [("stage", "status", "time", "result")]
+    for stage in STAGES:
+        record = records.get(stage)
+        if record is None:
+            continue
+        rows.append((stage, record["status"], f"{record['seconds']:.0f} s", headline(stage, record["metrics"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def headline(stage: str, metrics: dict) -> str:
+    if stage == "data":
+        splits = ", ".join(f"{n} {name}" for name, n in metrics["splits"].items())
+        return f"{metrics['name']}: {len(metrics['classes'])} classes, {splits}"
+    if stage in ("phase1", "phase2"):
+        score = "val_mAP" if stage == "phase1" else "val_mIoU"
+        best = metrics["best"]
+        return f"best {score} {best.get(score, float('nan')):.4f} (epoch {best.get('epoch', -1) + 1})"
+    if stage == "pseudo":
+        return (f"{metrics['split']} mIoU: CAM {_pct(metrics['cam']['miou'])}, CRF pseudo-labels "
+                f"{_pct(metrics['crf']['miou'])} ({metrics['num_samples']} images)")
+    if stage == "eval":
+        return (f"{metrics['eval']['split']} mIoU {_pct(metrics['eval']['miou'])}, "
+                f"with CRF {_pct(metrics['eval_crf']['miou'])}")
+    return ""
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def main(argv=None, prog: Optional[str] = None) -> int:
+    """``ray_jobs/pipeline.py`` and ``weaktr pipeline``: run or resume the pipeline, print the stage table."""
+    from weaktr.config import job_arg_parser, parse_job_args
+    from weaktr.launch import init_ray
+
+    parser = job_arg_parser("Run the whole WeakTr pipeline: data, phase 1, pseudo-labels, phase 2, evaluation, "
+                            "report. Finished stages are skipped.")
+    if prog:
+        parser.prog = prog
+    parser.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
+                        help="rerun this stage and every later one")
+    args, cfg = parse_job_args(parser, argv)
+    init_ray()
+    started = time.perf_counter()
+    records = run_pipeline(cfg, args.from_stage)
+    print()
+    print(summary_table(records))
+    print(f"pipeline: {(time.perf_counter() - started) / 60:.1f} min in this invocation")
+    print(f"report: {records['report']['outputs']['html']}")
+    return 0
