@@ -152,14 +152,14 @@ def test_forward_wiring_of_attention_maps_features_and_weights():
         hook.remove()
 
     B, Hd, D = 2, 4, 64
-    maps, feats = [], []
-    for qkv, proj in zip(captured["qkv"], captured["proj"]):
-        T = qkv.shape[1]
-        q, k, _ = qkv.reshape(B, T, 3, Hd, D // Hd).permute(2, 0, 3, 1, 4)
-        for j in range(Hd):
+    maps, feats = [], []  # in the official order: head-major, l = j*K + k
+    for j in range(Hd):
+        for qkv, proj in zip(captured["qkv"], captured["proj"]):
+            T = qkv.shape[1]
+            q, k, _ = qkv.reshape(B, T, 3, Hd, D // Hd).permute(2, 0, 3, 1, 4)
             maps.append(torch.softmax(q[:, j] @ k[:, j].transpose(1, 2) / (D // Hd) ** 0.5, dim=-1))  # A_kj
-            feats.append(proj[:, :, j * D // Hd : (j + 1) * D // Hd])  # F_kj: head j's share of the output
-    assert_close(captured["feats"], torch.stack(feats, 1))  # l = k*Hd + j
+            feats.append(proj[:, :, j::Hd])  # F_kj: features d with d mod Hd == j (the official stride split)
+    assert_close(captured["feats"], torch.stack(feats, 1))
     fused = sum(w[:, None, None] * a for w, a in zip(captured["weights"].unbind(1), maps)) / len(maps)  # [B, T, T]
     C, h, w = NUM_CLASSES, 3, 5
     cams = fused[:, :C, C:] * out.coarse_cam.clamp(min=0).flatten(2)  # CA_c * relu(M_c)
@@ -167,8 +167,9 @@ def test_forward_wiring_of_attention_maps_features_and_weights():
     assert_close(out.fine_cam, want)
 
 
-def test_encoder_reproduces_timm_vision_transformer(tmp_path):
-    """With one class token the model's encoder is exactly timm's forward_features on the same weights."""
+def test_encoder_reproduces_timm_vision_transformer_without_its_final_norm(tmp_path):
+    """With one class token the model's encoder is exactly timm's forward_features on the same weights, minus the
+    final LayerNorm: as in the official model, the heads read the last block's raw output."""
     torch.manual_seed(4)
     vit = create_backbone(**TINY)
     for param in vit.parameters():  # move off the init (LayerNorm weight 1 / bias 0 would hide mistakes)
@@ -177,6 +178,7 @@ def test_encoder_reproduces_timm_vision_transformer(tmp_path):
     torch.save(vit.state_dict(), path)
     model = WeakTrCAM(1, weights_path=path, **TINY).eval()
     vit.eval()
+    vit.norm = torch.nn.Identity()
     images, _ = make_batch(B=2)
     tokens = vit.forward_features(images)  # [B, 1 + N, D]
     out = model(images)
@@ -243,12 +245,16 @@ def test_resize_patch_pos_embed_keeps_row_and_column_structure(old, new):
         assert_close(resized, first.expand_as(resized))
 
 
-def test_resize_patch_pos_embed_is_bicubic_interpolation():
+def test_resize_patch_pos_embed_is_the_official_bicubic_interpolation():
+    # The official interpolate_pos_encoding passes scale factors (n + 0.1) / n0, not the output size: PyTorch then
+    # samples at (i + 0.5) / factor - 0.5, slightly off the size-based positions.
     pos = torch.randn(1, 3 * 5, 8)
     resized = resize_patch_pos_embed(pos, (3, 5), (7, 4))
     grid = pos.reshape(1, 3, 5, 8).permute(0, 3, 1, 2)
-    want = F.interpolate(grid, size=(7, 4), mode="bicubic", align_corners=False)
+    want = F.interpolate(grid, scale_factor=(7.1 / 3, 4.1 / 5), mode="bicubic", align_corners=False)
     assert_close(resized, want.permute(0, 2, 3, 1).reshape(1, 28, 8))
+    by_size = F.interpolate(grid, size=(7, 4), mode="bicubic", align_corners=False)
+    assert not torch.allclose(resized, by_size.permute(0, 2, 3, 1).reshape(1, 28, 8), atol=1e-4)
 
 
 def test_resize_patch_pos_embed_rejects_wrong_grid():
@@ -308,3 +314,14 @@ def test_create_backbone_rejects_bad_weights(tmp_path):
         create_backbone(weights_path=path, **TINY)
     with pytest.raises(ValueError, match="either"):
         create_backbone(pretrained=True, weights_path=path, **TINY)
+
+
+def test_phase1_checkpoints_from_before_the_official_layout_are_refused():
+    from weaktr.checkpoint import CheckpointMismatch, check_compatible
+
+    model = make_model()
+    ckpt = {"kind": "cam", "version": "0.1.0", "classes": ["a"], "arch": model.arch}
+    with pytest.raises(CheckpointMismatch, match="weaktr 0.1.0, whose phase-1 model applied the backbone's final"):
+        check_compatible(ckpt, kind="cam", classes=["a"])
+    check_compatible(ckpt | {"version": "0.2.0"}, kind="cam", classes=["a"])
+    check_compatible(ckpt | {"kind": "seg"}, kind="seg", classes=["a"])  # phase 2 is unchanged

@@ -127,3 +127,12 @@ def test_unknown_from_stage_is_refused(recording_stages):
     cfg, _, _ = recording_stages
     with pytest.raises(pipeline.PipelineError, match="unknown stage 'cam'"):
         run_pipeline(cfg, from_stage="cam")
+
+
+def test_cli_hands_its_arguments_to_the_pipeline(capsys):
+    from weaktr.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pipeline", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: weaktr pipeline" in capsys.readouterr().out

@@ -19,6 +19,10 @@ import weaktr
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
+# weaktr 0.2.0 made the phase-1 model the official one (no final LayerNorm, head-major stride-split attention maps):
+# earlier phase-1 weights would load but compute something else.
+CAM_LAYOUT_SINCE = (0, 2, 0)
+
 # Architecture arguments that change how a model runs but not which weights it has.
 RUNTIME_ONLY_ARCH = frozenset({"fused_attn", "drop_path_rate", "dropout"})
 
@@ -85,6 +89,12 @@ def check_compatible(
     """Refuse a checkpoint of another phase, class list or architecture, saying what differs."""
     if ckpt["kind"] != kind:
         raise CheckpointMismatch(f"{source} is a '{ckpt['kind']}' checkpoint, expected '{kind}'")
+    made_by = tuple(int(part) for part in str(ckpt.get("version", "0")).split(".")[:3] if part.isdigit())
+    if kind == "cam" and made_by < CAM_LAYOUT_SINCE:
+        raise CheckpointMismatch(
+            f"{source} was made by weaktr {ckpt.get('version')}, whose phase-1 model applied the backbone's final "
+            "LayerNorm and ordered the attention maps differently; retrain phase 1 with this version"
+        )
     if list(ckpt["classes"]) != list(classes):
         raise CheckpointMismatch(
             f"{source} was trained on classes {list(ckpt['classes'])} "

@@ -140,21 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     predict.set_defaults(func=predict_command)
 
-    pipeline = commands.add_parser(
-        "pipeline", add_help=False, help="run the whole pipeline (as ray_jobs/pipeline.py; --help for its options)"
-    )
-    pipeline.add_argument("args", nargs=argparse.REMAINDER)
-    pipeline.set_defaults(func=pipeline_command)
+    # Listed here for --help; main() hands its arguments to weaktr.pipeline.main, which parses them.
+    commands.add_parser("pipeline", add_help=False, help="run the whole pipeline, as ray_jobs/pipeline.py")
     return parser
 
 
-def pipeline_command(args: argparse.Namespace) -> int:
-    from weaktr.pipeline import main as pipeline_main  # imports Ray: only for this command
-
-    return pipeline_main(args.args, prog="weaktr pipeline")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pipeline"]:
+        from weaktr.pipeline import main as pipeline_main  # imports Ray: only for this command
+
+        return pipeline_main(argv[1:], prog="weaktr pipeline")
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -179,10 +179,10 @@ def run_pipeline(cfg: Config, from_stage: Optional[str] = None, log: Callable[[s
         reason = None
         if stage == from_stage:
             reason = "--from"
-        elif start_over:
-            reason = "an earlier stage ran again"
         elif record is None:
             reason = "not done yet"
+        elif start_over:
+            reason = "an earlier stage ran again"
         elif missing := missing_outputs(record):
             reason = f"its output {missing[0]} is gone"
         if reason is None:

@@ -162,8 +162,7 @@ def _sample_grid(cfg: Config, directory: Path, records: dict, classes: list[str]
     e = cfg.eval
     palette = voc_palette()
     figure, axes = plt.subplots(len(samples), 5, figsize=(11, 2.3 * len(samples)), squeeze=False)
-    titles = ("image", "CAM (strongest present class)", "pseudo-label (CAM + CRF)", "retrained prediction",
-              "ground truth")
+    titles = ("image", "CAM, strongest class", "pseudo-label", "retrained model", "ground truth")
     for row, sample in zip(axes, samples):
         prediction = predict_labels(model, sample.image, scales=e.scales, flip=e.flip, window=e.window,
                                     stride=e.stride, amp=False)

@@ -1,11 +1,14 @@
 """Phase 1: multi-class-token ViT with adaptive attention fusion (WeakTr, SPEC.md "Phase 1 model").
 
-The encoder is a timm VisionTransformer (DeiT-S by default); this module reuses its patch embedding, blocks and
-final norm, replaces the single class token by C class tokens, and runs each block with a small forward of its own
-so that every head's attention probabilities A_kj and attention-branch output F_kj come out alongside.
+The encoder is a timm VisionTransformer (DeiT-S by default); this module reuses its patch embedding and blocks,
+replaces the single class token by C class tokens, and runs each block with a small forward of its own so that
+every head's attention probabilities A_kj and attention-branch output F_kj come out alongside. As in the official
+model the heads read the last block's raw output: the backbone's final LayerNorm is not applied (its output's mean
+over features is nearly constant, which all but froze the class-token logit), and the maps are laid out as the
+official code lays them out (head-major, features split by stride) so that its checkpoints load 1:1.
 
-Shapes: B batch, C classes, D width, K blocks, Hd heads, L = K*Hd maps (l = k*Hd + j), h x w patch grid,
-N = h*w, T = C + N tokens (class tokens first).
+Shapes: B batch, C classes, D width, K blocks, Hd heads, L = K*Hd maps (l = j*K + k, head-major), h x w patch
+grid, N = h*w, T = C + N tokens (class tokens first).
 """
 
 from __future__ import annotations
@@ -128,8 +131,7 @@ class WeakTrCAM(nn.Module):
         self.grid_size = tuple(self.patch_embed.grid_size)  # (h0, w0) of the stored patch positions
         self.pos_drop = vit.pos_drop
         self.norm_pre = vit.norm_pre
-        self.blocks = vit.blocks
-        self.norm = vit.norm
+        self.blocks = vit.blocks  # no final norm: see the module docstring
 
         # C class tokens and their positions start as copies of the backbone's class token / its position.
         self.cls_tokens = nn.Parameter(vit.cls_token.detach().expand(-1, num_classes, -1).clone())  # [1, C, D]
@@ -170,17 +172,17 @@ class WeakTrCAM(nn.Module):
             x, probs, branch = self._block_forward(block, x)
             attn_probs.append(probs.detach())  # [B, Hd, T, T]
             attn_feats.append(branch.detach())  # [B, T, D]
-        x = self.norm(x)
 
         cls_logits = x[:, :C].mean(-1)  # [B, C]
         patches = x[:, C:].transpose(1, 2).reshape(B, self.embed_dim, h, w)  # [B, D, h, w]
         coarse_cam = self.head(patches)  # [B, C, h, w]
         coarse_logits = coarse_cam.mean((2, 3))
 
-        attn = torch.cat(attn_probs, dim=1)  # [B, L, T, T]
-        T = attn.shape[-1]
+        attn = torch.stack(attn_probs, dim=2).flatten(1, 2)  # [B, Hd, K, T, T] -> [B, L, T, T], l = j*K + k
+        K, T = len(self.blocks), attn.shape[-1]
         feats = torch.stack(attn_feats, dim=1)  # [B, K, T, D]
-        feats = feats.reshape(B, len(self.blocks), T, Hd, -1).transpose(2, 3).flatten(1, 2)  # [B, L, T, D/Hd]
+        # Feature d goes to head d mod Hd (the official view(K, B, T, D/Hd, Hd)), maps head-major like attn.
+        feats = feats.reshape(B, K, T, -1, Hd).permute(0, 4, 1, 2, 3).reshape(B, Hd * K, T, -1)  # [B, L, T, D/Hd]
         weights = self.aaf(feats)  # [B, L]
         fused = ops.fuse_attention(attn, weights)  # [B, T, T]
         fine_cam = ops.refine_cam(coarse_cam.detach(), fused)  # [B, C, h, w]; trains only the AAF

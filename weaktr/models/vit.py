@@ -7,7 +7,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+import torch.nn.functional as F
 from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
@@ -89,11 +89,14 @@ def resize_patch_pos_embed(
         )
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
-    return resample_abs_pos_embed(
-        pos_embed,
-        new_size=list(new_grid),
-        old_size=list(old_grid),
-        num_prefix_tokens=0,
-        interpolation="bicubic",
+    (h, w), D = new_grid, pos_embed.shape[-1]
+    grid = pos_embed.reshape(1, h0, w0, D).permute(0, 3, 1, 2)  # [1, D, h0, w0]
+    # The official interpolate_pos_encoding: bicubic with scale factors (n + 0.1) / n0 (the 0.1 guards the output
+    # size against float error, as in DINO), not with the output size: the two sample at slightly different places.
+    grid = F.interpolate(
+        grid.float(), scale_factor=((h + 0.1) / h0, (w + 0.1) / w0), mode="bicubic", align_corners=False,
         antialias=antialias,
-    )
+    ).to(pos_embed.dtype)
+    if tuple(grid.shape[-2:]) != (h, w):
+        raise ValueError(f"resized grid {tuple(grid.shape[-2:])} != requested {(h, w)}")
+    return grid.permute(0, 2, 3, 1).reshape(1, h * w, D)  # [1, h*w, D]
