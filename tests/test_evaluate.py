@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +72,10 @@ def test_loading_is_weights_only(setup, tmp_path):
     state["metrics"] = {"note": _Payload()}
     (tmp_path / "bad").mkdir()
     torch.save(state, tmp_path / "bad" / CHECKPOINT_FILE)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(CheckpointMismatch, match="UnpicklingError: Weights only load failed"):
+        load_segmenter(tmp_path / "bad")
+    (tmp_path / "bad" / CHECKPOINT_FILE).write_text('{"a": "json file"}')
+    with pytest.raises(CheckpointMismatch, match="is not a weaktr checkpoint"):
         load_segmenter(tmp_path / "bad")
 
 
@@ -112,3 +114,18 @@ def test_ray_job_matches_a_direct_loop(ray_session, setup, tmp_path, capsys):
     assert report["miou"] == pytest.approx(direct.miou())
     assert set(report["per_class"]) == {"background", *manifest.classes}
     assert report["settings"]["scales"] == [0.75, 1.0] and report["settings"]["flip"] is True
+
+
+def test_one_pass_scores_without_and_with_the_crf_as_two_separate_runs(ray_session, setup):
+    from weaktr.evaluate import evaluate_variants_on_ray
+
+    _, cfg, manifest, checkpoint = setup
+    plain, refined = evaluate_variants_on_ray(cfg, checkpoint, [False, True])
+    model, _ = load_segmenter(checkpoint)
+    for report, crf in ((plain, False), (refined, True)):
+        cfg.eval.crf = crf
+        direct = evaluate_samples(model, _val_samples(manifest), cfg.eval)
+        assert np.array_equal(np.array(report["confusion_matrix"]), direct.matrix)
+        assert (report["settings"]["crf"] is not None) == crf
+    cfg.eval.crf = False
+    assert plain["confusion_matrix"] != refined["confusion_matrix"]  # the CRF changed some labels

@@ -82,6 +82,10 @@ def test_evaluate_on_a_two_cpu_cluster_with_two_actors(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "report" / REPORT_NAME).read_text())
     assert report["num_images"] == 8
+    # One progress bar of its own; Ray Data's progress blocks and execution logs stay in its log file.
+    console = proc.stdout + proc.stderr
+    assert "evaluating val: 100%" in console
+    assert "Total Progress" not in console and "Starting execution of Dataset" not in console
 
 
 def test_readme_cluster_flow_with_token_authentication(tmp_path):
@@ -96,8 +100,9 @@ def test_readme_cluster_flow_with_token_authentication(tmp_path):
         # Without the token a client is refused: authentication is really on.
         refused = _run([RAY, "job", "list", "--address", dashboard], {**head_env, "RAY_AUTH_MODE": "disabled"}, 60)
         assert refused.returncode != 0
+        job = "import ray, weaktr; ray.init(); print('job saw', ray.cluster_resources()['CPU'])"
         command = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
-                   sys.executable, "-c", "import ray, weaktr; ray.init(); print('job saw', ray.cluster_resources()['CPU'])"]
+                   sys.executable, "-c", job]
         deadline = time.monotonic() + 180
         while True:  # the job agent comes up a little after the dashboard
             proc = _run(command, head_env, timeout=300)

@@ -76,8 +76,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as err:  # a file torch cannot read as a weights-only pickle
-        raise CheckpointMismatch(f"{file} is not a weaktr checkpoint ({type(err).__name__})") from None
+    except Exception as err:  # not a torch file, or one holding objects a weights-only load refuses to build
+        reason = str(err).split(".")[0].strip()
+        raise CheckpointMismatch(f"{file} is not a weaktr checkpoint ({type(err).__name__}: {reason})") from None
     if not isinstance(payload, dict) or "kind" not in payload or "model" not in payload:
         raise CheckpointMismatch(f"{file} is not a weaktr checkpoint")
     return payload

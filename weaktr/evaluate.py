@@ -12,6 +12,7 @@ Also the model-loading and single-image prediction helpers that ``weaktr predict
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -78,30 +79,54 @@ def predict_labels(
     Softmax probabilities from ``predict_probs`` (sliding window, each scale, flip), refined by a dense CRF with
     the softmax unary when ``crf`` is given, then argmax.
     """
+    return predict_label_variants(
+        model, image, [crf], scales=scales, flip=flip, window=window, stride=stride, amp=amp
+    )[0]
+
+
+@torch.no_grad()
+def predict_label_variants(
+    model: Segmenter,
+    image: np.ndarray,
+    crfs: Sequence[Optional[CRFParams]],
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    window: int = 480,
+    stride: int = 320,
+    amp: bool = True,
+) -> list[np.ndarray]:
+    """``predict_labels`` once per entry of ``crfs`` (None: no CRF) from a single inference pass."""
     device = next(model.parameters()).device
     tensor = normalize_image(image).to(device)  # [3, H, W]
     with autocast(device, amp):
         probs = predict_probs(model, tensor, scales=scales, flip=flip, window=window, stride=stride)  # [K, H, W]
     probs = probs.float().cpu().numpy()
-    if crf is not None:
+    labels = []
+    for crf in crfs:
         # A writable copy: pydensecrf's bilateral kernel rejects read-only buffers (e.g. np.asarray of a PIL image).
-        probs = crf_refine_probs(np.array(image), probs, crf)  # [K, H, W]
-    return probs.argmax(0).astype(np.uint8)
+        refined = probs if crf is None else crf_refine_probs(np.array(image), probs, crf)  # [K, H, W]
+        labels.append(refined.argmax(0).astype(np.uint8))
+    return labels
 
 
 def _inference_kwargs(eval_cfg: EvalConfig, amp: bool) -> dict:
-    return dict(
-        scales=list(eval_cfg.scales), flip=eval_cfg.flip, window=eval_cfg.window, stride=eval_cfg.stride,
-        crf=crf_params(eval_cfg.crf_params) if eval_cfg.crf else None, amp=amp,
-    )
+    return dict(scales=list(eval_cfg.scales), flip=eval_cfg.flip, window=eval_cfg.window, stride=eval_cfg.stride,
+                amp=amp)
 
 
-def score_sample(model: Segmenter, sample: Sample, eval_cfg: EvalConfig, amp: bool = True) -> np.ndarray:
-    """One image's confusion-matrix counts int64 [K, K] (rows ground truth, columns prediction)."""
+def score_sample(
+    model: Segmenter, sample: Sample, eval_cfg: EvalConfig, amp: bool = True, crf_variants: Sequence[bool] = ()
+) -> np.ndarray:
+    """One image's confusion-matrix counts int64 [K, K] (rows ground truth, columns prediction) with
+    ``eval_cfg.crf``; with ``crf_variants`` (e.g. (False, True)) [V, K, K], one per variant, from one inference."""
     if sample.mask is None:
         raise DataError(f"sample {sample.key!r} has no ground-truth mask: evaluation needs a split with masks")
-    pred = predict_labels(model, sample.image, **_inference_kwargs(eval_cfg, amp))
-    return ConfusionMatrix(model.num_classes).update(pred, sample.mask).matrix
+    params = crf_params(eval_cfg.crf_params)
+    crfs = [params if crf else None for crf in (crf_variants or [eval_cfg.crf])]
+    preds = predict_label_variants(model, sample.image, crfs, **_inference_kwargs(eval_cfg, amp))
+    counts = np.stack([ConfusionMatrix(model.num_classes).update(pred, sample.mask).matrix for pred in preds])
+    return counts if crf_variants else counts[0]
 
 
 def evaluate_samples(
@@ -128,11 +153,11 @@ def _decode_shard(row: dict) -> list[dict]:
 class SegEvalActor:
     """An actor-pool stage: loads the model once, then maps batches of samples to per-image confusion counts."""
 
-    def __init__(self, checkpoint: str, classes: Sequence[str], config: dict):
+    def __init__(self, checkpoint: str, classes: Sequence[str], config: dict, crf_variants: Sequence[bool]):
         cfg: Config = from_dict(config)
         device = "cuda" if cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.model, _ = load_segmenter(checkpoint, device, classes)
-        self.eval_cfg, self.amp = cfg.eval, cfg.seg_train.amp
+        self.eval_cfg, self.amp, self.crf_variants = cfg.eval, cfg.seg_train.amp, list(crf_variants)
 
     def __call__(self, batch: dict) -> dict:
         confusions = []
@@ -140,8 +165,9 @@ class SegEvalActor:
             if mask.size == 0:
                 raise DataError(f"sample {key!r} has no ground-truth mask: evaluation needs a split with masks")
             sample = Sample(str(key), np.asarray(image, dtype=np.uint8), [], mask=np.asarray(mask, dtype=np.uint8))
-            confusions.append(score_sample(self.model, sample, self.eval_cfg, self.amp).reshape(-1))
-        return {"key": np.asarray(batch["key"]), "confusion": np.stack(confusions)}  # [b, K*K]
+            counts = score_sample(self.model, sample, self.eval_cfg, self.amp, self.crf_variants)  # [V, K, K]
+            confusions.append(counts.reshape(-1))
+        return {"key": np.asarray(batch["key"]), "confusion": np.stack(confusions)}  # [b, V*K*K]
 
 
 def evaluate_on_ray(cfg: Config, checkpoint: str | Path) -> dict:
@@ -149,6 +175,11 @@ def evaluate_on_ray(cfg: Config, checkpoint: str | Path) -> dict:
 
     Needs a connected Ray (``weaktr.launch.init_ray``).
     """
+    return evaluate_variants_on_ray(cfg, checkpoint, [cfg.eval.crf])[0]
+
+
+def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: Sequence[bool]) -> list[dict]:
+    """One report per entry of ``crf_variants`` (without / with the dense CRF), from a single inference pass."""
     import ray
 
     from weaktr.launch import actor_pool, progress, quiet_ray_data
@@ -169,21 +200,30 @@ def evaluate_on_ray(cfg: Config, checkpoint: str | Path) -> dict:
     num_cpus = 1 if cfg.eval.gpus_per_actor == 0 else None  # GPU actors: Ray Data's default
     ds = ds.map_batches(
         SegEvalActor,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "classes": manifest.classes, "config": to_dict(cfg)},
+        fn_constructor_kwargs={"checkpoint": checkpoint, "classes": manifest.classes, "config": to_dict(cfg),
+                               "crf_variants": list(crf_variants)},
         batch_size=1,  # images differ in size; one image per call keeps batches rectangular
         batch_format="numpy",
         compute=actor_pool("eval.actors", cfg.eval.actors, num_cpus or 0, cfg.eval.gpus_per_actor),
         num_gpus=cfg.eval.gpus_per_actor,
         num_cpus=num_cpus,
     )
-    confusion = ConfusionMatrix(num_classes)
+    confusions = [ConfusionMatrix(num_classes) for _ in crf_variants]
     num_images = 0
     with progress(manifest.splits[cfg.eval.split].num_samples, f"evaluating {cfg.eval.split}") as bar:
         for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
-            confusion.matrix += batch["confusion"].sum(0).reshape(num_classes, num_classes)
+            counts = batch["confusion"].sum(0).reshape(len(crf_variants), num_classes, num_classes)
+            for confusion, variant_counts in zip(confusions, counts):
+                confusion.matrix += variant_counts
             num_images += len(batch["confusion"])
             bar.update(len(batch["confusion"]))
-    return make_report(confusion, manifest, cfg, checkpoint, num_images, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    reports = []
+    for crf, confusion in zip(crf_variants, confusions):
+        variant_cfg = copy.deepcopy(cfg)
+        variant_cfg.eval.crf = crf
+        reports.append(make_report(confusion, manifest, variant_cfg, checkpoint, num_images, seconds))
+    return reports
 
 
 def make_report(

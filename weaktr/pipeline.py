@@ -97,14 +97,12 @@ def run_phase2(cfg: Config, directory: Path, records: dict) -> StageResult:
 
 
 def run_eval(cfg: Config, directory: Path, records: dict) -> StageResult:
-    from weaktr.evaluate import evaluate_on_ray, write_report
+    from weaktr.evaluate import evaluate_variants_on_ray, write_report
 
-    checkpoint = records["phase2"]["outputs"]["checkpoint"]
+    # One inference pass scored twice: the retrained model as it is, and refined by the dense CRF.
+    reports = evaluate_variants_on_ray(cfg, records["phase2"]["outputs"]["checkpoint"], [False, True])
     outputs, metrics = {}, {}
-    for name, crf in (("eval", False), ("eval_crf", True)):
-        eval_cfg = copy.deepcopy(cfg)
-        eval_cfg.eval.crf = crf
-        report = evaluate_on_ray(eval_cfg, checkpoint)
+    for name, report in zip(("eval", "eval_crf"), reports):
         outputs[name] = str(write_report(report, directory / name))
         metrics[name] = report
     return StageResult(outputs=outputs, metrics=metrics)
