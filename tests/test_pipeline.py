@@ -8,6 +8,8 @@ import base64
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,32 +21,52 @@ from weaktr.pipeline import STAGES, StageResult, run_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_pipeline_config(tmp_path: Path):
-    return load_config(ROOT / "configs" / "smoke.yaml", [
+def tiny_pipeline_overrides(tmp_path: Path) -> list[str]:
+    return [
         "run.name=pipe", f"run.storage_path={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
         "data.synthetic.num_train=48", "data.synthetic.num_val=16", "data.loader_workers=0",
-        "train.epochs=1", "train.batch_size=8", "train.num_workers=1", "seg_train.epochs=1",
-        "seg_train.num_workers=1", "pseudo.batch_size=8",
-        "pseudo.overlay_samples=3", "pseudo.sweep_bg=0.3:0.5:0.1",
-    ])
+        "train.epochs=2", "train.batch_size=8", "train.num_workers=1", "seg_train.epochs=1",
+        "seg_train.num_workers=1", "pseudo.batch_size=8", "pseudo.overlay_samples=3", "pseudo.sweep_bg=0.3:0.5:0.1",
+    ]
 
 
 @pytest.fixture(scope="module")
 def full_run(ray_session, tmp_path_factory):
+    """The whole pipeline submitted as a Ray job to the session's head, as the README does it on a cluster."""
+    _, dashboard = ray_session
     tmp_path = tmp_path_factory.mktemp("pipeline")
-    cfg = tiny_pipeline_config(tmp_path)
-    return cfg, run_pipeline(cfg)
+    overrides = tiny_pipeline_overrides(tmp_path)
+    command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
+               "--working-dir", str(ROOT), "--", sys.executable, "ray_jobs/pipeline.py",
+               "--config", "configs/smoke.yaml"]
+    for override in overrides:
+        command += ["--set", override]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", overrides)
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    return cfg, proc.stdout, {stage: pipeline.load_record(run_dir, stage) for stage in STAGES}
 
 
-def test_every_stage_runs_and_writes_a_readable_report(full_run):
-    cfg, records = full_run
-    assert [records[s]["status"] for s in STAGES] == ["ran"] * len(STAGES)
-    run_dir = Path(cfg.run.storage_path).resolve() / cfg.run.name
+def test_the_pipeline_job_runs_every_stage_with_a_readable_console(full_run):
+    _, console, records = full_run
+    assert "succeeded" in console
+    for stage in STAGES:
+        assert f"[{stage}] running (not done yet)" in console and records[stage] is not None
+    assert "report: " in console and "eval    ran" in console  # the closing stage table
+    # One line per epoch, not Ray Train's per-rank report dumps (those stay in its log files).
+    assert "epoch 1/2 | loss " in console and "epoch 2/2 | loss " in console
+    assert "Reporting training result" not in console and "TrainingReport(" not in console
+
+
+def test_the_report_has_every_section(full_run):
+    cfg, _, records = full_run
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
     report = json.loads((run_dir / "report.json").read_text())
     assert [row["split"] for row in report["miou"]] == ["train", "train", "val", "val"]
     assert all(0 <= row["miou"] <= 1 for row in report["miou"])
     assert set(report["miou"][0]["per_class"]) == {"background", "hstripes", "vstripes", "diagonal", "checker"}
-    assert [m["epoch"] for m in report["curves"]["phase1"]] == [0]
+    assert [m["epoch"] for m in report["curves"]["phase1"]] == [0, 1]
     assert report["bg_sweep"]["curve"] and report["stages"]["eval"]["headline"].startswith("val mIoU")
 
     page = (run_dir / "report.html").read_text()
@@ -58,8 +80,8 @@ def test_every_stage_runs_and_writes_a_readable_report(full_run):
 
 
 def test_a_rerun_skips_finished_stages_and_a_removed_output_reruns_what_follows(full_run):
-    cfg, records = full_run
-    run_dir = Path(cfg.run.storage_path).resolve() / cfg.run.name
+    cfg, _, records = full_run
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
     again = run_pipeline(cfg)
     assert [again[s]["status"] for s in STAGES] == ["skipped"] * len(STAGES)
 
