@@ -72,3 +72,16 @@ def test_shipped_configs_load():
         if path.name.startswith("tune"):
             continue
         assert isinstance(load_config(path), Config), path
+
+
+def test_phase1_learning_rate_follows_the_official_linear_rule():
+    # The official main.py trains at lr x batch x world_size / 512: 6e-4 at a global batch of 64 is 7.5e-5.
+    voc = load_config(ROOT / "configs" / "voc12.yaml")
+    assert voc.train.global_batch_size == 64 and voc.train.scaled_lr == pytest.approx(7.5e-5)
+    coco = load_config(ROOT / "configs" / "coco14.yaml")
+    assert coco.train.scaled_lr == pytest.approx(2.5e-5)
+    # More workers, larger global batch, proportionally larger step size: the same lr per sample.
+    four = load_config(ROOT / "configs" / "voc12.yaml", ["train.num_workers=4"])
+    assert four.train.scaled_lr == pytest.approx(4 * 7.5e-5)
+    # Without lr_base_batch the configured lr is used as it is (the synthetic demo's recipe).
+    assert load_config(ROOT / "configs" / "synthetic.yaml").train.scaled_lr == 1e-3

@@ -75,6 +75,9 @@ class TrainConfig:
     epochs: int = 60
     batch_size: int = 64  # per worker
     lr: float = 6e-4
+    # None: `lr` is the learning rate. A number n: `lr` is given for a global batch of n and scaled linearly to
+    # batch_size x num_workers (the official main.py: lr x batch x world_size / 512), see TrainConfig.scaled_lr.
+    lr_base_batch: Optional[int] = None
     min_lr: float = 1e-5
     weight_decay: float = 0.03
     warmup_epochs: int = 5
@@ -94,6 +97,17 @@ class TrainConfig:
     max_failures: int = 1  # worker-failure restarts from the last checkpoint
     checkpoints_to_keep: int = 2
     resume_from: Optional[str] = None  # a checkpoint directory
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_workers
+
+    @property
+    def scaled_lr(self) -> float:
+        """The learning rate the optimizer gets (see ``lr_base_batch``)."""
+        if self.lr_base_batch is None:
+            return self.lr
+        return self.lr * self.global_batch_size / self.lr_base_batch
 
 
 @dataclass

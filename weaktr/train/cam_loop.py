@@ -78,7 +78,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(cfg, num_classes).to(device)
     fused = fused_optimizer_kwargs(cfg.train.opt, device, cfg.train.fused_optimizer)
     optimizer = create_optimizer_v2(
-        model, opt=cfg.train.opt, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **fused
+        model, opt=cfg.train.opt, lr=cfg.train.scaled_lr, weight_decay=cfg.train.weight_decay, **fused
     )
     # Stepped every iteration (t_in_epochs=False) so warm-up is smooth even for short runs.
     scheduler = CosineLRScheduler(
