@@ -223,11 +223,18 @@ def test_class_tokens_start_from_the_backbone_class_token(tmp_path):
 
 def test_model_positions_resized_only_for_other_grids():
     model = make_model()
-    same = model._pos_embed((4, 4))
-    assert torch.equal(same, torch.cat([model.cls_pos_embed, model.patch_pos_embed], dim=1))
-    other = model._pos_embed((4, 6))
-    assert other.shape == (1, NUM_CLASSES + 24, 64)
-    assert torch.equal(other[:, :NUM_CLASSES], model.cls_pos_embed)
+    assert torch.equal(model._patch_pos_embed((4, 4)), model.patch_pos_embed)
+    assert model._patch_pos_embed((4, 6)).shape == (1, 24, 64)
+
+
+def test_position_gradients_keep_their_parameters_layout():
+    # DDP copies (and warns about) a gradient whose strides differ from its parameter's; added after the token
+    # concatenation, the class positions' gradient was a view into the [1, T, D] one.
+    model = make_model().train()
+    images, labels = make_batch(B=2)
+    model.loss(model(images), labels)[0].backward()
+    for param in (model.cls_pos_embed, model.patch_pos_embed, model.cls_tokens):
+        assert param.grad.stride() == param.stride()
 
 
 @pytest.mark.parametrize("old, new", [((4, 4), (4, 6)), ((3, 5), (6, 2)), ((14, 14), (31, 23)), ((4, 6), (4, 6))])

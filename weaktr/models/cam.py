@@ -136,7 +136,8 @@ class WeakTrCAM(nn.Module):
         # C class tokens and their positions start as copies of the backbone's class token / its position.
         self.cls_tokens = nn.Parameter(vit.cls_token.detach().expand(-1, num_classes, -1).clone())  # [1, C, D]
         self.cls_pos_embed = nn.Parameter(vit.pos_embed[:, :1].detach().expand(-1, num_classes, -1).clone())
-        self.patch_pos_embed = nn.Parameter(vit.pos_embed[:, 1:].detach().clone())  # [1, h0*w0, D]
+        # A contiguous copy: a clone of the slice would keep the [1, 1 + h0*w0, D] strides, unlike its gradient.
+        self.patch_pos_embed = nn.Parameter(vit.pos_embed[:, 1:].detach().clone(memory_format=torch.contiguous_format))
 
         self.head = nn.Conv2d(D, num_classes, kernel_size=3, padding=1)  # coarse CAM M
         self.aaf = AdaptiveAttentionFusion(
@@ -163,9 +164,11 @@ class WeakTrCAM(nn.Module):
         h, w = H // ph, W // pw
         C, Hd = self.num_classes, self.num_heads
 
-        x = self.patch_embed(x)  # [B, N, D]
-        x = torch.cat([self.cls_tokens.expand(B, -1, -1), x], dim=1)  # [B, T, D]
-        x = self.pos_drop(x + self._pos_embed((h, w)))
+        x = self.patch_embed(x) + self._patch_pos_embed((h, w))  # [B, N, D]
+        cls = (self.cls_tokens + self.cls_pos_embed).expand(B, -1, -1)  # [B, C, D]
+        # Positions added before the concatenation, not after: each position parameter's gradient then has the
+        # parameter's own layout instead of being a view into a [1, T, D] one (which DDP copies every step).
+        x = self.pos_drop(torch.cat([cls, x], dim=1))  # [B, T, D]
         x = self.norm_pre(x)
         attn_probs, attn_feats = [], []
         for block in self.blocks:
@@ -203,9 +206,8 @@ class WeakTrCAM(nn.Module):
         values = torch.stack([total, *terms.values()]).tolist()  # one device sync for all four numbers
         return total, dict(zip(["loss", *terms], values))
 
-    def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        patch_pos = resize_patch_pos_embed(self.patch_pos_embed, self.grid_size, grid)  # [1, h*w, D]
-        return torch.cat([self.cls_pos_embed, patch_pos], dim=1)  # [1, T, D]
+    def _patch_pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        return resize_patch_pos_embed(self.patch_pos_embed, self.grid_size, grid)  # [1, h*w, D]
 
     def _block_forward(self, block: Block, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """timm Block.forward, also returning attention probs [B, Hd, T, T] and the attention branch [B, T, D]."""
