@@ -115,18 +115,22 @@ def _inference_kwargs(eval_cfg: EvalConfig, amp: bool) -> dict:
                 amp=amp)
 
 
-def score_sample(
-    model: Segmenter, sample: Sample, eval_cfg: EvalConfig, amp: bool = True, crf_variants: Sequence[bool] = ()
+def score_sample(model: Segmenter, sample: Sample, eval_cfg: EvalConfig, amp: bool = True) -> np.ndarray:
+    """One image's confusion-matrix counts int64 [K, K] (rows ground truth, columns prediction)."""
+    return score_sample_variants(model, sample, eval_cfg, [eval_cfg.crf], amp)[0]
+
+
+def score_sample_variants(
+    model: Segmenter, sample: Sample, eval_cfg: EvalConfig, crf_variants: Sequence[bool], amp: bool = True
 ) -> np.ndarray:
-    """One image's confusion-matrix counts int64 [K, K] (rows ground truth, columns prediction) with
-    ``eval_cfg.crf``; with ``crf_variants`` (e.g. (False, True)) [V, K, K], one per variant, from one inference."""
+    """``score_sample`` once per entry of ``crf_variants`` (without / with the CRF), int64 [V, K, K], from one
+    inference pass."""
     if sample.mask is None:
         raise DataError(f"sample {sample.key!r} has no ground-truth mask: evaluation needs a split with masks")
     params = crf_params(eval_cfg.crf_params)
-    crfs = [params if crf else None for crf in (crf_variants or [eval_cfg.crf])]
+    crfs = [params if crf else None for crf in crf_variants]
     preds = predict_label_variants(model, sample.image, crfs, **_inference_kwargs(eval_cfg, amp))
-    counts = np.stack([ConfusionMatrix(model.num_classes).update(pred, sample.mask).matrix for pred in preds])
-    return counts if crf_variants else counts[0]
+    return np.stack([ConfusionMatrix(model.num_classes).update(pred, sample.mask).matrix for pred in preds])
 
 
 def evaluate_samples(
@@ -165,7 +169,7 @@ class SegEvalActor:
             if mask.size == 0:
                 raise DataError(f"sample {key!r} has no ground-truth mask: evaluation needs a split with masks")
             sample = Sample(str(key), np.asarray(image, dtype=np.uint8), [], mask=np.asarray(mask, dtype=np.uint8))
-            counts = score_sample(self.model, sample, self.eval_cfg, self.amp, self.crf_variants)  # [V, K, K]
+            counts = score_sample_variants(self.model, sample, self.eval_cfg, self.crf_variants, self.amp)  # [V, K, K]
             confusions.append(counts.reshape(-1))
         return {"key": np.asarray(batch["key"]), "confusion": np.stack(confusions)}  # [b, V*K*K]
 

@@ -44,12 +44,6 @@ class StageResult:
     metrics: dict
 
 
-def run_dir(cfg: Config) -> Path:
-    if "://" in cfg.run.storage_path:
-        raise PipelineError("the pipeline writes its stages' outputs locally: run.storage_path must be a path")
-    return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
-
-
 def stage_config(cfg: Config, directory: Path) -> Config:
     """``cfg`` with the stage outputs pointed into the run directory (the user's copy stays as it was)."""
     cfg = copy.deepcopy(cfg)
@@ -161,13 +155,12 @@ def missing_outputs(record: dict) -> list[str]:
 
 def run_pipeline(cfg: Config, from_stage: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the pipeline; returns {stage: record}. Needs a connected Ray (``launch.init_ray``)."""
-    from weaktr.config import save_config
+    from weaktr.launch import save_resolved_config
 
     if from_stage is not None and from_stage not in STAGES:
         raise PipelineError(f"unknown stage {from_stage!r}; the stages are {', '.join(STAGES)}")
-    directory = run_dir(cfg)
+    directory = save_resolved_config(cfg).parent  # the run directory (a local path; launch.run_dir)
     (directory / "stages").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, directory / "config.yaml")
     stage_cfg = stage_config(cfg, directory)
 
     records: dict[str, dict] = {}
