@@ -108,6 +108,7 @@ def train_arm(config: dict, clip: bool) -> dict:
     torch.set_num_threads(1)
     cfg: Config = from_dict(config)
     cfg.seg_train.clip = clip
+    cfg.seg_train.num_workers = 1  # this process trains alone: its batch is the whole global batch
     seed = cfg.run.seed
     torch.manual_seed(seed)  # same initial weights in both arms
     random.seed(seed)  # SegTrainTransform's crops and flips: the same batches in both arms

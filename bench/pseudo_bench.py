@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from weaktr.checkpoint import save_checkpoint  # noqa: E402
 from weaktr.data.synthetic import SyntheticSpec, iter_synthetic, write_synthetic  # noqa: E402
 from weaktr.models.cam import WeakTrCAM  # noqa: E402
-from weaktr.pseudo import _png, multiscale_cams, multiscale_cams_reference  # noqa: E402
+from weaktr.models.inference import multiscale_cams, multiscale_cams_reference  # noqa: E402
+from weaktr.pseudo import _png  # noqa: E402
 
 ARCHS = {
     # DeiT-S as in the paper (random weights: the speed is the same).

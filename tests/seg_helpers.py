@@ -57,7 +57,7 @@ def tiny_config(tmp_path: Path, data_root: Path) -> Config:
     m.img_size, m.embed_dim, m.depth, m.num_heads, m.d_model, m.drop_path_rate = 64, 64, 2, 2, 64, 0.0
     t = cfg.seg_train
     t.data_root = str(data_root)
-    t.epochs, t.batch_size, t.opt, t.lr, t.weight_decay = 3, 4, "adamw", 1e-3, 0.01
+    t.epochs, t.batch_size, t.opt, t.lr, t.weight_decay = 3, 8, "adamw", 1e-3, 0.01  # 4 per worker
     t.base_size, t.crop_size, t.scale_min, t.scale_max = 64, 64, 0.75, 1.25
     t.num_workers, t.cpus_per_worker = 2, 1
     e = cfg.eval

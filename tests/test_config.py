@@ -77,11 +77,18 @@ def test_shipped_configs_load():
 def test_phase1_learning_rate_follows_the_official_linear_rule():
     # The official main.py trains at lr x batch x world_size / 512: 6e-4 at a global batch of 64 is 7.5e-5.
     voc = load_config(ROOT / "configs" / "voc12.yaml")
-    assert voc.train.global_batch_size == 64 and voc.train.scaled_lr == pytest.approx(7.5e-5)
+    assert voc.train.batch_size == 64 and voc.train.scaled_lr == pytest.approx(7.5e-5)
     coco = load_config(ROOT / "configs" / "coco14.yaml")
     assert coco.train.scaled_lr == pytest.approx(2.5e-5)
-    # More workers, larger global batch, proportionally larger step size: the same lr per sample.
+    # The batch is global: more workers split it, and the recipe (batch and lr) stays what it was.
     four = load_config(ROOT / "configs" / "voc12.yaml", ["train.num_workers=4"])
-    assert four.train.scaled_lr == pytest.approx(4 * 7.5e-5)
+    assert four.train.worker_batch_size == 16 and four.train.scaled_lr == pytest.approx(7.5e-5)
+    assert load_config(ROOT / "configs" / "voc12.yaml", ["train.batch_size=128"]).train.scaled_lr == pytest.approx(1.5e-4)
     # Without lr_base_batch the configured lr is used as it is (the synthetic demo's recipe).
     assert load_config(ROOT / "configs" / "synthetic.yaml").train.scaled_lr == 1e-3
+
+
+@pytest.mark.parametrize("section", ["train", "seg_train"])
+def test_a_global_batch_that_does_not_split_over_the_workers_names_the_key(section):
+    with pytest.raises(ConfigError, match=rf"'{section}.batch_size'.*{section}.num_workers=3"):
+        load_config(ROOT / "configs" / "smoke.yaml", [f"{section}.batch_size=16", f"{section}.num_workers=3"])

@@ -29,7 +29,7 @@ from weaktr.config import load_config
 from weaktr.models.cam import CamOutput, WeakTrCAM
 from weaktr.models.inference import cam_pass, cam_pass_reference
 from weaktr.models.segmenter import Segmenter
-from weaktr.train.common import fused_optimizer_kwargs, unwrap
+from weaktr.runtime import fused_optimizer_kwargs, unwrap
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "gpu_bench.py"

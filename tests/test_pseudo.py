@@ -23,9 +23,10 @@ from weaktr.checkpoint import CheckpointMismatch, save_checkpoint
 from weaktr.config import Config
 from weaktr.data.shards import FailureTracker, Manifest, iter_samples
 from weaktr.data.synthetic import SyntheticSpec, write_synthetic
-from weaktr.metrics import ConfusionMatrix
+from weaktr.metrics import ConfusionMatrix, parse_sweep
 from weaktr.models.cam import WeakTrCAM
-from weaktr.pseudo import load_cam_model, multiscale_cams, multiscale_cams_reference, parse_sweep, run_pseudo_labels
+from weaktr.models.inference import multiscale_cams, multiscale_cams_reference
+from weaktr.pseudo import load_cam_model, run_pseudo_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -139,8 +140,8 @@ def test_parse_sweep():
     assert len(thresholds) == 31 and thresholds[0] == 0.3 and thresholds[-1] == 0.6 and 0.43 in thresholds
     assert parse_sweep(None) is None
     for bad in ("0.3:0.6", "0.6:0.3:0.01", "a:b:c", "0.3:0.6:0"):
-        with pytest.raises(ValueError, match="sweep_bg"):
-            parse_sweep(bad)
+        with pytest.raises(ValueError, match="pseudo.sweep_bg"):
+            parse_sweep(bad, key="pseudo.sweep_bg")
 
 
 def test_mismatched_checkpoint_is_refused_before_any_work(dataset, tmp_path):
@@ -270,3 +271,30 @@ def test_killed_run_resumes_to_identical_outputs(reference_run, dataset, checkpo
     resumed, reference = _tree(out_dir), _tree(reference_dir)
     assert sorted(resumed) == sorted(reference)  # no stale temp files, nothing missing
     assert [name for name in reference if resumed[name] != reference[name]] == []
+
+
+def test_phase1_cam_miou_scores_the_first_masked_samples_of_its_split(tmp_path):
+    """evaluate_cam_miou (phase 1's per-epoch metric) outside Ray: the same sweep as scoring the first N samples
+    by hand, a different figure for other samples, and a missing split named by its config key."""
+    from weaktr.config import load_config
+    from weaktr.data.shards import DataError, Manifest, iter_samples
+    from weaktr.launch import prepare_data
+    from weaktr.metrics import BackgroundSweep, normalize_cams
+    from weaktr.train.cam_loop import build_model, evaluate_cam_miou
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.root={tmp_path / 'data'}", "train.cam_eval.samples=6"])
+    manifest = prepare_data(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(manifest.classes)).eval()
+    miou, threshold = evaluate_cam_miou(model, manifest, cfg, 0, 1, torch.device("cpu"))
+
+    sweep = BackgroundSweep(parse_sweep(cfg.train.cam_eval.sweep), len(manifest.classes))
+    samples = [s for _, s in zip(range(6), iter_samples(manifest.shard_paths("train")))]
+    for sample, cam in zip(samples, multiscale_cams(model, [s.image for s in samples], [1.0], True, 16)):
+        sweep.update(normalize_cams(cam, sample.labels), sample.labels, sample.mask)
+    assert (threshold, miou) == pytest.approx(sweep.best())
+    cfg.train.cam_eval.split = "val"
+    assert evaluate_cam_miou(model, manifest, cfg, 0, 1, torch.device("cpu"))[0] != pytest.approx(miou)
+    cfg.train.cam_eval.split = "nope"
+    with pytest.raises(DataError, match="train.cam_eval.split.*'nope'"):
+        evaluate_cam_miou(model, manifest, cfg, 0, 1, torch.device("cpu"))

@@ -69,6 +69,19 @@ def test_two_worker_run_learns_on_disjoint_data(first_run):
     assert sum(m["samples_failed"] for m in history) >= 1
 
 
+def test_cam_miou_is_measured_every_epoch_and_picks_the_best_checkpoint(first_run):
+    from weaktr.metrics import parse_sweep
+
+    cfg, result = first_run
+    history = epoch_metrics(result)
+    thresholds = parse_sweep(cfg.train.cam_eval.sweep)
+    for m in history:
+        assert 0 < m["cam_mIoU"] <= 1 and m["cam_bg_threshold"] in thresholds, m
+    # Ray Train ranks the kept checkpoints by CAM mIoU (the official checkpoint_best_mIoU.pth), not by val_mAP.
+    best = result.get_best_checkpoint("cam_mIoU", "max")
+    assert load_checkpoint(best.path)["metrics"]["cam_mIoU"] == max(m["cam_mIoU"] for m in history)
+
+
 def test_checkpoint_holds_weights_config_and_classes(first_run):
     cfg, result = first_run
     ckpt = load_checkpoint(result.checkpoint.path)

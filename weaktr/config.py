@@ -69,14 +69,27 @@ class ModelConfig:
 
 
 @dataclass
+class CamEvalConfig:
+    """Phase 1's per-epoch CAM mIoU (the official main.py: CAMs of VOC `train` / COCO `train_1250` after every
+    epoch, background threshold searched, `checkpoint_best_mIoU.pth` kept). The best checkpoint is chosen by it."""
+
+    split: Optional[str] = "train"  # a split with ground-truth masks; None: off (checkpoints chosen by val_mAP)
+    samples: int = 200  # the split's first N samples with masks (0: all of them)
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = True
+    sweep: str = "0.40:0.60:0.01"  # background thresholds searched in the same pass (official: 40..60 %)
+    batch_size: int = 16  # images per CAM forward batch
+
+
+@dataclass
 class TrainConfig:
     """Phase 1 training (a Ray Train TorchTrainer)."""
 
     epochs: int = 60
-    batch_size: int = 64  # per worker
+    batch_size: int = 64  # global: split evenly over num_workers (the official batch x world_size)
     lr: float = 6e-4
     # None: `lr` is the learning rate. A number n: `lr` is given for a global batch of n and scaled linearly to
-    # batch_size x num_workers (the official main.py: lr x batch x world_size / 512), see TrainConfig.scaled_lr.
+    # batch_size (the official main.py: lr x batch x world_size / 512), see TrainConfig.scaled_lr.
     lr_base_batch: Optional[int] = None
     min_lr: float = 1e-5
     weight_decay: float = 0.03
@@ -97,17 +110,28 @@ class TrainConfig:
     max_failures: int = 1  # worker-failure restarts from the last checkpoint
     checkpoints_to_keep: int = 2
     resume_from: Optional[str] = None  # a checkpoint directory
+    cam_eval: CamEvalConfig = field(default_factory=CamEvalConfig)
 
     @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.num_workers
+    def worker_batch_size(self) -> int:
+        return per_worker_batch(self.batch_size, self.num_workers, "train")
 
     @property
     def scaled_lr(self) -> float:
-        """The learning rate the optimizer gets (see ``lr_base_batch``)."""
+        """The learning rate the optimizer gets (see ``lr_base_batch``): the same for any number of workers."""
         if self.lr_base_batch is None:
             return self.lr
-        return self.lr * self.global_batch_size / self.lr_base_batch
+        return self.lr * self.batch_size / self.lr_base_batch
+
+
+def per_worker_batch(batch_size: int, num_workers: int, section: str) -> int:
+    """Each worker's share of the global ``{section}.batch_size`` (ConfigError unless it splits evenly)."""
+    if num_workers < 1 or batch_size < num_workers or batch_size % num_workers:
+        raise ConfigError(
+            f"config key '{section}.batch_size': the global batch {batch_size} does not split evenly over "
+            f"{section}.num_workers={num_workers}"
+        )
+    return batch_size // num_workers
 
 
 @dataclass
@@ -169,7 +193,7 @@ class SegTrainConfig:
 
     data_root: Optional[str] = None  # the pseudo-label dataset; None: pseudo.out_dir
     epochs: int = 100
-    batch_size: int = 4  # per worker
+    batch_size: int = 4  # global: split evenly over num_workers (the official world batch size)
     opt: str = "sgd"  # or "adamw"
     lr: float = 1e-4
     momentum: float = 0.9
@@ -192,6 +216,10 @@ class SegTrainConfig:
     max_failures: int = 1
     checkpoints_to_keep: int = 2
     resume_from: Optional[str] = None
+
+    @property
+    def worker_batch_size(self) -> int:
+        return per_worker_batch(self.batch_size, self.num_workers, "seg_train")
 
 
 @dataclass
@@ -320,7 +348,11 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[st
         _merge(data, loaded, "")
     for assignment in overrides:
         apply_override(data, assignment)
-    return from_dict(data, cls)
+    cfg = from_dict(data, cls)
+    if isinstance(cfg, Config):  # a global batch that does not split over the workers: say so now
+        per_worker_batch(cfg.train.batch_size, cfg.train.num_workers, "train")
+        per_worker_batch(cfg.seg_train.batch_size, cfg.seg_train.num_workers, "seg_train")
+    return cfg
 
 
 def _merge(base: dict, update: dict, prefix: str) -> None:

@@ -30,7 +30,7 @@ from weaktr.data.transforms import normalize_image
 from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import predict_probs
 from weaktr.models.segmenter import Segmenter
-from weaktr.train.common import autocast
+from weaktr.runtime import autocast
 
 REPORT_NAME = "eval_report.json"
 

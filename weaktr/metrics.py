@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -256,6 +256,21 @@ def normalize_cams(cams, present: Sequence[int]) -> np.ndarray:
     if cams.ndim != 3:
         raise ValueError(f"cams must be [C, H, W], got shape {tuple(cams.shape)}")
     return ops.normalize_cams(cams, _present_classes(present, cams.shape[0])).numpy()
+
+
+def parse_sweep(spec: Optional[str], key: str = "sweep") -> Optional[list[float]]:
+    """"START:STOP:STEP" (STOP included) -> thresholds, e.g. "0.30:0.60:0.01" -> [0.30, 0.31, ..., 0.60]; None or ""
+    -> None. A malformed spec is a ValueError naming ``key`` (the config key it came from)."""
+    if not spec:
+        return None
+    try:
+        start, stop, step = (float(part) for part in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"{key} must be 'START:STOP:STEP' (e.g. 0.30:0.60:0.01), got {spec!r}") from None
+    if not (0 <= start <= stop <= 1 and step > 0):
+        raise ValueError(f"{key} {spec!r}: need 0 <= START <= STOP <= 1 and STEP > 0")
+    count = int(math.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + k * step, 6) for k in range(count)]
 
 
 class BackgroundSweep:

@@ -71,7 +71,7 @@ def run_phase1(cfg: Config, directory: Path, records: dict) -> StageResult:
     from weaktr.train import cam_loop
 
     result = cam_loop.fit(cfg, name="phase1")
-    return _training_result(result, "val_mAP")
+    return _training_result(result, cam_loop.selection_metric(cfg))
 
 
 def run_pseudo(cfg: Config, directory: Path, records: dict) -> StageResult:
@@ -121,7 +121,7 @@ def _training_result(result, score: str) -> StageResult:
     best_metrics = max(history, key=lambda m: m[score] if m[score] == m[score] else float("-inf"), default={})
     return StageResult(
         outputs={"checkpoint": best.path, "last_checkpoint": result.checkpoint.path},
-        metrics={"history": history, "best": best_metrics},
+        metrics={"history": history, "best": best_metrics, "score": score},
     )
 
 
@@ -229,9 +229,10 @@ def headline(stage: str, metrics: dict) -> str:
         splits = ", ".join(f"{n} {name}" for name, n in metrics["splits"].items())
         return f"{metrics['name']}: {len(metrics['classes'])} classes, {splits}"
     if stage in ("phase1", "phase2"):
-        score = "val_mAP" if stage == "phase1" else "val_mIoU"
+        score = metrics.get("score", "val_mAP" if stage == "phase1" else "val_mIoU")
         best = metrics["best"]
-        return f"best {score} {best.get(score, float('nan')):.4f} (epoch {best.get('epoch', -1) + 1})"
+        extra = f", val_mAP {best['val_mAP']:.4f}" if score == "cam_mIoU" else ""
+        return f"best {score} {best.get(score, float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}{extra})"
     if stage == "pseudo":
         return (f"{metrics['split']} mIoU: CAM {_pct(metrics['cam']['miou'])}, CRF pseudo-labels "
                 f"{_pct(metrics['crf']['miou'])} ({metrics['num_samples']} images)")

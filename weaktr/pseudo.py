@@ -59,12 +59,10 @@ from weaktr.checkpoint import CheckpointMismatch, check_compatible, load_checkpo
 from weaktr.config import Config
 from weaktr.crf import CRFParams, crf_refine_labels
 from weaktr.data.shards import IMAGE_EXTENSIONS, Manifest, SampleDecodeError, SplitInfo, decode_sample
-from weaktr.data.transforms import normalize_image
 from weaktr.data.voc import voc_palette
-from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
+from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams, parse_sweep
 from weaktr.models.cam import WeakTrCAM
-from weaktr.models.inference import cam_pass, cam_pass_reference
-from weaktr.train.common import autocast
+from weaktr.models.inference import multiscale_cams
 
 STATS_DIR = "stats"
 TMP_SUFFIX = ".tmp"
@@ -76,7 +74,7 @@ class PseudoLabelError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Model and multi-scale CAMs
+# The phase-1 model
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -103,57 +101,6 @@ def load_cam_model(checkpoint_path: str | os.PathLike, classes: Sequence[str]) -
     except RuntimeError as exn:
         raise CheckpointMismatch(f"{source}: weights do not fit its architecture: {exn}") from exn
     return model.eval(), payload
-
-
-def _scaled_input(image: np.ndarray, scale: float, patch_size: int) -> Tensor:
-    """uint8 [H, W, 3] -> normalized float [3, h, w]: resized by `scale` (bicubic, as the WeakTr reference),
-    then cropped at the top-left to multiples of the patch size (at least one patch per side)."""
-    height, width = image.shape[:2]
-    size = (max(patch_size, round(width * scale)), max(patch_size, round(height * scale)))  # PIL order (w, h)
-    if size != (width, height):
-        image = np.array(Image.fromarray(image).resize(size, Image.BICUBIC))
-    h, w = size[1] - size[1] % patch_size, size[0] - size[0] % patch_size
-    return normalize_image(image[:h, :w])
-
-
-def _scaled_inputs(images: Sequence[np.ndarray], scales: Sequence[float], patch_size: int) -> list[list[Tensor]]:
-    """The CAM pass's inputs: [scale][image] normalized float [3, h, w] (see `_scaled_input`)."""
-    return [[_scaled_input(np.asarray(image), scale, patch_size) for image in images] for scale in scales]
-
-
-def multiscale_cams(
-    model: WeakTrCAM,
-    images: Sequence[np.ndarray],
-    scales: Sequence[float] = (1.0,),
-    flip: bool = True,
-    patch_size: int = 16,
-) -> list[Tensor]:
-    """Multi-scale (+ flip) fine CAMs G of uint8 [H, W, 3] images, each float32 [C, H, W] at its original size,
-    on the model's device: per scale, resize, crop to multiples of `patch_size`, run the model, upsample G
-    bilinearly, un-flip, and sum over scales and flips (absent classes are not zeroed here).
-
-    Batched (`weaktr.models.inference.cam_pass`): per scale, the images with the same input grid and all their
-    flips go through ONE forward pass; bf16 autocast on GPU. Same result as `multiscale_cams_reference` up to
-    float rounding. The model must be in eval mode; pass as many images at once as fit in memory.
-    """
-    device = next(model.parameters()).device
-    sizes = [image.shape[:2] for image in images]
-    with autocast(device, enabled=True):
-        return cam_pass(model, _scaled_inputs(images, scales, patch_size), sizes, flip)
-
-
-def multiscale_cams_reference(
-    model: WeakTrCAM,
-    images: Sequence[np.ndarray],
-    scales: Sequence[float] = (1.0,),
-    flip: bool = True,
-    patch_size: int = 16,
-) -> list[Tensor]:
-    """The WeakTr reference loop (`weaktr.models.inference.cam_pass_reference`): one image at a time, one forward
-    per scale (the image and its flip), float32. The equivalence baseline and benchmark baseline of
-    `multiscale_cams`."""
-    sizes = [image.shape[:2] for image in images]
-    return cam_pass_reference(model, _scaled_inputs(images, scales, patch_size), sizes, flip)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -209,20 +156,6 @@ def _overlay_jpeg(image: np.ndarray, norm_cams: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(blend).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def parse_sweep(spec: Optional[str]) -> Optional[list[float]]:
-    """"START:STOP:STEP" (STOP included) -> thresholds, e.g. "0.30:0.60:0.01" -> [0.30, 0.31, ..., 0.60]."""
-    if not spec:
-        return None
-    try:
-        start, stop, step = (float(part) for part in spec.split(":"))
-    except ValueError:
-        raise PseudoLabelError(f"sweep_bg must be 'START:STOP:STEP' (e.g. 0.30:0.60:0.01), got {spec!r}") from None
-    if not (0 <= start <= stop <= 1 and step > 0):
-        raise PseudoLabelError(f"sweep_bg {spec!r}: need 0 <= START <= STOP <= 1 and STEP > 0")
-    count = int(math.floor((stop - start) / step + 1e-9)) + 1
-    return [round(start + k * step, 6) for k in range(count)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -579,7 +512,10 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{len(missing)} shard(s) of split '{p.split}' do not exist, first: {missing[0]}")
     # Refuse a checkpoint of another dataset / architecture before any work.
     model, payload = load_cam_model(checkpoint, manifest.classes)
-    thresholds = parse_sweep(p.sweep_bg)
+    try:
+        thresholds = parse_sweep(p.sweep_bg, key="pseudo.sweep_bg")
+    except ValueError as err:
+        raise PseudoLabelError(str(err)) from None
     if p.batch_size < 1 or p.cam_actors < 1 or p.crf_actors < 1:
         raise PseudoLabelError("pseudo.batch_size, pseudo.cam_actors and pseudo.crf_actors must be >= 1")
 

@@ -97,7 +97,7 @@ def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _phase1_figure(history: list[dict]):
-    figure, (losses, score) = plt.subplots(1, 2, figsize=(11, 3.6))
+    figure, (losses, score, cam) = plt.subplots(1, 3, figsize=(14, 3.6))
     for key, label in (("loss", "total"), ("loss_cls", "class tokens"), ("loss_coarse", "coarse CAM"),
                        ("loss_fine", "fine CAM")):
         losses.plot(*_series(history, key), marker=".", label=label)
@@ -105,7 +105,10 @@ def _phase1_figure(history: list[dict]):
     losses.legend()
     score.plot(*_series(history, "val_mAP"), marker=".", color="tab:green")
     score.set(title="validation mAP", xlabel="epoch", ylabel="mAP", ylim=(0, 1))
-    for axes in (losses, score):
+    epochs, miou = _series(history, "cam_mIoU")
+    cam.plot(epochs, [100 * m for m in miou], marker=".", color="tab:purple")
+    cam.set(title="CAM mIoU (best background threshold)", xlabel="epoch", ylabel="mIoU (%)")
+    for axes in (losses, score, cam):
         axes.grid(alpha=0.3)
     return figure
 

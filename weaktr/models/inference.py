@@ -12,10 +12,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
+
+from weaktr.runtime import autocast
 
 
 @torch.no_grad()
@@ -151,6 +155,60 @@ def cam_pass_reference(
             total = cam if total is None else total + cam
         results.append(total)
     return results
+
+
+def _scaled_input(image: np.ndarray, scale: float, patch_size: int) -> Tensor:
+    """uint8 [H, W, 3] -> normalized float [3, h, w]: resized by `scale` (bicubic, as the WeakTr reference),
+    then cropped at the top-left to multiples of the patch size (at least one patch per side)."""
+    # Imported here: weaktr.data pulls in webdataset, which the bare GPU machine of bench/gpu_bench.py lacks.
+    from weaktr.data.transforms import normalize_image
+
+    height, width = image.shape[:2]
+    size = (max(patch_size, round(width * scale)), max(patch_size, round(height * scale)))  # PIL order (w, h)
+    if size != (width, height):
+        image = np.array(Image.fromarray(image).resize(size, Image.BICUBIC))
+    h, w = size[1] - size[1] % patch_size, size[0] - size[0] % patch_size
+    return normalize_image(image[:h, :w])
+
+
+def _scaled_inputs(images: Sequence[np.ndarray], scales: Sequence[float], patch_size: int) -> list[list[Tensor]]:
+    """The CAM pass's inputs: [scale][image] normalized float [3, h, w] (see `_scaled_input`)."""
+    return [[_scaled_input(np.asarray(image), scale, patch_size) for image in images] for scale in scales]
+
+
+def multiscale_cams(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    patch_size: int = 16,
+) -> list[Tensor]:
+    """Multi-scale (+ flip) fine CAMs G of uint8 [H, W, 3] images, each float32 [C, H, W] at its original size,
+    on the model's device: per scale, resize, crop to multiples of `patch_size`, run the model, upsample G
+    bilinearly, un-flip, and sum over scales and flips (absent classes are not zeroed here).
+
+    Batched (`weaktr.models.inference.cam_pass`): per scale, the images with the same input grid and all their
+    flips go through ONE forward pass; bf16 autocast on GPU. Same result as `multiscale_cams_reference` up to
+    float rounding. The model must be in eval mode; pass as many images at once as fit in memory.
+    """
+    device = next(model.parameters()).device
+    sizes = [image.shape[:2] for image in images]
+    with autocast(device, enabled=True):
+        return cam_pass(model, _scaled_inputs(images, scales, patch_size), sizes, flip)
+
+
+def multiscale_cams_reference(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    patch_size: int = 16,
+) -> list[Tensor]:
+    """The WeakTr reference loop (`weaktr.models.inference.cam_pass_reference`): one image at a time, one forward
+    per scale (the image and its flip), float32. The equivalence baseline and benchmark baseline of
+    `multiscale_cams`."""
+    sizes = [image.shape[:2] for image in images]
+    return cam_pass_reference(model, _scaled_inputs(images, scales, patch_size), sizes, flip)
 
 
 def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:

@@ -20,15 +20,16 @@ from timm.scheduler import CosineLRScheduler
 
 from weaktr.checkpoint import check_compatible, save_checkpoint
 from weaktr.config import Config, from_dict, to_dict
-from weaktr.data.shards import FailureTracker, Manifest, iter_samples, make_loader, steps_per_epoch
+from weaktr.data.shards import DataError, FailureTracker, Manifest, iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import (
     CamExample, batch_random_erasing, cam_eval_transform, cam_train_transform, multi_hot, normalize_batch,
 )
-from weaktr.metrics import mean_average_precision
+from weaktr.metrics import BackgroundSweep, mean_average_precision, normalize_cams, parse_sweep
 from weaktr.models.cam import WeakTrCAM
+from weaktr.models.inference import multiscale_cams
+from weaktr.runtime import autocast, fused_optimizer_kwargs, seed_rngs, unwrap
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, fused_optimizer_kwargs, make_trainer,
-    quiet_ray_console, report, restore, seed_rngs, unwrap,
+    all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report, restore,
 )
 
 
@@ -56,7 +57,7 @@ def make_train_loader(
         num_classes,
     )
     return make_loader(
-        shards, transform=to_example, batch_size=t.batch_size, rank=rank, world_size=world_size, epoch=epoch,
+        shards, transform=to_example, batch_size=t.worker_batch_size, rank=rank, world_size=world_size, epoch=epoch,
         seed=cfg.run.seed, num_workers=cfg.data.loader_workers, steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
         label_maps=(),
     )
@@ -73,7 +74,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
     num_classes = len(manifest.classes)
     train_shards = manifest.shard_paths(cfg.data.train_split)
-    steps = steps_per_epoch(manifest.splits[cfg.data.train_split].num_samples, world_size, cfg.train.batch_size)
+    steps = steps_per_epoch(manifest.splits[cfg.data.train_split].num_samples, world_size, cfg.train.worker_batch_size)
 
     model = build_model(cfg, num_classes).to(device)
     fused = fused_optimizer_kwargs(cfg.train.opt, device, cfg.train.fused_optimizer)
@@ -131,10 +132,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         run_failures = check_failures_across_ranks(failures)
 
         val_map = evaluate_map(unwrap(model), manifest, cfg, rank, world_size, device)
+        cam_miou, cam_threshold = evaluate_cam_miou(unwrap(model), manifest, cfg, rank, world_size, device)
         # Keys seen by more than one rank in this epoch: 0 when shard splitting is disjoint.
         all_keys = all_gather(sorted(keys_seen))
         overlap = sum(len(set(a) & set(b)) for i, a in enumerate(all_keys) for b in all_keys[i + 1:])
-        images_per_s = all_reduce_sum([steps * cfg.train.batch_size / elapsed], device)[0]
+        images_per_s = all_reduce_sum([steps * cfg.train.worker_batch_size / elapsed], device)[0]
         metrics = {
             "epoch": epoch,
             "loss": loss_sums[0] / steps,
@@ -142,6 +144,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "loss_coarse": loss_sums[2] / steps,
             "loss_fine": loss_sums[3] / steps,
             "val_mAP": val_map,
+            "cam_mIoU": cam_miou,
+            "cam_bg_threshold": cam_threshold,
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": images_per_s,
             "samples_failed": run_failures.failed,
@@ -160,7 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
 
         report(metrics, save, epochs=cfg.train.epochs, started=started,
-               shown=("loss", "loss_cls", "loss_coarse", "loss_fine", "val_mAP"))
+               shown=("loss", "loss_cls", "loss_coarse", "loss_fine", "val_mAP", "cam_mIoU"))
 
 
 @torch.no_grad()
@@ -188,7 +192,7 @@ def evaluate_map(model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, w
     for sample in iter_samples(mine):
         batch_images.append(transform(sample.image))
         batch_targets.append(multi_hot(sample.labels, len(manifest.classes)))
-        if len(batch_images) == cfg.train.batch_size:
+        if len(batch_images) == cfg.train.worker_batch_size:
             flush()
     if batch_images:
         flush()
@@ -197,6 +201,62 @@ def evaluate_map(model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, w
     all_scores = np.concatenate([s for rank_scores, _ in gathered for s in rank_scores])
     all_targets = np.concatenate([t for _, rank_targets in gathered for t in rank_targets])
     return float(mean_average_precision(all_scores, all_targets))
+
+
+@torch.no_grad()
+def evaluate_cam_miou(
+    model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, world_size: int, device
+) -> tuple[float, float]:
+    """(CAM mIoU, its background threshold) on the first ``train.cam_eval.samples`` samples with masks of
+    ``train.cam_eval.split``, the threshold searched over ``cam_eval.sweep`` in the same pass (the official
+    main.py after every epoch). Sample i is scored by rank i mod world_size; (NaN, NaN) when ``split`` is None."""
+    ce = cfg.train.cam_eval
+    if ce.split is None:
+        return float("nan"), float("nan")
+    sweep = BackgroundSweep(parse_sweep(ce.sweep, key="train.cam_eval.sweep"), len(manifest.classes))
+    patch_size = model.patch_size[0]
+    model.eval()
+    batch: list = []
+
+    def flush():
+        cams = multiscale_cams(model, [s.image for s in batch], ce.scales, ce.flip, patch_size)  # [C, H, W] each
+        for sample, cam in zip(batch, cams):
+            sweep.update(normalize_cams(cam.cpu(), sample.labels), sample.labels, sample.mask)
+        batch.clear()
+
+    for index, sample in enumerate(cam_eval_samples(manifest, ce.split, ce.samples)):
+        if index % world_size == rank:
+            batch.append(sample)
+        if len(batch) == ce.batch_size:
+            flush()
+    if batch:
+        flush()
+    model.train()
+    merged = BackgroundSweep(sweep.thresholds, sweep.num_classes)
+    for rank_sweep in all_gather(sweep):  # every rank merges the same sweeps: the same result everywhere
+        merged.merge(rank_sweep)
+    threshold, miou = merged.best()
+    return miou, threshold
+
+
+def cam_eval_samples(manifest: Manifest, split: str, limit: int):
+    """The first ``limit`` samples with a ground-truth mask of ``split`` (all of them for 0), in shard order."""
+    if split not in manifest.splits:
+        raise DataError(f"train.cam_eval.split: dataset {manifest.root} has no split {split!r} "
+                        f"(it has {sorted(manifest.splits)})")
+    count = 0
+    for sample in iter_samples(manifest.shard_paths(split)):
+        if sample.mask is None:
+            continue
+        yield sample
+        count += 1
+        if count == limit:
+            return
+
+
+def selection_metric(cfg: Config) -> str:
+    """The metric the best phase-1 checkpoint is chosen by: CAM mIoU (as the official), val_mAP without it."""
+    return "cam_mIoU" if cfg.train.cam_eval.split is not None else "val_mAP"
 
 
 def fit(cfg: Config, name: Optional[str] = None):
@@ -214,6 +274,6 @@ def fit(cfg: Config, name: Optional[str] = None):
         cpus_per_worker=cfg.train.cpus_per_worker,
         max_failures=cfg.train.max_failures,
         checkpoints_to_keep=cfg.train.checkpoints_to_keep,
-        score_attribute="val_mAP",
+        score_attribute=selection_metric(cfg),
     )
     return trainer.fit()

@@ -1,24 +1,20 @@
-"""Pieces both training loops share: the trainer, autocast, optimizer options, checkpoint restore and reporting."""
+"""Pieces both training loops share on Ray Train: the trainer, checkpoint restore, reporting and collectives
+(the Ray-free ones, autocast, unwrap, seeding and optimizer options, are in ``weaktr.runtime``)."""
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from timm.optim import get_optimizer_class
 
 from weaktr.checkpoint import load_checkpoint
 from weaktr.data.shards import FailureTracker
@@ -77,43 +73,6 @@ def quiet_ray_console() -> None:
 def _not_ray_info(record: logging.LogRecord) -> bool:
     from_ray = record.name.startswith("ray.") or f"{os.sep}ray{os.sep}" in record.name
     return record.levelno >= logging.WARNING or not from_ray
-
-
-def seed_rngs(seed: int) -> None:
-    """Seed torch, Python's ``random`` and numpy's global RNG in this training process. The augmentations draw
-    from Python's ``random``, which PyTorch seeds only in DataLoader worker processes: with
-    ``data.loader_workers: 0`` they run here, and were left to the interpreter's random seed."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on GPU; full precision on CPU, where bf16 is slower and only adds rounding."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside DDP and torch.compile wrappers (its state_dict has no wrapper prefixes)."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        elif hasattr(model, "module"):  # DistributedDataParallel
-            model = model.module
-        else:
-            return model
-
-
-def fused_optimizer_kwargs(opt: str, device: torch.device, enabled: bool) -> dict:
-    """``{"fused": True}`` for timm's ``create_optimizer_v2`` when asked for, on a GPU, and the optimizer class
-    has a fused kernel (torch's SGD / Adam / AdamW): one kernel per step for all parameters instead of several
-    per tensor, the same update up to float rounding. ``{}`` otherwise (the default multi-tensor path)."""
-    if not enabled or device.type != "cuda":
-        return {}
-    opt_class = get_optimizer_class(opt.lower().split("_")[-1], bind_defaults=False)  # as create_optimizer_v2 parses
-    return {"fused": True} if "fused" in inspect.signature(opt_class).parameters else {}
 
 
 def restore(resume_from: Optional[str]) -> Optional[dict]:

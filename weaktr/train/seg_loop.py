@@ -34,9 +34,9 @@ from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import sliding_window_logits
 from weaktr.models.segmenter import Segmenter
 from weaktr.ops import gradient_clipping_loss
+from weaktr.runtime import autocast, fused_optimizer_kwargs, seed_rngs, unwrap
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, autocast, check_failures_across_ranks, fused_optimizer_kwargs, make_trainer,
-    quiet_ray_console, report, restore, seed_rngs, unwrap,
+    all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report, restore,
 )
 
 
@@ -130,7 +130,7 @@ def make_train_loader(shards: list[str], cfg: Config, *, epoch: int, steps: int,
         target="pseudo",
     )
     return make_loader(
-        shards, transform=to_example, batch_size=st.batch_size, rank=rank, world_size=world_size, epoch=epoch,
+        shards, transform=to_example, batch_size=st.worker_batch_size, rank=rank, world_size=world_size, epoch=epoch,
         seed=cfg.run.seed, num_workers=cfg.data.loader_workers, steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
         label_maps=(to_example.target,),
     )
@@ -174,7 +174,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             f"{val_manifest.classes} ({cfg.data.root})"
         )
     train_shards = manifest.shard_paths(cfg.data.train_split)
-    steps = steps_per_epoch(manifest.split(cfg.data.train_split).num_samples, world_size, st.batch_size)
+    steps = steps_per_epoch(manifest.split(cfg.data.train_split).num_samples, world_size, st.worker_batch_size)
 
     model = build_model(cfg, manifest.num_classes).to(device)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
@@ -201,7 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if evaluated:
             val_miou = evaluate_miou(unwrap(model), val_manifest, cfg, rank, world_size, device).miou()
         # Means over all ranks' steps (every rank runs `steps` steps).
-        totals = all_reduce_sum([*sums, steps * st.batch_size], device)
+        totals = all_reduce_sum([*sums, steps * st.worker_batch_size], device)
         metrics = {
             "epoch": epoch,
             "loss": totals[0] / (steps * world_size),
