@@ -32,7 +32,7 @@ def _random_batch(seed: int = 0):
 
 def test_plain_loss_is_mean_cross_entropy_and_clips_nothing(tmp_path, dataset):
     cfg = tiny_config(tmp_path, dataset[0])
-    cfg.seg_train.clip = False
+    cfg.seg_train.clip, cfg.seg_train.count_ignored_pixels = False, False
     logits, target = _random_batch()
     loss, stats = pixel_losses(logits, target, cfg)
     assert loss.item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item(), rel=1e-6)
@@ -43,6 +43,7 @@ def test_plain_loss_is_mean_cross_entropy_and_clips_nothing(tmp_path, dataset):
 def test_clipped_loss_matches_ops_and_reports_clipped_share(tmp_path, dataset):
     cfg = tiny_config(tmp_path, dataset[0])
     cfg.seg_train.clip, cfg.seg_train.clip_start_value, cfg.seg_train.clip_patch_size = True, 10.0, 16
+    cfg.seg_train.count_ignored_pixels = False  # statistics over labelled pixels only
     logits, target = _random_batch()
     loss, stats = pixel_losses(logits, target, cfg)
 
@@ -61,13 +62,39 @@ def test_clipped_loss_matches_ops_and_reports_clipped_share(tmp_path, dataset):
     assert (pixel_grad[(clipped == pixel) & valid] > 0).all()
 
 
+def test_official_statistics_count_ignored_pixels_as_zero_loss(tmp_path, dataset):
+    """count_ignored_pixels (the default, the official decoder.GradientClipping + engine.py): mu, the region means
+    and the final mean run over every pixel, ignored ones with loss 0. Written out here region by region."""
+    cfg = tiny_config(tmp_path, dataset[0])
+    cfg.seg_train.clip, cfg.seg_train.clip_start_value, cfg.seg_train.clip_patch_size = True, 10.0, 16
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 64, 48, generator=g)
+    target = torch.randint(0, 4, (2, 64, 48), generator=g)
+    target[:, :20] = 255  # a padded band, as on crops of small images
+    loss, _ = pixel_losses(logits, target, cfg)
+
+    pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none")  # [2, 64, 48], 0 where ignored
+    mu = pixel.mean()
+    batch_mean = pixel.mean(0)  # [64, 48]
+    out = pixel.clone()
+    for top in range(0, 64, 16):
+        for left in range(0, 48, 16):
+            tau = torch.maximum(batch_mean[top : top + 16, left : left + 16].mean(), mu)
+            out[:, top : top + 16, left : left + 16] = torch.minimum(pixel[:, top : top + 16, left : left + 16], tau)
+    assert loss.item() == pytest.approx(out.mean().item(), rel=1e-5)
+    cfg.seg_train.count_ignored_pixels = False  # over labelled pixels: a different (larger) figure here
+    assert pixel_losses(logits, target, cfg)[0].item() > loss.item() * 1.2
+
+
 def test_warm_up_clips_nothing_while_loss_is_high(tmp_path, dataset):
     cfg = tiny_config(tmp_path, dataset[0])
     cfg.seg_train.clip, cfg.seg_train.clip_start_value = True, 0.01  # random logits: mean CE ~1.9 > 0.01
     logits, target = _random_batch()
     loss, stats = pixel_losses(logits, target, cfg)
     assert stats["clipped_fraction"] == 0
-    assert loss.item() == pytest.approx(stats["ce"], rel=1e-6)
+    # The plain mean over every pixel, ignored ones as 0 (count_ignored_pixels, the default).
+    plain = F.cross_entropy(logits, target, ignore_index=255, reduction="none").mean()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
 def test_refuses_a_dataset_without_pseudo_labels(tmp_path):

@@ -92,6 +92,28 @@ def test_param_groups_cover_every_parameter_once(model):
         assert id(names[name]) in no_decay, name
     for name in ["decoder.proj_patch", "decoder.proj_dec.weight", "encoder.blocks.0.attn.qkv.weight"]:
         assert id(names[name]) not in no_decay, name
+    # The official encoder trains at 0.1x the decoder's lr: the groups carry it for timm's schedulers.
+    scaled = model.param_groups(weight_decay=0.05, encoder_lr_scale=0.1)
+    scale_of = {id(p): g["lr_scale"] for g in scaled for p in g["params"]}
+    assert all(scale_of[id(p)] == (0.1 if n.startswith("encoder.") else 1.0) for n, p in names.items())
+
+
+def test_encoder_lr_follows_the_official_poly_schedule(tmp_path):
+    """seg_loop.make_optimizer: decoder lr (lr - min_lr)(1 - t/T)^0.9 + min_lr, the encoder 0.1x of it."""
+    from seg_helpers import tiny_config
+
+    from weaktr.train.seg_loop import make_optimizer
+
+    cfg = tiny_config(tmp_path, tmp_path)
+    cfg.seg_train.opt, cfg.seg_train.lr, cfg.seg_train.min_lr, cfg.seg_train.epochs = "sgd", 1e-2, 1e-4, 1
+    model = tiny_segmenter()
+    optimizer, scheduler = make_optimizer(model, cfg, steps=10)
+    for step in (0, 4, 9):
+        scheduler.step_update(step)
+        decoder_lr = (1e-2 - 1e-4) * (1 - step / 10) ** 0.9 + 1e-4
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(decoder_lr * group["lr_scale"]), step
+    assert sorted({g["lr_scale"] for g in optimizer.param_groups}) == [0.1, 1.0]
 
 
 # Dense inference ------------------------------------------------------------------------------------------------

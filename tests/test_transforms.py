@@ -13,6 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from weaktr.data.shards import Sample
 from weaktr.data.transforms import (
     IGNORE_INDEX,
+    MEAN_COLOUR,
     CamExample,
     SegExample,
     SegTrainTransform,
@@ -23,6 +24,7 @@ from weaktr.data.transforms import (
     normalize_batch,
     multi_hot,
     normalize_image,
+    photometric_distortion,
     seg_eval_transform,
 )
 
@@ -103,7 +105,8 @@ def test_seg_train_transform_pads_small_images():
     assert out_image.shape == (3, 64, 64)
     assert (out_mask[20:, :] == IGNORE_INDEX).all() and (out_mask[:, 24:] == IGNORE_INDEX).all()
     assert (out_mask[:20, :24] != IGNORE_INDEX).all()
-    assert (out_image[:, 20:, 24:] == 0).all()  # image padding is black
+    # Image padding is the mean colour (mmseg pads the normalized image with 0).
+    assert (out_image[:, 20:, 24:] == torch.tensor(MEAN_COLOUR).view(3, 1, 1)).all()
 
 
 def test_seg_train_transform_base_size_sets_the_short_side():
@@ -149,7 +152,8 @@ def test_rand_augment_at_full_magnitude_survives_current_pillow():
 
 
 def _seg_train_reference(transform: SegTrainTransform, image: np.ndarray, mask: np.ndarray):
-    """The transform written directly: rescale the whole image, pad, crop, flip (same random draws)."""
+    """The mmseg pipeline written directly: rescale the whole image, crop (the whole of a smaller image), flip,
+    pad bottom/right with the mean colour and 255 (same random draws)."""
     height, width = mask.shape
     scale = random.uniform(*transform.scale_range)
     if transform.base_size is not None:
@@ -157,15 +161,16 @@ def _seg_train_reference(transform: SegTrainTransform, image: np.ndarray, mask: 
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
     mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-    pad_h, pad_w = max(0, transform.crop_h - size[1]), max(0, transform.crop_w - size[0])
-    image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
-    mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
-    top = random.randint(0, image.shape[0] - transform.crop_h)
-    left = random.randint(0, image.shape[1] - transform.crop_w)
+    top = random.randint(0, max(image.shape[0] - transform.crop_h, 0))
+    left = random.randint(0, max(image.shape[1] - transform.crop_w, 0))
     image = image[top : top + transform.crop_h, left : left + transform.crop_w]
     mask = mask[top : top + transform.crop_h, left : left + transform.crop_w]
     if random.random() < transform.hflip_prob:
         image, mask = image[:, ::-1], mask[:, ::-1]
+    pad_h, pad_w = transform.crop_h - image.shape[0], transform.crop_w - image.shape[1]
+    image = np.stack([np.pad(image[..., c], ((0, pad_h), (0, pad_w)), constant_values=MEAN_COLOUR[c])
+                      for c in range(3)], axis=-1)
+    mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
     return image, mask
 
 
@@ -188,6 +193,34 @@ def test_seg_train_transform_equals_rescale_then_crop(base_size, scale_range):
         # PIL's fixed-point resampling may round pixels differently for a box than for the whole image.
         diff = np.abs(out_image.permute(1, 2, 0).numpy().astype(int) - ref_image.astype(int))
         assert diff.max() <= 1
+
+
+def test_seg_train_crop_retries_while_one_class_dominates():
+    # A 100 x 100 mask, class 1 on the left 70 columns, class 2 on the right 30; 50-px-wide crops. A crop is
+    # "balanced" (no class >= 75 % of it) for about a third of the offsets; mmseg redraws up to 10 times.
+    mask = np.ones((100, 100), dtype=np.uint8)
+    mask[:, 70:] = 2
+    image = np.zeros((100, 100, 3), dtype=np.uint8)
+
+    def balanced_share(transform) -> float:
+        random.seed(0)
+        shares = [float((transform(image, mask)[1] == 2).float().mean()) for _ in range(200)]
+        return float(np.mean([0.25 < share < 0.75 for share in shares]))
+
+    common = dict(crop_size=(100, 50), scale_range=(1.0, 1.0), hflip_prob=0.0)
+    assert balanced_share(SegTrainTransform(**common)) < 0.5
+    assert balanced_share(SegTrainTransform(**common, cat_max_ratio=0.75)) > 0.9
+
+
+def test_photometric_distortion_changes_colours_not_geometry():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    random.seed(3)
+    outputs = [photometric_distortion(image) for _ in range(20)]
+    assert all(out.shape == image.shape and out.dtype == np.uint8 for out in outputs)
+    assert sum(not np.array_equal(out, image) for out in outputs) >= 15  # 1 - 1/32 of draws change something
+    means = [out.mean() - image.mean() for out in outputs]
+    assert min(means) < -3 and max(means) > 3  # both darker and brighter images
 
 
 def test_batch_random_erasing_erases_normalized_images_independently():

@@ -195,7 +195,9 @@ class SegTrainConfig:
     epochs: int = 100
     batch_size: int = 4  # global: split evenly over num_workers (the official world batch size)
     opt: str = "sgd"  # or "adamw"
-    lr: float = 1e-4
+    lr: float = 1e-4  # the decoder's; poly decay to min_lr (official segm/train.py)
+    min_lr: float = 1e-5
+    encoder_lr_scale: float = 0.1  # the encoder trains at this x the decoder's lr (official --enc-lr 0.1)
     momentum: float = 0.9
     weight_decay: float = 0.0
     poly_power: float = 0.9
@@ -203,9 +205,14 @@ class SegTrainConfig:
     crop_size: int = 480
     scale_min: float = 0.5
     scale_max: float = 2.0
+    cat_max_ratio: float = 0.75  # crops redrawn (up to 10x) while one class fills this share (mmseg RandomCrop)
+    photometric: bool = True  # mmseg's PhotoMetricDistortion
     clip: bool = True  # the gradient-clipping loss; False trains on plain cross-entropy
     clip_start_value: float = 1.2
     clip_patch_size: int = 120
+    # Ignored (255) pixels count as loss 0 in the clipping statistics and the loss mean, as in the official
+    # decoder.GradientClipping + engine.py; False: statistics and mean over labelled pixels only.
+    count_ignored_pixels: bool = True
     eval_every: int = 1  # epochs between validation mIoU runs
     num_workers: int = 2
     use_gpu: bool = False

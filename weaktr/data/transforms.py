@@ -1,8 +1,9 @@
 """Image transforms for both phases; the one place that knows the ImageNet mean/std.
 
 Phase 1 (classification) wraps timm's DeiT-style ``create_transform``. Phase 2 (segmentation)
-transforms image and mask together: random rescale, crop (padding the image with 0 and the mask
-with 255, i.e. ignored), flip. Both training transforms stop at uint8; the loops normalize whole
+transforms image and mask together as the official Segmenter pipeline (mmseg) does: random rescale, crop (retried
+while one class fills more than ``cat_max_ratio`` of it), flip, photometric distortion, padding the image with the
+mean colour and the mask with 255 (ignored). Both training transforms stop at uint8; the loops normalize whole
 batches on their device (:func:`normalize_batch`). Evaluation and inference normalize per image
 (:func:`normalize_image`, :func:`cam_eval_transform`).
 """
@@ -22,6 +23,8 @@ from timm.data.random_erasing import RandomErasing
 from weaktr.data.shards import Sample
 
 IGNORE_INDEX = 255
+# mmseg pads after normalizing, with 0: the mean colour in pixels.
+MEAN_COLOUR = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN)  # (124, 116, 104)
 _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
@@ -147,13 +150,14 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 class SegTrainTransform:
-    """Joint image + mask augmentation for phase 2.
+    """Joint image + mask augmentation for phase 2 (the official Segmenter's mmseg pipeline, `pascal_voc.py`).
 
-    Random rescale by ``s ~ U(scale_range)`` (of ``base_size`` for the short side when given,
-    else of the image itself), pad to at least ``crop_size`` (image 0, mask 255), random crop,
-    horizontal flip. Returns (image uint8 [3, h, w], mask int64 [h, w]); the loop normalizes whole batches on
-    its device (:func:`normalize_batch`).
-    Randomness comes from Python's ``random`` (seeded per DataLoader worker by PyTorch).
+    Random rescale by ``s ~ U(scale_range)`` (of ``base_size`` for the short side when given, else of the image
+    itself); a random ``crop_size`` window, redrawn up to 10 times while one class covers ``cat_max_ratio`` or more
+    of its labelled pixels (mmseg ``RandomCrop``; 1.0: never); horizontal flip; with ``photometric``, mmseg's
+    ``PhotoMetricDistortion`` on the image; padding (bottom/right) to the crop size with the mean colour (mask
+    255). Returns (image uint8 [3, h, w], mask int64 [h, w]); the loop normalizes whole batches on its device
+    (:func:`normalize_batch`). Randomness comes from Python's ``random`` (seeded per DataLoader worker by PyTorch).
     """
 
     def __init__(
@@ -162,6 +166,8 @@ class SegTrainTransform:
         scale_range: tuple[float, float] = (0.5, 2.0),
         base_size: Optional[int] = None,
         hflip_prob: float = 0.5,
+        cat_max_ratio: float = 1.0,
+        photometric: bool = False,
     ):
         self.crop_h, self.crop_w = _pair(crop_size)
         if not 0 < scale_range[0] <= scale_range[1]:
@@ -169,6 +175,8 @@ class SegTrainTransform:
         self.scale_range = scale_range
         self.base_size = base_size
         self.hflip_prob = hflip_prob
+        self.cat_max_ratio = cat_max_ratio
+        self.photometric = photometric
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = np.asarray(image, dtype=np.uint8), np.asarray(mask, dtype=np.uint8)
@@ -179,22 +187,69 @@ class SegTrainTransform:
         if self.base_size is not None:
             scale *= self.base_size / min(height, width)
         size_w, size_h = max(1, round(width * scale)), max(1, round(height * scale))  # the rescaled image
-        # Crop window in the rescaled image padded (bottom/right) to at least the crop size.
-        top = random.randint(0, max(size_h, self.crop_h) - self.crop_h)
-        left = random.randint(0, max(size_w, self.crop_w) - self.crop_w)
-        # Rescale only what the window shows of the image (PIL's resize box): the same pixels as rescaling
-        # the whole image and cropping, without rescaling up to 4x the crop's area for nothing.
-        shown_h, shown_w = min(size_h, top + self.crop_h) - top, min(size_w, left + self.crop_w) - left
         step_y, step_x = height / size_h, width / size_w  # source pixels per rescaled pixel
-        box = (left * step_x, top * step_y, (left + shown_w) * step_x, (top + shown_h) * step_y)
-        out_image = np.zeros((self.crop_h, self.crop_w, 3), dtype=np.uint8)  # padding: 0 / ignored
+        for _ in range(10 if self.cat_max_ratio < 1 else 1):
+            # Crop window in the rescaled image padded (bottom/right) to at least the crop size.
+            top = random.randint(0, max(size_h, self.crop_h) - self.crop_h)
+            left = random.randint(0, max(size_w, self.crop_w) - self.crop_w)
+            # Rescale only what the window shows of the image (PIL's resize box): the same pixels as rescaling
+            # the whole image and cropping, without rescaling up to 4x the crop's area for nothing.
+            shown_h, shown_w = min(size_h, top + self.crop_h) - top, min(size_w, left + self.crop_w) - left
+            box = (left * step_x, top * step_y, (left + shown_w) * step_x, (top + shown_h) * step_y)
+            shown_mask = np.asarray(Image.fromarray(mask).resize((shown_w, shown_h), Image.NEAREST, box=box))
+            if self.cat_max_ratio >= 1 or _dominant_share(shown_mask) < self.cat_max_ratio:
+                break
+        shown_image = np.asarray(Image.fromarray(image).resize((shown_w, shown_h), Image.BILINEAR, box=box))
+        if random.random() < self.hflip_prob:  # the crop's shown part; the padding stays at the bottom/right
+            shown_image, shown_mask = shown_image[:, ::-1], shown_mask[:, ::-1]
+        if self.photometric:
+            shown_image = photometric_distortion(shown_image)
+        out_image = np.empty((self.crop_h, self.crop_w, 3), dtype=np.uint8)
+        out_image[:] = MEAN_COLOUR
         out_mask = np.full((self.crop_h, self.crop_w), IGNORE_INDEX, dtype=np.uint8)
-        out_image[:shown_h, :shown_w] = Image.fromarray(image).resize((shown_w, shown_h), Image.BILINEAR, box=box)
-        out_mask[:shown_h, :shown_w] = Image.fromarray(mask).resize((shown_w, shown_h), Image.NEAREST, box=box)
-        if random.random() < self.hflip_prob:
-            out_image, out_mask = out_image[:, ::-1], out_mask[:, ::-1]
+        out_image[:shown_h, :shown_w] = shown_image
+        out_mask[:shown_h, :shown_w] = shown_mask
         image_chw = torch.from_numpy(np.ascontiguousarray(out_image.transpose(2, 0, 1)))  # uint8 [3, h, w]
         return image_chw, torch.from_numpy(out_mask.astype(np.int64))  # [h, w]
+
+
+def _dominant_share(mask: np.ndarray) -> float:
+    """Share of the labelled (non-255) pixels taken by the commonest class; 1.0 with fewer than two classes
+    (mmseg ``RandomCrop`` keeps a crop only when ``len(cnt) > 1 and max(cnt) / sum(cnt) < cat_max_ratio``)."""
+    counts = np.bincount(mask.reshape(-1), minlength=256)[:IGNORE_INDEX]
+    counts = counts[counts > 0]
+    return float(counts.max() / counts.sum()) if counts.size > 1 else 1.0
+
+
+def photometric_distortion(
+    image: np.ndarray, brightness_delta: int = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
+    saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18,
+) -> np.ndarray:
+    """mmseg's ``PhotoMetricDistortion`` on a uint8 [H, W, 3] image: each step with probability 1/2 -- brightness
+    + U(-32, 32); contrast x U(0.5, 1.5) (before or after the colour steps, at random); saturation x U(0.5, 1.5);
+    hue + randint(-18, 18) in OpenCV's 180-step hue circle. Every step clips to [0, 255] and rounds down to uint8,
+    as mmseg does. Hue and saturation go through PIL's HSV (hue in 256 steps; the shift is scaled to it)."""
+
+    def convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    if random.randint(0, 1):
+        image = convert(image, beta=random.uniform(-brightness_delta, brightness_delta))
+    contrast_first = random.randint(0, 1)  # mmseg's `mode`
+    if contrast_first and random.randint(0, 1):
+        image = convert(image, alpha=random.uniform(*contrast_range))
+    if random.randint(0, 1):
+        hsv = np.array(Image.fromarray(image).convert("HSV"))
+        hsv[..., 1] = convert(hsv[..., 1], alpha=random.uniform(*saturation_range))
+        image = np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+    if random.randint(0, 1):
+        hsv = np.array(Image.fromarray(image).convert("HSV"))
+        shift = round(random.randint(-hue_delta, hue_delta) * 256 / 180)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int32) + shift) % 256
+        image = np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+    if not contrast_first and random.randint(0, 1):
+        image = convert(image, alpha=random.uniform(*contrast_range))
+    return image
 
 
 def seg_eval_transform(image: np.ndarray, mask: Optional[np.ndarray] = None):

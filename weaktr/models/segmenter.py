@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block
-from timm.optim import param_groups_weight_decay
 from torch import Tensor
 
 from weaktr.models.vit import create_backbone
@@ -164,9 +163,23 @@ class Segmenter(nn.Module):
         names |= {f"decoder.{name}" for name in self.decoder.no_weight_decay()}
         return names & dict(self.named_parameters()).keys()  # timm lists tokens this backbone may not have
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups as timm builds them: no decay for biases, norms and no_weight_decay()."""
-        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self.no_weight_decay())
+    def param_groups(self, weight_decay: float, encoder_lr_scale: float = 1.0) -> list[dict]:
+        """Optimizer parameter groups: timm's weight-decay rule (none for biases, 1-d weights and
+        ``no_weight_decay()``), and ``lr_scale`` = ``encoder_lr_scale`` on the encoder's groups (timm's schedulers
+        multiply it into the scheduled lr, as the official Segmenter's engine.py does)."""
+        skip = self.no_weight_decay()
+        groups: dict[tuple[bool, bool], dict] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = param.ndim > 1 and not name.endswith(".bias") and name not in skip
+            in_encoder = name.startswith("encoder.")
+            group = groups.setdefault((in_encoder, decay), {
+                "params": [], "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": encoder_lr_scale if in_encoder else 1.0,
+            })
+            group["params"].append(param)
+        return list(groups.values())
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3:

@@ -73,25 +73,27 @@ def require_pseudo_labels(manifest: Manifest, split: str) -> None:
 def pixel_losses(logits: torch.Tensor, target: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, dict]:
     """The training loss and its statistics for logits [B, K, H, W] and pseudo-labels [B, H, W] (255 ignored).
 
-    loss = sum(l') / num_valid, l' the gradient-clipped per-pixel cross-entropy (or the plain one without
-    clipping). Statistics (floats, synchronizing): "ce" = plain mean cross-entropy, "clipped_fraction" = share
-    of valid pixels whose loss was clipped.
+    loss = mean of l', l' the gradient-clipped per-pixel cross-entropy (or the plain one without clipping). With
+    ``seg_train.count_ignored_pixels`` (the official code) ignored pixels take part as loss 0 in the clipping
+    statistics and the mean; otherwise both are over labelled pixels only. Statistics (floats, synchronizing):
+    "ce" = plain mean cross-entropy over labelled pixels, "clipped_fraction" = share of labelled pixels clipped.
     """
+    st = cfg.seg_train
     pixel_loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")  # [B, H, W]
-    valid = target != IGNORE_INDEX  # [B, H, W]
-    num_valid = valid.sum().clamp(min=1)
-    if cfg.seg_train.clip:
-        loss_map = gradient_clipping_loss(
-            pixel_loss, valid, cfg.seg_train.clip_start_value, cfg.seg_train.clip_patch_size
-        )  # [B, H, W], zero where invalid
+    labelled = target != IGNORE_INDEX  # [B, H, W]
+    num_labelled = labelled.sum().clamp(min=1)
+    # cross_entropy gives 0 at ignored pixels: counting them is treating every pixel as valid.
+    counted = torch.ones_like(labelled) if st.count_ignored_pixels else labelled
+    if st.clip:
+        loss_map = gradient_clipping_loss(pixel_loss, counted, st.clip_start_value, st.clip_patch_size)  # [B, H, W]
     else:
-        loss_map = torch.where(valid, pixel_loss, pixel_loss.new_zeros(()))
-    clipped = (loss_map.detach() < pixel_loss.detach()) & valid  # [B, H, W]
+        loss_map = torch.where(counted, pixel_loss, pixel_loss.new_zeros(()))
+    clipped = (loss_map.detach() < pixel_loss.detach()) & labelled  # [B, H, W]
     stats = {
-        "ce": (pixel_loss.detach().sum() / num_valid).item(),
-        "clipped_fraction": (clipped.sum() / num_valid).item(),
+        "ce": (pixel_loss.detach().sum() / num_labelled).item(),
+        "clipped_fraction": (clipped.sum() / num_labelled).item(),
     }
-    return loss_map.sum() / num_valid, stats
+    return loss_map.sum() / counted.sum().clamp(min=1), stats
 
 
 def resume(state: dict, model: Segmenter, optimizer, classes: list[str]) -> int:
@@ -109,15 +111,20 @@ def resume(state: dict, model: Segmenter, optimizer, classes: list[str]) -> int:
 
 
 def make_optimizer(model: Segmenter, cfg: Config, steps: int):
-    """timm's optimizer for ``seg_train.opt`` (SGD or AdamW; no weight decay on norms, biases, tokens; fused
-    kernels on GPU with ``seg_train.fused_optimizer``) and the polynomial decay over the whole run, stepped every
-    iteration (``step_update``), as in Segmenter. ``model`` is already on its device."""
+    """timm's optimizer for ``seg_train.opt`` (SGD or AdamW; no weight decay on norms, biases, tokens; the encoder's
+    groups at ``encoder_lr_scale`` x the lr; fused kernels on GPU with ``seg_train.fused_optimizer``) and the
+    polynomial decay from ``lr`` to ``min_lr`` over the whole run, stepped every iteration (``step_update``), as in
+    the official Segmenter (timm's scheduler multiplies each group's ``lr_scale`` into the scheduled lr, as its
+    engine.py does). ``model`` is already on its device."""
     st = cfg.seg_train
     fused = fused_optimizer_kwargs(st.opt, next(model.parameters()).device, st.fused_optimizer)
     optimizer = create_optimizer_v2(
-        model, opt=st.opt, lr=st.lr, weight_decay=st.weight_decay, momentum=st.momentum, **fused
+        model.param_groups(st.weight_decay, encoder_lr_scale=st.encoder_lr_scale), opt=st.opt, lr=st.lr,
+        weight_decay=st.weight_decay, momentum=st.momentum, **fused,
     )
-    scheduler = PolyLRScheduler(optimizer, t_initial=st.epochs * steps, power=st.poly_power, t_in_epochs=False)
+    scheduler = PolyLRScheduler(
+        optimizer, t_initial=st.epochs * steps, power=st.poly_power, lr_min=st.min_lr, t_in_epochs=False
+    )
     return optimizer, scheduler
 
 
@@ -126,7 +133,10 @@ def make_train_loader(shards: list[str], cfg: Config, *, epoch: int, steps: int,
     each sample's pseudo-label (random rescale around ``base_size``, crop, flip; padding is 255)."""
     st = cfg.seg_train
     to_example = SegExample(
-        SegTrainTransform(st.crop_size, scale_range=(st.scale_min, st.scale_max), base_size=st.base_size),
+        SegTrainTransform(
+            st.crop_size, scale_range=(st.scale_min, st.scale_max), base_size=st.base_size,
+            cat_max_ratio=st.cat_max_ratio, photometric=st.photometric,
+        ),
         target="pseudo",
     )
     return make_loader(
