@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from weaktr.crf import CRFParams, crf_refine_labels, crf_refine_probs
+from weaktr.crf import CRFParams, crf_refine_labels, crf_refine_prediction, crf_refine_probs
 
 H, W = 64, 72
 CLASS = 6  # the foreground class index of the right-hand region: dataset id 7
@@ -101,3 +101,19 @@ def test_softmax_crf_shape_normalization_and_repair():
     assert refined_acc > noisy_acc + 0.5 * (1 - noisy_acc)
     with pytest.raises(ValueError, match=r"\[K, H, W\]"):
         crf_refine_probs(image, probs[0])
+
+
+def test_official_phase2_crf_chooses_among_the_predicted_classes_only():
+    image, true, noisy = two_region_scene(3)
+    # Five labels: 0 and 2 win pixels; 1, 3 and 4 never do, but 4 is a close second everywhere, so a CRF over all
+    # five labels would hand it pixels (it smooths towards any label with probability mass).
+    compact = np.where(noisy == 0, 0, 2)
+    probs = np.full((5, H, W), 0.05, np.float32)
+    probs[4] = 0.35
+    np.put_along_axis(probs, compact[None], 0.55, axis=0)
+    refined = crf_refine_prediction(image, probs)
+    assert refined.dtype == np.uint8 and set(np.unique(refined)) <= {0, 2}
+    expected = np.array([0, 2])[crf_refine_probs(image, probs[[0, 2]]).argmax(0)]
+    np.testing.assert_array_equal(refined, expected)
+    truth = np.where(true == 0, 0, 2)
+    assert np.mean(refined == truth) > np.mean(compact == truth)

@@ -178,6 +178,50 @@ def test_flip_averaging_makes_the_prediction_flip_equivariant(model):
     assert not torch.allclose(predict_probs(model, image, flip=False, window=64, stride=64), probs)
 
 
+def _official_probs(model, image, scales, short_side, window, stride, weight=None):
+    """The official segm/eval protocol step by step: per scale, short side short_side x r, upsample to the window
+    if smaller, image + mirror through the sliding window, logits resized to the original size, flipped back, then
+    softmax; averaged over scales and flips (weight: 0.8 x first-block softmax + final softmax, normalized)."""
+    H, W = image.shape[-2:]
+    total = 0
+    for r in scales:
+        k = short_side * r / min(H, W)
+        h, w = round(H * k), round(W * k)
+        if min(h, w) < window:
+            h, w = int(h * window / min(h, w)), int(w * window / min(h, w))
+        x = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)
+        for flipped in (False, True):
+            view = x.flip(-1) if flipped else x
+            call = (lambda t: model(t, both=True)) if weight is not None else model
+            logits = F.interpolate(sliding_window_logits(call, view, window, stride), size=(H, W), mode="bilinear")
+            logits = logits.flip(-1) if flipped else logits
+            if weight is None:
+                total = total + logits[0].softmax(0)
+            else:
+                first, final = logits[0].chunk(2)
+                total = total + (weight * first.softmax(0) + final.softmax(0)) / (1 + weight)
+    return total / (2 * len(scales))
+
+
+@pytest.mark.parametrize("weight", [None, 0.8])
+def test_predict_probs_follows_the_official_evaluation_protocol(model, weight):
+    image = torch.randn(3, 50, 75)  # short side 50: scale 0.5 of short_side 96 is below the 64 window
+    probs = predict_probs(model, image, scales=(0.5, 1.0, 1.5), flip=True, window=64, stride=48, short_side=96,
+                          ensemble_weight=weight)
+    expected = _official_probs(model, image, (0.5, 1.0, 1.5), 96, 64, 48, weight)
+    assert probs.shape == (NUM_CLASSES, 50, 75)
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs.sum(0), torch.ones(50, 75))
+
+
+def test_both_returns_the_first_blocks_masks_and_the_final_ones(model):
+    x = torch.randn(2, 3, 64, 48)
+    both = model(x, both=True)
+    assert both.shape == (2, 2 * NUM_CLASSES, 64, 48)
+    torch.testing.assert_close(both[:, NUM_CLASSES:], model(x))
+    assert not torch.allclose(both[:, :NUM_CLASSES], both[:, NUM_CLASSES:])
+
+
 # Learning -------------------------------------------------------------------------------------------------------
 
 

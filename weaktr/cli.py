@@ -73,9 +73,9 @@ def predict_command(args: argparse.Namespace) -> int:
     import torch
 
     from weaktr.checkpoint import CheckpointMismatch
-    from weaktr.crf import CRFParams
+    from weaktr.config import EvalConfig, from_dict
     from weaktr.data.voc import save_palette_png, voc_palette
-    from weaktr.evaluate import load_segmenter, predict_labels
+    from weaktr.evaluate import crf_params, inference_kwargs, load_segmenter, predict_labels
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -98,7 +98,11 @@ def predict_command(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     palette = voc_palette()
-    crf = CRFParams() if args.crf else None
+    # The checkpoint's own evaluation settings (short side, ensemble, CRF kernels), with the command line's
+    # scales, flip and window on top.
+    eval_cfg = from_dict(ckpt.get("config", {}).get("eval", {}), EvalConfig, "eval.")
+    eval_cfg.scales, eval_cfg.flip, eval_cfg.window, eval_cfg.stride = args.scales, not args.no_flip, args.window, args.stride
+    crf = crf_params(eval_cfg.crf_params) if args.crf else None
     unreadable = 0
     for path, stem in images:
         try:
@@ -107,10 +111,7 @@ def predict_command(args: argparse.Namespace) -> int:
             print(f"skipped {path}: cannot read image ({err})", file=sys.stderr)
             unreadable += 1
             continue
-        labels = predict_labels(
-            model, image, scales=args.scales, flip=not args.no_flip, window=args.window, stride=args.stride,
-            crf=crf, amp=True,
-        )  # [H, W] dataset ids
+        labels = predict_labels(model, image, crf=crf, amp=True, **inference_kwargs(eval_cfg))  # [H, W] dataset ids
         (out / stem).parent.mkdir(parents=True, exist_ok=True)
         mask_path = out / f"{stem}.png"
         save_palette_png(mask_path, labels)
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-flip", action="store_true", help="no horizontal-flip averaging")
     predict.add_argument("--window", type=int, default=480, help="sliding-window size (multiple of 16)")
     predict.add_argument("--stride", type=int, default=320, help="sliding-window stride")
-    predict.add_argument("--crf", action="store_true", help="refine with a dense CRF (softmax unary)")
+    predict.add_argument("--crf", action="store_true", help="refine with the official dense CRF (over the predicted classes)")
     predict.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     predict.set_defaults(func=predict_command)
 

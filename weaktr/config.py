@@ -237,10 +237,13 @@ class EvalConfig:
     split: str = "val"
     window: int = 480
     stride: int = 320
+    short_side: Optional[int] = None  # each image resized to this short side x scale (official 520); None: as is
+    upsample_small: bool = True  # images smaller than the window upsampled to it (official), else zero-padded
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
-    crf: bool = False  # dense CRF with the softmax unary
-    crf_params: CrfConfig = field(default_factory=CrfConfig)
+    ensemble_weight: Optional[float] = None  # w x (masks before the decoder's last block) + final (official 0.8)
+    crf: bool = False  # dense CRF over the predicted classes' probabilities (official segm/eval/make_crf.py)
+    crf_params: CrfConfig = field(default_factory=lambda: CrfConfig(gaussian_sxy=3.0))  # official phase-2 VOC
     actors: int = 2
     gpus_per_actor: float = 0.0
     out_dir: Optional[str] = None  # where to write the report; None: beside the checkpoint

@@ -3,7 +3,8 @@
 Two uses:
 - phase 1 pseudo-labels: `crf_refine_labels` refines the CAM label map with a label unary over background +
   the image's present classes only;
-- phase 2 evaluation: `crf_refine_probs` refines the segmenter's softmax with a softmax unary.
+- phase 2 evaluation: `crf_refine_probs` refines the segmenter's softmax with a softmax unary;
+  `crf_refine_prediction` does so over the classes the prediction contains, as the official evaluation does.
 
 Pure numpy, CPU only (pydensecrf is single-threaded C++): the pseudo-label pipeline runs it in a CPU actor pool.
 """
@@ -127,3 +128,16 @@ def crf_refine_probs(image, probs, params: CRFParams = CRFParams()) -> np.ndarra
 
     unary = unary_from_softmax(probs)  # [K, H*W] float32, -log(clip(p))
     return _mean_field(image, unary, params).reshape(num_labels, height, width)
+
+
+def crf_refine_prediction(image, probs, params: CRFParams = CRFParams()) -> np.ndarray:
+    """The official phase-2 CRF (``segm/eval/make_crf.py``): dataset ids uint8 [H, W] from probs float [K, H, W].
+
+    Only the classes that win some pixel of ``probs.argmax(0)`` take part: their probability rows are the
+    softmax unary of the CRF, and each pixel gets the class of its largest posterior among them."""
+    probs = np.asarray(probs)
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be [K, H, W], got shape {probs.shape}")
+    present = np.unique(probs.argmax(0))  # [P] dataset ids, sorted
+    posterior = crf_refine_probs(image, probs[present], params)  # [P, H, W]
+    return present[posterior.argmax(0)].astype(np.uint8)

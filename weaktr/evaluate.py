@@ -24,7 +24,7 @@ import torch
 
 from weaktr.checkpoint import CheckpointMismatch, check_compatible, load_checkpoint
 from weaktr.config import Config, CrfConfig, EvalConfig, from_dict, to_dict
-from weaktr.crf import CRFParams, crf_refine_probs
+from weaktr.crf import CRFParams, crf_refine_prediction
 from weaktr.data.shards import DataError, Manifest, Sample, iter_samples
 from weaktr.data.transforms import normalize_image
 from weaktr.metrics import ConfusionMatrix
@@ -64,55 +64,36 @@ def crf_params(crf: CrfConfig) -> CRFParams:
 
 @torch.no_grad()
 def predict_labels(
-    model: Segmenter,
-    image: np.ndarray,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = True,
-    window: int = 480,
-    stride: int = 320,
-    crf: Optional[CRFParams] = None,
-    amp: bool = True,
+    model: Segmenter, image: np.ndarray, *, crf: Optional[CRFParams] = None, amp: bool = True, **inference
 ) -> np.ndarray:
     """Dataset ids uint8 [H, W] for one RGB image uint8 [H, W, 3] of any size.
 
-    Softmax probabilities from ``predict_probs`` (sliding window, each scale, flip), refined by a dense CRF with
-    the softmax unary when ``crf`` is given, then argmax.
+    Probabilities from ``predict_probs`` (``inference``: its keyword arguments, e.g. scales, flip, window,
+    stride, short_side, ensemble_weight), refined by the official dense CRF when ``crf`` is given, then argmax.
     """
-    return predict_label_variants(
-        model, image, [crf], scales=scales, flip=flip, window=window, stride=stride, amp=amp
-    )[0]
+    return predict_label_variants(model, image, [crf], amp=amp, **inference)[0]
 
 
 @torch.no_grad()
 def predict_label_variants(
-    model: Segmenter,
-    image: np.ndarray,
-    crfs: Sequence[Optional[CRFParams]],
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = True,
-    window: int = 480,
-    stride: int = 320,
-    amp: bool = True,
+    model: Segmenter, image: np.ndarray, crfs: Sequence[Optional[CRFParams]], *, amp: bool = True, **inference
 ) -> list[np.ndarray]:
     """``predict_labels`` once per entry of ``crfs`` (None: no CRF) from a single inference pass."""
     device = next(model.parameters()).device
     tensor = normalize_image(image).to(device)  # [3, H, W]
     with autocast(device, amp):
-        probs = predict_probs(model, tensor, scales=scales, flip=flip, window=window, stride=stride)  # [K, H, W]
+        probs = predict_probs(model, tensor, **inference)  # [K, H, W]
     probs = probs.float().cpu().numpy()
-    labels = []
-    for crf in crfs:
-        # A writable copy: pydensecrf's bilateral kernel rejects read-only buffers (e.g. np.asarray of a PIL image).
-        refined = probs if crf is None else crf_refine_probs(np.array(image), probs, crf)  # [K, H, W]
-        labels.append(refined.argmax(0).astype(np.uint8))
-    return labels
+    # A writable copy of the image: pydensecrf's bilateral kernel rejects read-only buffers.
+    return [probs.argmax(0).astype(np.uint8) if crf is None else crf_refine_prediction(np.array(image), probs, crf)
+            for crf in crfs]
 
 
-def _inference_kwargs(eval_cfg: EvalConfig, amp: bool) -> dict:
+def inference_kwargs(eval_cfg: EvalConfig) -> dict:
+    """``predict_probs`` keyword arguments from the eval section."""
     return dict(scales=list(eval_cfg.scales), flip=eval_cfg.flip, window=eval_cfg.window, stride=eval_cfg.stride,
-                amp=amp)
+                short_side=eval_cfg.short_side, upsample_small=eval_cfg.upsample_small,
+                ensemble_weight=eval_cfg.ensemble_weight)
 
 
 def score_sample(model: Segmenter, sample: Sample, eval_cfg: EvalConfig, amp: bool = True) -> np.ndarray:
@@ -129,7 +110,7 @@ def score_sample_variants(
         raise DataError(f"sample {sample.key!r} has no ground-truth mask: evaluation needs a split with masks")
     params = crf_params(eval_cfg.crf_params)
     crfs = [params if crf else None for crf in crf_variants]
-    preds = predict_label_variants(model, sample.image, crfs, **_inference_kwargs(eval_cfg, amp))
+    preds = predict_label_variants(model, sample.image, crfs, amp=amp, **inference_kwargs(eval_cfg))
     return np.stack([ConfusionMatrix(model.num_classes).update(pred, sample.mask).matrix for pred in preds])
 
 

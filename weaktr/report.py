@@ -148,7 +148,7 @@ def _sample_grid(cfg: Config, directory: Path, records: dict, classes: list[str]
     from weaktr.cli import colorize
     from weaktr.data.shards import Manifest, iter_samples
     from weaktr.data.voc import voc_palette
-    from weaktr.evaluate import load_segmenter, predict_labels
+    from weaktr.evaluate import inference_kwargs, load_segmenter, predict_labels
 
     pseudo_dir = Path(records["pseudo"]["outputs"]["dataset"]).parent
     overlays = {p.stem: p for p in sorted((pseudo_dir / "overlays").glob("*.jpg"))}
@@ -167,8 +167,7 @@ def _sample_grid(cfg: Config, directory: Path, records: dict, classes: list[str]
     figure, axes = plt.subplots(len(samples), 5, figsize=(11, 2.3 * len(samples)), squeeze=False)
     titles = ("image", "CAM, strongest class", "pseudo-label", "retrained model", "ground truth")
     for row, sample in zip(axes, samples):
-        prediction = predict_labels(model, sample.image, scales=e.scales, flip=e.flip, window=e.window,
-                                    stride=e.stride, amp=False)
+        prediction = predict_labels(model, sample.image, amp=False, **inference_kwargs(e))
         pseudo = np.asarray(Image.open(pseudo_dir / "pseudo_png" / f"{sample.key}.png"))
         panels = (sample.image, np.asarray(Image.open(overlays[sample.key])), colorize(pseudo, palette),
                   colorize(prediction, palette), colorize(sample.mask, palette))

@@ -9,8 +9,9 @@ float32. Nothing here needs Ray or the data readers, so bench/gpu_bench.py can t
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from weaktr.runtime import autocast
 
 @torch.no_grad()
 def sliding_window_logits(
-    model: nn.Module,
+    model: Callable[[Tensor], Tensor],
     image: Tensor,
     window: int = 480,
     stride: int = 320,
@@ -75,31 +76,46 @@ def predict_probs(
     window: int = 480,
     stride: int = 320,
     max_batch: int = 8,
+    short_side: int | None = None,
+    upsample_small: bool = True,
+    ensemble_weight: float | None = None,
 ) -> Tensor:
-    """Class probabilities [n_cls, H, W] of one normalized image [3, H, W].
+    """Class probabilities [n_cls, H, W] of one normalized image [3, H, W], as the official Segmenter evaluates.
 
-    Softmax of the sliding-window logits, averaged over every scale (image resized bilinearly by that factor)
-    and, with flip, over the original and the horizontally flipped image (flipped back); each prediction is
-    resized back to H x W before averaging.
+    Per scale r: the image resized bilinearly so its short side is ``short_side`` x r (mmseg's MultiScaleFlipAug;
+    None: the image's own size x r), then, with ``upsample_small``, images whose short side is under the window
+    upsampled to it (the official ``resize``; otherwise zero-padded), and with ``flip`` its mirror image too.
+    The sliding-window logits are resized to H x W, flipped back, and only then softmaxed; the probabilities are
+    averaged over scales and flips. With ``ensemble_weight`` w, the model is called with ``both=True`` and the
+    probabilities are (w x softmax(masks before the decoder's last block) + softmax(final masks)) / (1 + w)
+    (the official ``--backbone multi``: 0.8; the division changes neither the argmax nor a CRF's result).
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected one image [3, H, W], got shape {tuple(image.shape)}")
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be a non-empty list of positive factors, got {scales}")
     H, W = image.shape[-2:]
+    forward = model if ensemble_weight is None else functools.partial(model, both=True)
     probs_sum = None
     for scale in scales:
-        size = (max(round(H * scale), 1), max(round(W * scale), 1))
+        factor = scale if short_side is None else short_side * scale / min(H, W)
+        size = (max(round(H * factor), 1), max(round(W * factor), 1))
+        if upsample_small and min(size) < window:  # short side up to the window, the long side truncated
+            size = (int(size[0] * window / min(size)), int(size[1] * window / min(size)))
         x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)  # [1, 3, h_s, w_s]
         if flip:
             x = torch.cat([x, x.flip(-1)])  # [2, 3, h_s, w_s]
-        logits = sliding_window_logits(model, x, window, stride, max_batch=max_batch)  # [1 or 2, n_cls, h_s, w_s]
-        probs = logits.softmax(dim=1)
+        logits = sliding_window_logits(forward, x, window, stride, max_batch=max_batch)  # [1|2, K', h_s, w_s]
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)  # [1|2, K', H, W]
         if flip:
-            probs = torch.cat([probs[:1], probs[1:].flip(-1)])
-        probs = F.interpolate(probs, size=(H, W), mode="bilinear", align_corners=False).sum(0)  # [n_cls, H, W]
-        probs_sum = probs if probs_sum is None else probs_sum + probs
-    return probs_sum / (len(scales) * (2 if flip else 1))  # [n_cls, H, W]
+            logits = torch.cat([logits[:1], logits[1:].flip(-1)])
+        if ensemble_weight is None:
+            probs = logits.softmax(dim=1)
+        else:
+            first, final = logits.chunk(2, dim=1)  # [1|2, K, H, W] each
+            probs = (ensemble_weight * first.softmax(dim=1) + final.softmax(dim=1)) / (1 + ensemble_weight)
+        probs_sum = probs.sum(0) if probs_sum is None else probs_sum + probs.sum(0)  # [K, H, W]
+    return probs_sum / (len(scales) * (2 if flip else 1))  # [K, H, W]
 
 
 @torch.inference_mode()

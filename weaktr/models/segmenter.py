@@ -59,23 +59,28 @@ class MaskTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"cls_emb"}
 
-    def forward(self, patch_tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward(self, patch_tokens: Tensor, grid: tuple[int, int], both: bool = False) -> Tensor:
+        """Class masks [B, n, h, w]; with ``both``, [B, 2n, h, w]: the masks read out before the last block, then
+        the final ones (the official ``MultiMaskTransformer``, whose evaluation ensembles the two)."""
         B = patch_tokens.shape[0]
-        h, w = grid
-        n = self.num_classes
         x = self.proj_dec(patch_tokens)  # [B, N, E]
         x = torch.cat([x, self.cls_emb.expand(B, -1, -1)], dim=1)  # [B, N + n, E]
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x)
-        x = self.decoder_norm(x)
+        final = self._masks(self.blocks[-1](x), grid)  # [B, n, h, w]
+        return torch.cat([self._masks(x, grid), final], dim=1) if both else final
 
+    def _masks(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Decoder tokens [B, N + n, E] -> masks [B, n, h, w]: cosine similarity of patch and class features."""
+        B, n = x.shape[0], self.num_classes
+        x = self.decoder_norm(x)
         patches = x[:, :-n] @ self.proj_patch  # [B, N, E]
         classes = x[:, -n:] @ self.proj_classes  # [B, n, E]
         patches = F.normalize(patches, dim=-1)
         classes = F.normalize(classes, dim=-1)
         masks = patches @ classes.transpose(1, 2)  # [B, N, n] cosine similarities
         masks = self.mask_norm(masks)  # normalized over the class axis
-        return masks.transpose(1, 2).reshape(B, n, h, w)  # [B, n, h, w]
+        return masks.transpose(1, 2).reshape(B, n, *grid)  # [B, n, h, w]
 
 
 class Segmenter(nn.Module):
@@ -181,7 +186,9 @@ class Segmenter(nn.Module):
             group["params"].append(param)
         return list(groups.values())
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, both: bool = False) -> Tensor:
+        """Per-pixel logits [B, n, H, W]; with ``both``, [B, 2n, H, W]: the decoder's masks before its last block,
+        then the final ones (see ``MaskTransformer.forward``)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -191,8 +198,8 @@ class Segmenter(nn.Module):
 
         tokens = self.encoder.forward_features(x)  # [B, 1 + N, D], final norm applied
         patch_tokens = tokens[:, self.encoder.num_prefix_tokens :]  # [B, N, D]
-        masks = self.decoder(patch_tokens, (H // ph, W // pw))  # [B, n, h, w]
-        return F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)  # [B, n, H, W]
+        masks = self.decoder(patch_tokens, (H // ph, W // pw), both)  # [B, n or 2n, h, w]
+        return F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)  # [B, n or 2n, H, W]
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -30,8 +30,9 @@ from weaktr.data.shards import (
     DataError, FailureTracker, Manifest, iter_samples, make_loader, steps_per_epoch,
 )
 from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, normalize_batch, normalize_image
+from weaktr.evaluate import inference_kwargs
 from weaktr.metrics import ConfusionMatrix
-from weaktr.models.inference import sliding_window_logits
+from weaktr.models.inference import predict_probs
 from weaktr.models.segmenter import Segmenter
 from weaktr.ops import gradient_clipping_loss
 from weaktr.runtime import autocast, fused_optimizer_kwargs, seed_rngs, unwrap
@@ -243,22 +244,23 @@ def evaluate_miou(
 ) -> ConfusionMatrix:
     """Validation confusion matrix against the ground-truth masks, merged over ranks.
 
-    Each rank scores its share of the validation shards, whole images by single-scale sliding window
-    (``eval.window`` / ``eval.stride``), no flip: a cheap training-time signal; ``weaktr.evaluate`` does the full
-    multi-scale + flip (+ CRF) evaluation.
+    Each rank scores its share of the validation shards with the ``eval`` section's protocol at a single scale
+    without flip (as the official training loop validates): a cheap training-time signal; ``weaktr.evaluate``
+    does the full multi-scale + flip (+ CRF) evaluation.
     """
     shards = manifest.shard_paths(cfg.data.val_split)
     # Fewer shards than ranks: rank 0 scores them all rather than leaving ranks idle-but-waiting.
     mine = shards[rank::world_size] if len(shards) >= world_size else (shards if rank == 0 else [])
     confusion = ConfusionMatrix(manifest.num_classes + 1)
+    single_scale = {**inference_kwargs(cfg.eval), "scales": [1.0], "flip": False}
     model.eval()
     for sample in iter_samples(mine):
         if sample.mask is None:
             raise DataError(f"validation sample {sample.key!r} in {manifest.root} has no ground-truth mask")
-        image = normalize_image(sample.image)[None].to(device)  # [1, 3, H, W]
+        image = normalize_image(sample.image).to(device)  # [3, H, W]
         with autocast(device, cfg.seg_train.amp):
-            logits = sliding_window_logits(model, image, cfg.eval.window, cfg.eval.stride)  # [1, K, H, W]
-        confusion.update(logits[0].argmax(0).cpu().numpy(), sample.mask)
+            probs = predict_probs(model, image, **single_scale)  # [K, H, W]
+        confusion.update(probs.argmax(0).cpu().numpy(), sample.mask)
     model.train()
     merged = ConfusionMatrix(manifest.num_classes + 1)
     for part in all_gather(confusion):
