@@ -35,7 +35,8 @@ from weaktr.data.shards import Manifest, iter_samples, steps_per_epoch, write_da
 from weaktr.data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 from weaktr.evaluate import evaluate_samples  # noqa: E402
 from weaktr.metrics import ConfusionMatrix  # noqa: E402
-from weaktr.train.seg_loop import build_model, make_optimizer, make_train_loader, train_one_epoch  # noqa: E402
+from weaktr.models.build import build_segmenter as build_model  # noqa: E402
+from weaktr.train.seg_loop import make_optimizer, make_train_loader, train_one_epoch  # noqa: E402
 
 IGNORE = 255
 # Applied on top of --config (before any --set), pinned here so the ablation does not move when the demo config

@@ -70,7 +70,7 @@ def save_random_checkpoint(directory: Path, cfg: Config, classes, kind: str = "s
     import torch
     from timm.optim import create_optimizer_v2
 
-    from weaktr.train.seg_loop import build_model
+    from weaktr.models.build import build_segmenter as build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg, len(classes))

@@ -173,6 +173,18 @@ def test_coco_converter(coco_root, tmp_path):
     np.testing.assert_array_equal(first.image, decoded(coco_root / "val2014" / "COCO_val2014_000000000010.jpg"))
 
 
+def test_coco_converter_official_id_layout(coco_root, tmp_path):
+    # The official WeakTr COCO layout: 90 classes, index = category id - 1 (ten ids COCO never uses included).
+    manifest = convert_coco(tmp_path / "out", coco2014_splits(coco_root), official_ids=True)
+    assert len(manifest.classes) == 90 and manifest.classes[0] == "person" and manifest.classes[89] == "toothbrush"
+    assert manifest.classes[11] == "street sign" and manifest.classes[2] == "car"
+    samples = read_split(manifest, "val")
+    first, second = samples["COCO_val2014_000000000010"], samples["COCO_val2014_000000000011"]
+    assert first.labels == [0, 2] and second.labels == [89]
+    assert (first.mask[7:13, 7:13] == 1).all() and (first.mask[20:25, 30:38] == 3).all()
+    assert second.mask[2, 2] == 90  # segmentation class = category id
+
+
 def test_coco_rle_must_cover_the_image(coco_root, tmp_path):
     path = coco_root / "annotations" / "instances_train2014.json"
     data = json.loads(path.read_text())

@@ -280,7 +280,8 @@ def test_phase1_cam_miou_scores_the_first_masked_samples_of_its_split(tmp_path):
     from weaktr.data.shards import DataError, Manifest, iter_samples
     from weaktr.launch import prepare_data
     from weaktr.metrics import BackgroundSweep, normalize_cams
-    from weaktr.train.cam_loop import build_model, evaluate_cam_miou
+    from weaktr.models.build import build_cam_model as build_model
+    from weaktr.train.cam_loop import evaluate_cam_miou
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.root={tmp_path / 'data'}", "train.cam_eval.samples=6"])
     manifest = prepare_data(cfg)

@@ -13,7 +13,8 @@ from timm.optim import create_optimizer_v2
 from weaktr.checkpoint import CheckpointMismatch, load_checkpoint
 from weaktr.data.shards import DataError
 from weaktr.ops import gradient_clipping_loss
-from weaktr.train.seg_loop import build_model, fit, pixel_losses, resume
+from weaktr.models.build import build_segmenter as build_model
+from weaktr.train.seg_loop import fit, pixel_losses, resume
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,19 @@
 """The ``weaktr`` command.
 
     weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf]
+    weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
+    weaktr pipeline --config CFG [--from STAGE] [--set KEY=VALUE ...]
 
 ``predict`` labels any images with a phase-2 checkpoint: for each it writes ``{name}.png`` (dataset ids as a
 VOC-palette PNG: 0 background, c+1 for class c) and ``{name}_overlay.jpg`` (the colours blended over the image).
 Images of any size and mode are accepted (grayscale, RGBA, CMYK, palette... are converted to RGB) and EXIF
 orientation is applied, so masks line up with the image as viewers show it. Unreadable files are reported and
 skipped; the exit code is then 1.
+
+``import-official`` turns a checkpoint of the official WeakTr code into a weaktr checkpoint directory
+(``weaktr.official``): the architecture from the config's ``model`` / ``seg_model`` section, the class names from
+``--classes`` (a file with one name per line, or the built-in ``voc`` / ``coco`` lists; COCO's is the official
+90-class layout) or else from the config's dataset.
 """
 
 from __future__ import annotations
@@ -122,6 +129,45 @@ def predict_command(args: argparse.Namespace) -> int:
     return 1 if unreadable or missing else 0
 
 
+def import_official_command(args: argparse.Namespace) -> int:
+    from weaktr.checkpoint import CheckpointMismatch
+    from weaktr.config import ConfigError, load_config
+    from weaktr.official import import_official
+
+    prog = "weaktr import-official"
+    try:
+        cfg = load_config(args.config, args.overrides)
+        classes = resolve_classes(args.classes, cfg)
+        out = import_official(args.kind, args.src, args.out, cfg, classes)
+    except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"imported {args.src} ({args.kind}, {len(classes)} classes) -> {out}")
+    return 0
+
+
+def resolve_classes(spec: Optional[str], cfg) -> list[str]:
+    """Class names from ``--classes``: "voc", "coco" (the official 90), a file of names, or (None) the dataset of
+    ``cfg.data.root``."""
+    from weaktr.data.coco import official_coco_classes
+    from weaktr.data.shards import MANIFEST_NAME, Manifest
+    from weaktr.data.voc import VOC_CLASSES
+
+    if spec == "voc":
+        return list(VOC_CLASSES)
+    if spec == "coco":
+        return official_coco_classes()
+    if spec is not None:
+        names = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+        if not names:
+            raise ValueError(f"--classes {spec}: no class names in the file")
+        return names
+    manifest = Path(cfg.data.root) / MANIFEST_NAME
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no --classes given and no dataset at {manifest}: pass --classes voc|coco|FILE")
+    return list(Manifest.load(manifest).classes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weaktr", description="WeakTr weakly-supervised semantic segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--crf", action="store_true", help="refine with the official dense CRF (over the predicted classes)")
     predict.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     predict.set_defaults(func=predict_command)
+
+    imports = commands.add_parser(
+        "import-official", help="convert an official WeakTr checkpoint into a weaktr checkpoint",
+        description="Convert a checkpoint of github hustvl/WeakTr ({'model': state_dict}) into a weaktr checkpoint "
+                    "directory for make_pseudo_labels.py (cam), evaluate.py and weaktr predict (seg).",
+    )
+    imports.add_argument("kind", choices=["cam", "seg"], help="cam: phase 1 (main.py); seg: phase 2 (segm/train.py)")
+    imports.add_argument("src", help="the official checkpoint file, e.g. checkpoint_best_mIoU.pth")
+    imports.add_argument("out", help="the weaktr checkpoint directory to write")
+    imports.add_argument("--config", required=True, help="weaktr config giving the architecture (e.g. configs/voc12.yaml)")
+    imports.add_argument("--classes", default=None, help="voc, coco (official 90 classes) or a file of class names")
+    imports.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value (repeatable)")
+    imports.set_defaults(func=import_official_command)
 
     # Listed here for --help; main() hands its arguments to weaktr.pipeline.main, which parses them.
     commands.add_parser("pipeline", add_help=False, help="run the whole pipeline, as ray_jobs/pipeline.py")

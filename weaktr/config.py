@@ -183,8 +183,10 @@ class SegModelConfig:
     drop_path_rate: float = 0.1
     d_model: Optional[int] = None  # decoder width; None: the encoder's
     decoder_depth: int = 2
+    decoder_heads: Optional[int] = None  # None: d_model // 64, as Segmenter
     dropout: float = 0.1
     fused_attn: bool = True
+    encoder_norm_eps: Optional[float] = None  # None: the backbone's (timm DeiT 1e-6); the official Segmenter 1e-5
 
 
 @dataclass

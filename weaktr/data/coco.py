@@ -39,12 +39,44 @@ def coco2014_splits(root: str | os.PathLike) -> dict[str, tuple[str, str]]:
     }
 
 
-def category_table(coco: dict, path: str = "annotations") -> tuple[dict[int, int], list[str]]:
-    """COCO category id -> class index (sorted id order), and the class names."""
+# The official WeakTr layout: one class per category id 1..90, the ten ids COCO 2014 never uses included
+# (evaluation.py `categories_coco`), so class index = id - 1 and segmentation class = id.
+COCO_UNUSED_IDS = {12: "street sign", 26: "hat", 29: "shoe", 30: "eye glasses", 45: "plate", 66: "mirror",
+                   68: "window", 69: "desk", 71: "door", 83: "blender"}
+COCO_CLASSES = (  # the 80 used categories, in id order
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
+    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+
+
+def official_coco_classes() -> list[str]:
+    """The 90 class names of the official layout (category ids 1..90)."""
+    used = iter(COCO_CLASSES)
+    return [COCO_UNUSED_IDS[i] if i in COCO_UNUSED_IDS else next(used) for i in range(1, 91)]
+
+
+def category_table(
+    coco: dict, path: str = "annotations", official_ids: bool = False
+) -> tuple[dict[int, int], list[str]]:
+    """COCO category id -> class index, and the class names: sorted id order (80 classes for COCO 2014), or with
+    ``official_ids`` the official WeakTr layout (index = id - 1, the 90 names of ``official_coco_classes``)."""
     if "categories" not in coco or not coco["categories"]:
         raise ValueError(f"{path}: no 'categories'")
     categories = sorted(coco["categories"], key=lambda c: c["id"])
-    return {c["id"]: i for i, c in enumerate(categories)}, [c["name"] for c in categories]
+    if not official_ids:
+        return {c["id"]: i for i, c in enumerate(categories)}, [c["name"] for c in categories]
+    names = official_coco_classes()
+    for c in categories:
+        if not 1 <= c["id"] <= 90 or names[c["id"] - 1] != c["name"]:
+            raise ValueError(f"{path}: category {c['id']} {c['name']!r} is not COCO 2014's (official_ids layout)")
+    return {c["id"]: c["id"] - 1 for c in categories}, names
 
 
 def _decode_uncompressed_rle(counts: list[int], height: int, width: int) -> np.ndarray:
@@ -104,11 +136,11 @@ def _load_annotations(annotation_path: str) -> dict:
 
 
 def _coco_samples(
-    image_dir: str, annotation_path: str, classes: list[str], with_masks: bool, loaded: dict
+    image_dir: str, annotation_path: str, classes: list[str], with_masks: bool, loaded: dict, official_ids: bool
 ) -> Iterator[Sample]:
     """One split's samples; its JSON is loaded only when the split is written (one at a time)."""
     coco = loaded.pop(annotation_path, None) or _load_annotations(annotation_path)
-    category_index, names = category_table(coco, annotation_path)
+    category_index, names = category_table(coco, annotation_path, official_ids)
     if names != classes:
         raise ValueError(f"{annotation_path}: categories differ from the first split's")
     by_image = defaultdict(list)
@@ -142,8 +174,12 @@ def convert_coco(
     with_masks: bool = True,
     samples_per_shard: int = 500,
     max_shard_bytes: int = 256 * 2**20,
+    official_ids: bool = False,
 ) -> Manifest:
-    """Write each split ``name -> (image_dir, instances_json)`` (see :func:`coco2014_splits`)."""
+    """Write each split ``name -> (image_dir, instances_json)`` (see :func:`coco2014_splits`). Classes are the
+    annotations' categories in id order (80), or with ``official_ids`` the official WeakTr layout of 90 classes,
+    one per category id (``category_table``): what official COCO checkpoints (90 class tokens, 91 segmentation
+    classes) need."""
     if not splits:
         raise ValueError("no COCO splits given")
     for split, (image_dir, annotation_path) in splits.items():
@@ -154,9 +190,9 @@ def convert_coco(
     # that JSON for its split, so no more than one split's annotations are in memory at a time.
     first_annotations = next(iter(splits.values()))[1]
     loaded = {first_annotations: _load_annotations(first_annotations)}
-    _, classes = category_table(loaded[first_annotations], first_annotations)
+    _, classes = category_table(loaded[first_annotations], first_annotations, official_ids)
     split_samples = {
-        split: _coco_samples(image_dir, annotation_path, classes, with_masks, loaded)
+        split: _coco_samples(image_dir, annotation_path, classes, with_masks, loaded, official_ids)
         for split, (image_dir, annotation_path) in splits.items()
     }
     return write_dataset(

@@ -11,6 +11,7 @@ E = d_model decoder width, n = n_cls classes including background.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,7 +44,8 @@ class MaskTransformer(nn.Module):
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, d_model))  # [1, n, E]
         # Segmenter's blocks: qkv with bias, MLP 4x, dropout on attention, projections and MLP.
         self.blocks = nn.ModuleList(
-            Block(d_model, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=dropout, attn_drop=dropout)
+            Block(d_model, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=dropout, attn_drop=dropout,
+                  norm_layer=nn.LayerNorm)  # eps 1e-5 as Segmenter's blocks (timm's Block defaults to 1e-6)
             for _ in range(depth)
         )
         self.decoder_norm = nn.LayerNorm(d_model)
@@ -109,6 +111,7 @@ class Segmenter(nn.Module):
         decoder_heads: int | None = None,
         dropout: float = 0.1,
         fused_attn: bool = True,
+        encoder_norm_eps: float | None = None,
     ):
         super().__init__()
         if num_classes < 2:
@@ -130,7 +133,10 @@ class Segmenter(nn.Module):
             decoder_heads=decoder_heads,
             dropout=dropout,
             fused_attn=fused_attn,
+            encoder_norm_eps=encoder_norm_eps,
         )
+        # The official Segmenter's own ViT uses LayerNorm's default eps 1e-5 where timm's DeiT uses 1e-6.
+        norm = {} if encoder_norm_eps is None else {"norm_layer": functools.partial(nn.LayerNorm, eps=encoder_norm_eps)}
         self.encoder = create_backbone(
             backbone,
             pretrained=pretrained,
@@ -141,6 +147,7 @@ class Segmenter(nn.Module):
             num_heads=num_heads,
             drop_path_rate=drop_path_rate,
             dynamic_img_size=True,
+            **norm,
         )
         _check_encoder(self.encoder, backbone)
         self.num_classes = num_classes

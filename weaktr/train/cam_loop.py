@@ -25,22 +25,13 @@ from weaktr.data.transforms import (
     CamExample, batch_random_erasing, cam_eval_transform, cam_train_transform, multi_hot, normalize_batch,
 )
 from weaktr.metrics import BackgroundSweep, mean_average_precision, normalize_cams, parse_sweep
+from weaktr.models.build import build_cam_model
 from weaktr.models.cam import WeakTrCAM
 from weaktr.models.inference import multiscale_cams
 from weaktr.runtime import autocast, fused_optimizer_kwargs, seed_rngs, unwrap
 from weaktr.train.common import (
     all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report, restore,
 )
-
-
-def build_model(cfg: Config, num_classes: int) -> WeakTrCAM:
-    m = cfg.model
-    return WeakTrCAM(
-        num_classes,
-        backbone=m.backbone, pretrained=m.pretrained, weights_path=m.weights_path, img_size=m.img_size,
-        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path_rate,
-        reduction=m.reduction, feat_reduction=m.feat_reduction, pool=m.pool, fused_attn=m.fused_attn,
-    )
 
 
 def make_train_loader(
@@ -76,7 +67,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shards = manifest.shard_paths(cfg.data.train_split)
     steps = steps_per_epoch(manifest.splits[cfg.data.train_split].num_samples, world_size, cfg.train.worker_batch_size)
 
-    model = build_model(cfg, num_classes).to(device)
+    model = build_cam_model(cfg, num_classes).to(device)
     fused = fused_optimizer_kwargs(cfg.train.opt, device, cfg.train.fused_optimizer)
     optimizer = create_optimizer_v2(
         model, opt=cfg.train.opt, lr=cfg.train.scaled_lr, weight_decay=cfg.train.weight_decay, **fused

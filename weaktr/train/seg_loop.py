@@ -33,23 +33,13 @@ from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, 
 from weaktr.evaluate import inference_kwargs
 from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import predict_probs
+from weaktr.models.build import build_segmenter
 from weaktr.models.segmenter import Segmenter
 from weaktr.ops import gradient_clipping_loss
 from weaktr.runtime import autocast, fused_optimizer_kwargs, seed_rngs, unwrap
 from weaktr.train.common import (
     all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report, restore,
 )
-
-
-def build_model(cfg: Config, num_classes: int) -> Segmenter:
-    """A Segmenter for ``num_classes`` foreground classes (+ background)."""
-    m = cfg.seg_model
-    return Segmenter(
-        num_classes + 1,
-        backbone=m.backbone, pretrained=m.pretrained, weights_path=m.weights_path, img_size=m.img_size,
-        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path_rate,
-        d_model=m.d_model, decoder_depth=m.decoder_depth, dropout=m.dropout, fused_attn=m.fused_attn,
-    )
 
 
 def train_data_root(cfg: Config) -> str:
@@ -187,7 +177,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shards = manifest.shard_paths(cfg.data.train_split)
     steps = steps_per_epoch(manifest.split(cfg.data.train_split).num_samples, world_size, st.worker_batch_size)
 
-    model = build_model(cfg, manifest.num_classes).to(device)
+    model = build_segmenter(cfg, manifest.num_classes).to(device)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
     state = restore(st.resume_from)
     history = list(state.get("history", [])) if state is not None else []  # every epoch's metrics
