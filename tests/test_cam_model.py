@@ -206,6 +206,20 @@ def test_no_weight_decay_names_token_and_position_parameters():
     assert id(model.head.weight) not in no_decay
 
 
+def test_phase1_optimizer_decays_every_parameter_as_the_official_or_exempts_on_request():
+    from weaktr.config import Config
+    from weaktr.train.cam_loop import make_optimizer
+
+    model, cfg = make_model(), Config()
+    optimizer, _ = make_optimizer(model, cfg, steps=10)  # decay_all: the official main.py's model.parameters()
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.train.weight_decay]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    cfg.train.decay_all = False
+    optimizer, _ = make_optimizer(model, cfg, steps=10)
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert id(model.cls_tokens) in no_decay and id(model.head.weight) not in no_decay
+
+
 def test_class_tokens_start_from_the_backbone_class_token(tmp_path):
     torch.manual_seed(5)
     vit = create_backbone(**TINY)

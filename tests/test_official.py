@@ -238,3 +238,70 @@ def test_imported_segmenter_gives_the_official_logits(tmp_path):
         torch.testing.assert_close(model(x), official_segmenter_logits(state, x), rtol=1e-5, atol=1e-5)
         first, final = official_segmenter_logits(state, x, ensemble=True)
         torch.testing.assert_close(model(x, both=True), torch.cat([first, final], 1), rtol=1e-5, atol=1e-5)
+
+
+def official_weaktr_forward(state: dict, x: torch.Tensor, num_classes: int, heads: int = 2):
+    """The official WeakTr forward (models.py WeakTr.forward, vision_transformer.py Block/Attention, AAF.py with max
+    pooling) written out with torch ops from an official state dict, in eval mode. Returns (class-token logits,
+    coarse logits, fine logits, fine CAM)."""
+    F = torch.nn.functional
+    C, (B, _, H, W) = num_classes, x.shape
+    D = state["cls_token"].shape[-1]
+    t = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=16)
+    t = torch.cat([state["cls_token"].expand(B, -1, -1), t.flatten(2).transpose(1, 2)], 1)  # [B, C + N, D]
+    pos = state["pos_embed"]
+    n0 = int((pos.shape[1] - C) ** 0.5)
+    if (H // 16, W // 16) != (n0, n0):  # interpolate_pos_encoding: bicubic, scale factors (n + 0.1) / n0
+        grid = pos[:, C:].reshape(1, n0, n0, D).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((H // 16 + 0.1) / n0, (W // 16 + 0.1) / n0), mode="bicubic")
+        pos = torch.cat([pos[:, :C], grid.permute(0, 2, 3, 1).reshape(1, -1, D)], 1)
+    t = t + pos
+    weights, feats = [], []
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for i in range(depth):
+        p = f"blocks.{i}"
+        h = F.layer_norm(t, (D,), state[f"{p}.norm1.weight"], state[f"{p}.norm1.bias"], eps=1e-6)
+        q, k, v = F.linear(h, state[f"{p}.attn.qkv.weight"], state[f"{p}.attn.qkv.bias"]).reshape(
+            B, t.shape[1], 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (D // heads) ** -0.5).softmax(-1)  # [B, heads, N', N']
+        o = F.linear((attn @ v).transpose(1, 2).reshape(B, -1, D), state[f"{p}.attn.proj.weight"],
+                     state[f"{p}.attn.proj.bias"])
+        t = t + o
+        h = F.layer_norm(t, (D,), state[f"{p}.norm2.weight"], state[f"{p}.norm2.bias"], eps=1e-6)
+        t = t + F.linear(F.gelu(F.linear(h, state[f"{p}.mlp.fc1.weight"], state[f"{p}.mlp.fc1.bias"])),
+                         state[f"{p}.mlp.fc2.weight"], state[f"{p}.mlp.fc2.bias"])
+        weights.append(attn)
+        feats.append(o)
+    h0, w0 = H // 16, W // 16
+    x_patch = t[:, C:].reshape(B, h0, w0, D).permute(0, 3, 1, 2)
+    coarse = F.conv2d(x_patch, state["head.weight"], state["head.bias"], padding=1)  # [B, C, h, w]
+    k_, n = depth, t.shape[1]
+    maps = torch.stack(weights).permute(1, 2, 0, 3, 4).reshape(B, heads * k_, n, n)  # head-major
+    fe = torch.stack(feats).view(k_, B, n, -1, heads).permute(1, 4, 0, 2, 3).reshape(B, heads * k_, n, -1)
+    pooled = fe.amax(2)  # AdaptiveMaxPool2d over the tokens: [B, L, D / heads]
+    aaf = "adaptive_attention_fusion."
+    score = F.linear(F.linear(pooled, state[aaf + "attn_feat_ffn.0.weight"], state[aaf + "attn_feat_ffn.0.bias"]),
+                     state[aaf + "attn_feat_ffn.1.weight"], state[aaf + "attn_feat_ffn.1.bias"])[..., 0]  # [B, L]
+    gate = torch.sigmoid(F.linear(F.relu(F.linear(score, state[aaf + "attn_head_ffn.0.weight"])),
+                                  state[aaf + "attn_head_ffn.2.weight"]))  # [B, L]
+    fused = (maps * gate[:, :, None, None]).mean(1)  # [B, N', N']
+    cams = fused[:, :C, C:].reshape(B, C, h0, w0) * F.relu(coarse)
+    fine = (fused[:, None, C:, C:] @ cams.reshape(B, C, -1, 1)).reshape(B, C, h0, w0)
+    return t[:, :C].mean(-1), coarse.mean((2, 3)), fine.mean((2, 3)), fine
+
+
+@pytest.mark.parametrize("size", [(64, 64), (80, 128)])  # the native 4 x 4 grid, and non-square, non-native
+def test_imported_cam_model_gives_the_official_logits_and_cams(tmp_path, size):
+    from weaktr.official import import_official
+
+    state = official_cam_state(len(CLASSES), seed=7)
+    cfg = load_config(ROOT / "configs/voc12.yaml", TINY)
+    out = import_official("cam", save_official(tmp_path / "c.pth", state), tmp_path / "cam", cfg, CLASSES)
+    model, _ = load_cam_model(out, CLASSES)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        got = model(x)
+        cls, coarse, fine, fine_cam = official_weaktr_forward(state, x, len(CLASSES))
+    for mine, theirs in ((got.cls_logits, cls), (got.coarse_logits, coarse), (got.fine_logits, fine),
+                         (got.fine_cam, fine_cam)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
-"""The whole pipeline (weaktr.pipeline): every stage for real on the shared Ray head, then reruns that skip, and
-a removed stage output that reruns that stage and everything after it. The skip/rerun rules alone are also
+"""The whole pipeline (weaktr.pipeline): configs/voc12.yaml (tiny model, CPU) on a VOC-layout fixture, every stage
+for real as a Ray job on the shared head, then reruns that skip, and a removed stage output that reruns that
+stage and everything after it. The skip/rerun rules alone are also
 checked with stage bodies that only record their calls (the orchestration is what those tests exercise)."""
 
 from __future__ import annotations
@@ -14,36 +15,34 @@ from pathlib import Path
 
 import pytest
 
+from recipe_fixtures import TINY_ON_CPU, check_chain, write_voc_layout
+
 from weaktr import pipeline
 from weaktr.config import load_config
+from weaktr.data.voc import VOC_CLASSES, convert_voc
 from weaktr.pipeline import STAGES, StageResult, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_pipeline_overrides(tmp_path: Path) -> list[str]:
-    return [
-        "run.name=pipe", f"run.storage_path={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
-        "data.synthetic.num_train=48", "data.synthetic.num_val=16", "data.loader_workers=0",
-        "train.epochs=2", "train.batch_size=8", "train.num_workers=1", "seg_train.epochs=1",
-        "seg_train.num_workers=1", "pseudo.batch_size=8", "pseudo.overlay_samples=3", "pseudo.sweep_bg=0.3:0.5:0.1",
-    ]
-
-
 @pytest.fixture(scope="module")
 def full_run(ray_session, tmp_path_factory):
-    """The whole pipeline submitted as a Ray job to the session's head, as the README does it on a cluster."""
+    """The VOC recipe's whole pipeline submitted as a Ray job to the session's head, as the README does it on a
+    cluster, on a converted VOC-layout fixture (16 train_aug images, 8 of them VOC train, 4 val)."""
     _, dashboard = ray_session
     tmp_path = tmp_path_factory.mktemp("pipeline")
-    overrides = tiny_pipeline_overrides(tmp_path)
+    voc_root, aug_list = write_voc_layout(tmp_path)
+    convert_voc(voc_root, tmp_path / "voc12", aug_list=aug_list, samples_per_shard=8)
+    overrides = [*TINY_ON_CPU, "run.name=pipe", f"run.storage_path={tmp_path / 'runs'}",
+                 f"data.root={tmp_path / 'voc12'}"]
     command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
                "--working-dir", str(ROOT), "--", sys.executable, "ray_jobs/pipeline.py",
-               "--config", "configs/smoke.yaml"]
+               "--config", "configs/voc12.yaml"]
     for override in overrides:
         command += ["--set", override]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", overrides)
+    cfg = load_config(ROOT / "configs" / "voc12.yaml", overrides)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     return cfg, proc.stdout, {stage: pipeline.load_record(run_dir, stage) for stage in STAGES}
 
@@ -59,13 +58,19 @@ def test_the_pipeline_job_runs_every_stage_with_a_readable_console(full_run):
     assert "Reporting training result" not in console and "TrainingReport(" not in console
 
 
+def test_the_voc12_recipe_runs_the_whole_chain(full_run):
+    cfg, _, records = full_run
+    assert cfg.data.train_split == "train_aug"  # phase 1 on train_aug, phase 2 on its pseudo-labels: no "no split"
+    check_chain(records, cfg, num_train=16, num_classes=20)
+
+
 def test_the_report_has_every_section(full_run):
     cfg, _, records = full_run
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     report = json.loads((run_dir / "report.json").read_text())
-    assert [row["split"] for row in report["miou"]] == ["train", "train", "val", "val"]
+    assert [row["split"] for row in report["miou"]] == ["train_aug", "train_aug", "val", "val"]
     assert all(0 <= row["miou"] <= 1 for row in report["miou"])
-    assert set(report["miou"][0]["per_class"]) == {"background", "hstripes", "vstripes", "diagonal", "checker"}
+    assert set(report["miou"][0]["per_class"]) == {"background", *VOC_CLASSES}
     assert [m["epoch"] for m in report["curves"]["phase1"]] == [0, 1]
     assert report["bg_sweep"]["curve"] and report["stages"]["eval"]["headline"].startswith("val mIoU")
 

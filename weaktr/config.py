@@ -93,6 +93,9 @@ class TrainConfig:
     lr_base_batch: Optional[int] = None
     min_lr: float = 1e-5
     weight_decay: float = 0.03
+    # True: weight decay on every parameter, as the official main.py (it hands timm model.parameters(), so nothing is
+    # exempted); False: timm's usual exemptions (biases, norms, tokens, position embeddings).
+    decay_all: bool = True
     warmup_epochs: int = 5
     warmup_lr: float = 1e-6
     opt: str = "adamw"

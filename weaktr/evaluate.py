@@ -220,10 +220,7 @@ def make_report(
         "dataset": manifest.root,
         "split": e.split,
         "num_images": num_images,
-        "settings": {
-            "window": e.window, "stride": e.stride, "scales": list(e.scales), "flip": e.flip,
-            "crf": dataclasses.asdict(e.crf_params) if e.crf else None,
-        },
+        "settings": {**inference_kwargs(e), "crf": dataclasses.asdict(e.crf_params) if e.crf else None},
         **confusion.to_dict(class_names(manifest)),
         "confusion_matrix": confusion.matrix.tolist(),
         "seconds": seconds,

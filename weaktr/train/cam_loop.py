@@ -54,6 +54,24 @@ def make_train_loader(
     )
 
 
+def make_optimizer(model: WeakTrCAM, cfg: Config, steps: int):
+    """timm's optimizer for ``train.opt`` at the scaled lr, weight decay on every parameter with ``train.decay_all``
+    (the official main.py) or with timm's exemptions, fused kernels on GPU with ``train.fused_optimizer``; and the
+    cosine schedule with warm-up, stepped every iteration (``step_update``; the official steps once per epoch) so
+    warm-up is smooth even for short runs. ``model`` is already on its device."""
+    t = cfg.train
+    fused = fused_optimizer_kwargs(t.opt, next(model.parameters()).device, t.fused_optimizer)
+    optimizer = create_optimizer_v2(
+        model.parameters() if t.decay_all else model, opt=t.opt, lr=t.scaled_lr, weight_decay=t.weight_decay,
+        **fused,
+    )
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=t.epochs * steps, lr_min=t.min_lr, warmup_t=t.warmup_epochs * steps,
+        warmup_lr_init=t.warmup_lr, t_in_epochs=False,
+    )
+    return optimizer, scheduler
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg: Config = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -68,15 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps = steps_per_epoch(manifest.splits[cfg.data.train_split].num_samples, world_size, cfg.train.worker_batch_size)
 
     model = build_cam_model(cfg, num_classes).to(device)
-    fused = fused_optimizer_kwargs(cfg.train.opt, device, cfg.train.fused_optimizer)
-    optimizer = create_optimizer_v2(
-        model, opt=cfg.train.opt, lr=cfg.train.scaled_lr, weight_decay=cfg.train.weight_decay, **fused
-    )
-    # Stepped every iteration (t_in_epochs=False) so warm-up is smooth even for short runs.
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=cfg.train.epochs * steps, lr_min=cfg.train.min_lr,
-        warmup_t=cfg.train.warmup_epochs * steps, warmup_lr_init=cfg.train.warmup_lr, t_in_epochs=False,
-    )
+    optimizer, scheduler = make_optimizer(model, cfg, steps)
     start_epoch = 0
     state = restore(cfg.train.resume_from)
     history = list(state.get("history", [])) if state is not None else []  # every epoch's metrics

@@ -1,0 +1,106 @@
+"""Running the shipped VOC/COCO recipes end to end in tests: tiny VOC- and COCO-layout directories on disk,
+painted by the synthetic generator (its textures stand in for the real classes) for the real converters, the
+overrides that shrink a recipe's model and workers to a CPU test, and the checks every finished chain must pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from weaktr.data.synthetic import SyntheticSpec, iter_synthetic
+from weaktr.data.voc import save_palette_png
+
+TINY_ON_CPU = [
+    "data.loader_workers=0",
+    "model.pretrained=false", "model.img_size=64", "model.embed_dim=64", "model.depth=2", "model.num_heads=2",
+    "model.reduction=2", "model.feat_reduction=4", "model.drop_path_rate=0.0",
+    "train.epochs=2", "train.batch_size=8", "train.num_workers=1", "train.use_gpu=false", "train.cpus_per_worker=1",
+    "train.img_size=64", "train.warmup_epochs=0", "train.cam_eval.samples=4",
+    "pseudo.cam_gpus_per_actor=0", "pseudo.cam_actors=1", "pseudo.crf_actors=1", "pseudo.batch_size=8",
+    "pseudo.overlay_samples=2",
+    "seg_model.pretrained=false", "seg_model.img_size=64", "seg_model.embed_dim=64", "seg_model.depth=2",
+    "seg_model.num_heads=2", "seg_model.d_model=64",
+    "seg_train.epochs=1", "seg_train.num_workers=1", "seg_train.use_gpu=false", "seg_train.cpus_per_worker=1",
+    "seg_train.base_size=72", "seg_train.crop_size=64", "seg_train.clip_patch_size=32",
+    "eval.short_side=64", "eval.window=64", "eval.stride=48", "eval.actors=1", "eval.gpus_per_actor=0",
+]
+
+
+def check_chain(records: dict, cfg, num_train: int, num_classes: int) -> None:
+    phase1 = records["phase1"]["metrics"]
+    assert len(phase1["history"]) == 2 and all(0 < m["cam_mIoU"] <= 1 for m in phase1["history"])
+    assert records["phase1"]["metrics"]["score"] == "cam_mIoU"  # the official checkpoint_best_mIoU choice
+    pseudo = records["pseudo"]["metrics"]
+    assert pseudo["split"] == cfg.data.train_split and pseudo["num_samples"] == num_train
+    assert len(records["phase2"]["metrics"]["history"]) == 1
+    for name in ("eval", "eval_crf"):
+        report = records["eval"]["metrics"][name]
+        assert 0 <= report["miou"] <= 1 and len(report["per_class"]) == num_classes + 1
+        assert report["settings"]["ensemble_weight"] == 0.8 and len(report["settings"]["scales"]) == 6
+
+
+SPEC = SyntheticSpec(num_classes=4, min_size=64, max_size=96, max_objects=2)
+
+
+def write_voc_layout(tmp_path: Path, num_aug: int = 16, num_train: int = 8, num_val: int = 4) -> tuple[Path, Path]:
+    """VOCdevkit/VOC2012 with JPEGImages, SegmentationClass(Aug), ImageSets/Segmentation/{train,val}.txt and an
+    SBD-style train_aug list (train is a subset of train_aug, as in VOC). Synthetic class c is VOC class c + 1.
+    Returns (VOC root, train_aug list)."""
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ids = []
+    for index, sample in enumerate(iter_synthetic(SPEC, 0, num_aug + num_val)):
+        image_id = f"2008_{index:06d}"
+        ids.append(image_id)
+        Image.fromarray(sample.image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        save_palette_png(root / "SegmentationClass" / f"{image_id}.png", sample.mask)
+        Image.fromarray(sample.mask, mode="L").save(root / "SegmentationClassAug" / f"{image_id}.png")
+    aug, val = ids[:num_aug], ids[num_aug:]
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(aug[:num_train]) + "\n")
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(val) + "\n")
+    aug_list = tmp_path / "train_aug.txt"
+    aug_list.write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in aug))
+    return root, aug_list
+
+
+def write_coco_layout(tmp_path: Path, num_train: int = 16, num_val: int = 4) -> Path:
+    """coco/{train,val}2014 + annotations/instances_{split}2014.json; synthetic class c is COCO category
+    CATEGORY_IDS[c], each object one instance with an uncompressed-RLE mask. Returns the COCO root."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i, "name": n} for i, n in CATEGORIES]
+    samples = iter_synthetic(SPEC, 0, num_train + num_val)
+    for split, count, offset in (("train", num_train, 0), ("val", num_val, num_train)):
+        (root / f"{split}2014").mkdir(exist_ok=True)
+        images, annotations = [], []
+        for index in range(count):
+            sample = next(samples)
+            image_id = offset + index + 1
+            name = f"COCO_{split}2014_{image_id:012d}.jpg"
+            Image.fromarray(sample.image).save(root / f"{split}2014" / name, quality=95)
+            h, w = sample.mask.shape
+            images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+            for c in sample.labels:
+                region = sample.mask == c + 1
+                annotations.append({"id": len(annotations) + 1 + 1000 * image_id, "image_id": image_id,
+                                    "category_id": CATEGORIES[c][0], "iscrowd": 0, "area": float(region.sum()),
+                                    "bbox": [0, 0, w, h], "segmentation": {"counts": _rle(region), "size": [h, w]}})
+        data = {"images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(data))
+    return root
+
+
+CATEGORIES = [(1, "person"), (3, "car"), (18, "dog"), (90, "toothbrush")]
+
+
+def _rle(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE: alternating 0-runs and 1-runs over column-major pixels, starting with 0s."""
+    flat = mask.T.reshape(-1).astype(np.int8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return ([0] + runs) if flat[0] else runs
