@@ -31,7 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from weaktr.config import Config, from_dict, load_config, to_dict  # noqa: E402
-from weaktr.data.shards import Manifest, iter_samples, steps_per_epoch, write_dataset  # noqa: E402
+from weaktr.data.shards import Manifest, write_dataset  # noqa: E402
+from weaktr.data.stream import iter_samples, steps_per_epoch  # noqa: E402
 from weaktr.data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
 from weaktr.evaluate import evaluate_samples  # noqa: E402
 from weaktr.metrics import ConfusionMatrix  # noqa: E402

@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     cfg.data.loader_workers = 0  # decode + augment in this process: one core
     cfg.train.batch_size = cfg.seg_train.batch_size = args.batch_size
+    cfg.train.num_workers = cfg.seg_train.num_workers = 1  # one loader, one core: its batch is the whole batch
     steps = max(1, args.images // args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         if args.data_root:

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from weaktr.checkpoint import save_checkpoint  # noqa: E402
 from weaktr.data.synthetic import SyntheticSpec, iter_synthetic, write_synthetic  # noqa: E402
 from weaktr.models.cam import WeakTrCAM  # noqa: E402
-from weaktr.models.inference import multiscale_cams, multiscale_cams_reference  # noqa: E402
-from weaktr.pseudo import _png  # noqa: E402
+from weaktr.models.inference import multiscale_cams  # noqa: E402
+from weaktr.pseudo.stages import _png  # noqa: E402
 
 ARCHS = {
     # DeiT-S as in the paper (random weights: the speed is the same).
@@ -60,7 +60,7 @@ def bench_cam(args) -> list[tuple[str, str]]:
     images = [rng.integers(0, 256, size=(args.height, args.width, 3), dtype=np.uint8) for _ in range(args.images)]
     scales = [1.0, 1.2]
 
-    multiscale_cams_reference(model, images[:1], scales, True, 16)  # warm-up (allocator, kernels)
+    multiscale_cams(model, images[:1], scales, True, 16, reference=True)  # warm-up (allocator, kernels)
     # The machine is shared: interleave the two paths chunk by chunk so both see the same load.
     seconds = {"reference": 0.0, "batched": 0.0}
     results = {"reference": [], "batched": []}
@@ -68,9 +68,9 @@ def bench_cam(args) -> list[tuple[str, str]]:
         results = {"reference": [], "batched": []}
         for i in range(0, len(images), args.batch_size):  # a chunk, as the pipeline's CAM actors get them
             chunk = images[i : i + args.batch_size]
-            for name, fn in (("reference", multiscale_cams_reference), ("batched", multiscale_cams)):
+            for name in ("reference", "batched"):
                 start = time.perf_counter()
-                results[name] += fn(model, chunk, scales, True, 16)
+                results[name] += multiscale_cams(model, chunk, scales, True, 16, reference=name == "reference")
                 seconds[name] += time.perf_counter() - start
     rates = {name: args.repeats * len(images) / value for name, value in seconds.items()}
     what = f"CAM {args.arch} {args.height}x{args.width}, {args.images} images x {args.repeats}, scales 1.0+1.2 + flip"
@@ -120,7 +120,7 @@ def bench_crf(args) -> list[tuple[str, str]]:
     import ray.data
 
     from weaktr.crf import CRFParams, crf_refine_labels
-    from weaktr.pseudo import CrfStage, StageSettings, _decode_label_png, _decode_rgb
+    from weaktr.pseudo.stages import CrfStage, StageSettings, _decode_label_png, _decode_rgb
 
     rows = _crf_rows(args.images, args.height, args.width)
     sizes = {(_decode_rgb(r["image"]).shape[:2]) for r in rows[:4]}

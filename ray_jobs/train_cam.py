@@ -10,8 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from weaktr.config import job_arg_parser, parse_job_args  # noqa: E402
-from weaktr.launch import init_ray, prepare_data, save_resolved_config  # noqa: E402
-from weaktr.train.cam_loop import fit  # noqa: E402
+from weaktr.launch import init_ray, prepare_data, print_training_result, save_resolved_config  # noqa: E402
+from weaktr.train.cam_loop import fit, selection_metric  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -20,12 +20,7 @@ def main(argv=None) -> int:
     config_path = save_resolved_config(cfg)
     init_ray()
     result = fit(cfg)
-    metrics = result.metrics or {}
-    print(f"config: {config_path}")
-    print(f"final epoch {metrics.get('epoch')}: loss {metrics.get('loss', float('nan')):.4f} "
-          f"val_mAP {metrics.get('val_mAP', float('nan')):.4f}")
-    best = result.get_best_checkpoint("val_mAP", "max") if result.best_checkpoints else result.checkpoint
-    print(f"best checkpoint: {best.path if best else None}")
+    print_training_result(result, config_path, selection_metric(cfg), ("loss", "val_mAP", "cam_mIoU"))
     return 0
 
 

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from weaktr.config import job_arg_parser, parse_job_args  # noqa: E402
 from weaktr.data.shards import DataError  # noqa: E402
-from weaktr.launch import init_ray, prepare_data, save_resolved_config  # noqa: E402
+from weaktr.launch import init_ray, prepare_data, print_training_result, save_resolved_config  # noqa: E402
 from weaktr.train.seg_loop import fit  # noqa: E402
 
 
@@ -26,13 +26,7 @@ def main(argv=None) -> int:
     except DataError as err:  # e.g. a dataset without pseudo-labels, refused before any worker starts
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    metrics = result.metrics or {}
-    print(f"config: {config_path}")
-    print(f"final epoch {metrics.get('epoch')}: loss {metrics.get('loss', float('nan')):.4f} "
-          f"clipped {metrics.get('clipped_fraction', float('nan')):.3f} "
-          f"val_mIoU {metrics.get('val_mIoU', float('nan')):.4f}")
-    best = result.get_best_checkpoint("val_mIoU", "max") if result.best_checkpoints else result.checkpoint
-    print(f"best checkpoint: {best.path if best else None}")
+    print_training_result(result, config_path, "val_mIoU", ("loss", "clipped_fraction", "val_mIoU"))
     return 0
 
 

@@ -31,7 +31,7 @@ TINY_ON_CPU = [
 
 def check_chain(records: dict, cfg, num_train: int, num_classes: int) -> None:
     phase1 = records["phase1"]["metrics"]
-    assert len(phase1["history"]) == 2 and all(0 < m["cam_mIoU"] <= 1 for m in phase1["history"])
+    assert len(phase1["history"]) == cfg.train.epochs and all(0 < m["cam_mIoU"] <= 1 for m in phase1["history"])
     assert records["phase1"]["metrics"]["score"] == "cam_mIoU"  # the official checkpoint_best_mIoU choice
     pseudo = records["pseudo"]["metrics"]
     assert pseudo["split"] == cfg.data.train_split and pseudo["num_samples"] == num_train

@@ -12,7 +12,8 @@ import numpy as np
 
 from weaktr.checkpoint import save_checkpoint
 from weaktr.config import Config, to_dict
-from weaktr.data.shards import Manifest, iter_samples, write_dataset
+from weaktr.data.shards import Manifest, write_dataset
+from weaktr.data.stream import iter_samples
 from weaktr.data.synthetic import SyntheticSpec, write_synthetic
 
 NUM_CLASSES = 3
@@ -68,13 +69,13 @@ def tiny_config(tmp_path: Path, data_root: Path) -> Config:
 def save_random_checkpoint(directory: Path, cfg: Config, classes, kind: str = "seg", seed: int = 0) -> Path:
     """A checkpoint of an untrained (randomly initialized) Segmenter: its predictions are arbitrary but fixed."""
     import torch
-    from timm.optim import create_optimizer_v2
 
     from weaktr.models.build import build_segmenter as build_model
+    from weaktr.train.seg_loop import make_optimizer
 
     torch.manual_seed(seed)
     model = build_model(cfg, len(classes))
-    optimizer = create_optimizer_v2(model, opt=cfg.seg_train.opt, lr=cfg.seg_train.lr)
+    optimizer, _ = make_optimizer(model, cfg, steps=1)
     save_checkpoint(
         directory, kind=kind, model_state=model.state_dict(), arch=model.arch, classes=classes,
         config=to_dict(cfg), epoch=0, optimizer_state=optimizer.state_dict(),

@@ -92,3 +92,8 @@ def test_phase1_learning_rate_follows_the_official_linear_rule():
 def test_a_global_batch_that_does_not_split_over_the_workers_names_the_key(section):
     with pytest.raises(ConfigError, match=rf"'{section}.batch_size'.*{section}.num_workers=3"):
         load_config(ROOT / "configs" / "smoke.yaml", [f"{section}.batch_size=16", f"{section}.num_workers=3"])
+
+
+def test_a_value_the_crf_refuses_names_its_section():
+    with pytest.raises(ConfigError, match=r"'eval.crf_params': gt_prob must be in \(0, 1\)"):
+        load_config(None, ["eval.crf_params.gt_prob=1.5"])

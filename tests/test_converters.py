@@ -10,7 +10,8 @@ from PIL import Image
 
 from weaktr.data.coco import coco2014_splits, convert_coco
 from weaktr.data.folder import convert_folder, read_label_file
-from weaktr.data.shards import Manifest, iter_samples
+from weaktr.data.shards import Manifest
+from weaktr.data.stream import iter_samples
 from weaktr.data.voc import VOC_CLASSES, convert_voc, read_id_list, save_palette_png, voc_palette
 
 

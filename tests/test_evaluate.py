@@ -13,7 +13,7 @@ from seg_helpers import save_random_checkpoint, tiny_config, write_pseudo_datase
 
 from weaktr.checkpoint import CHECKPOINT_FILE, CheckpointMismatch
 from weaktr.config import save_config
-from weaktr.data.shards import iter_samples
+from weaktr.data.stream import iter_samples
 from weaktr.evaluate import REPORT_NAME, evaluate_on_ray, evaluate_samples, load_segmenter
 
 

@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 from conftest import RAY, ROOT, _free_port, ray_head_process
 from seg_helpers import save_random_checkpoint, tiny_config, write_pseudo_dataset
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from weaktr.checkpoint import CheckpointMismatch, load_checkpoint
+from weaktr.checkpoint import CheckpointMismatch
 from weaktr.cli import main as cli_main
 from weaktr.config import load_config
 from weaktr.data.coco import official_coco_classes
@@ -200,7 +200,13 @@ def official_segmenter_logits(state: dict, x: torch.Tensor, num_heads: int = 2, 
     B, _, H, W = x.shape
     t = F.conv2d(x, state["encoder.patch_embed.proj.weight"], state["encoder.patch_embed.proj.bias"], stride=16)
     t = torch.cat([state["encoder.cls_token"].expand(B, -1, -1), t.flatten(2).transpose(1, 2)], 1)
-    t = t + state["encoder.pos_embed"]
+    pos = state["encoder.pos_embed"]
+    n0 = int((pos.shape[1] - 1) ** 0.5)
+    if (H // 16, W // 16) != (n0, n0):  # segm/model/utils.py resize_pos_embed: bilinear from the stored grid
+        grid = pos[:, 1:].reshape(1, n0, n0, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(H // 16, W // 16), mode="bilinear")
+        pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, (H // 16) * (W // 16), -1)], 1)
+    t = t + pos
     depth = len({k.split(".")[2] for k in state if k.startswith("encoder.blocks.")})
     for i in range(depth):
         t = block(t, f"encoder.blocks.{i}")
@@ -225,7 +231,8 @@ def official_segmenter_logits(state: dict, x: torch.Tensor, num_heads: int = 2, 
     return (first, final) if ensemble else final
 
 
-def test_imported_segmenter_gives_the_official_logits(tmp_path):
+@pytest.mark.parametrize("size", [(64, 64), (80, 112)])  # the native grid, and non-square, non-native
+def test_imported_segmenter_gives_the_official_logits(tmp_path, size):
     from weaktr.official import import_official
 
     classes = CLASSES
@@ -233,7 +240,7 @@ def test_imported_segmenter_gives_the_official_logits(tmp_path):
     cfg = load_config(ROOT / "configs/voc12.yaml", TINY_SEG)
     out = import_official("seg", save_official(tmp_path / "s.pth", state), tmp_path / "seg", cfg, classes)
     model, _ = load_segmenter(out, classes=classes)
-    x = torch.randn(2, 3, 64, 64)  # the checkpoint's native grid (official evaluation: 480 windows at 480)
+    x = torch.randn(2, 3, *size)
     with torch.no_grad():
         torch.testing.assert_close(model(x), official_segmenter_logits(state, x), rtol=1e-5, atol=1e-5)
         first, final = official_segmenter_logits(state, x, ensemble=True)
@@ -290,12 +297,14 @@ def official_weaktr_forward(state: dict, x: torch.Tensor, num_classes: int, head
     return t[:, :C].mean(-1), coarse.mean((2, 3)), fine.mean((2, 3)), fine
 
 
-@pytest.mark.parametrize("size", [(64, 64), (80, 128)])  # the native 4 x 4 grid, and non-square, non-native
-def test_imported_cam_model_gives_the_official_logits_and_cams(tmp_path, size):
+@pytest.mark.parametrize("img_size, size", [(64, (64, 64)), (64, (80, 128)), (224, (224, 224)), (224, (320, 480))])
+def test_imported_cam_model_gives_the_official_logits_and_cams(tmp_path, img_size, size):
+    """At the checkpoint's native grid and at non-square, non-native sizes (the official resamples its position
+    embedding bicubically with scale factors (n + 0.1) / n0; weaktr must land on the same grid values)."""
     from weaktr.official import import_official
 
-    state = official_cam_state(len(CLASSES), seed=7)
-    cfg = load_config(ROOT / "configs/voc12.yaml", TINY)
+    state = official_cam_state(len(CLASSES), seed=7, grid=img_size // 16)
+    cfg = load_config(ROOT / "configs/voc12.yaml", [*TINY, f"model.img_size={img_size}"])
     out = import_official("cam", save_official(tmp_path / "c.pth", state), tmp_path / "cam", cfg, CLASSES)
     model, _ = load_cam_model(out, CLASSES)
     x = torch.randn(2, 3, *size)

@@ -21,11 +21,12 @@ from PIL import Image
 from weaktr import ops
 from weaktr.checkpoint import CheckpointMismatch, save_checkpoint
 from weaktr.config import Config
-from weaktr.data.shards import FailureTracker, Manifest, iter_samples
+from weaktr.data.shards import Manifest
+from weaktr.data.stream import FailureTracker, iter_samples
 from weaktr.data.synthetic import SyntheticSpec, write_synthetic
 from weaktr.metrics import ConfusionMatrix, parse_sweep
 from weaktr.models.cam import WeakTrCAM
-from weaktr.models.inference import multiscale_cams, multiscale_cams_reference
+from weaktr.models.inference import multiscale_cams
 from weaktr.pseudo import load_cam_model, run_pseudo_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def test_batched_multiscale_cams_match_the_reference_loop():
     images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sizes]
     for scales, flip in (([1.0, 1.2], True), ([0.8], False)):
         batched = multiscale_cams(model, images, scales, flip, patch_size=16)
-        reference = multiscale_cams_reference(model, images, scales, flip, patch_size=16)
+        reference = multiscale_cams(model, images, scales, flip, patch_size=16, reference=True)
         for image, a, b in zip(images, batched, reference):
             assert a.shape == b.shape == (NUM_CLASSES, *image.shape[:2])
             scale = b.abs().max().item()
@@ -277,7 +278,8 @@ def test_phase1_cam_miou_scores_the_first_masked_samples_of_its_split(tmp_path):
     """evaluate_cam_miou (phase 1's per-epoch metric) outside Ray: the same sweep as scoring the first N samples
     by hand, a different figure for other samples, and a missing split named by its config key."""
     from weaktr.config import load_config
-    from weaktr.data.shards import DataError, Manifest, iter_samples
+    from weaktr.data.shards import DataError
+    from weaktr.data.stream import iter_samples
     from weaktr.launch import prepare_data
     from weaktr.metrics import BackgroundSweep, normalize_cams
     from weaktr.models.build import build_cam_model as build_model

@@ -21,6 +21,7 @@ def test_coco14_recipe_runs_the_whole_chain_in_the_official_90_class_layout(ray_
     convert_coco(tmp_path / "coco14", coco2014_splits(coco_root), official_ids=True, samples_per_shard=8)
     cfg = load_config(ROOT / "configs" / "coco14.yaml", [
         *TINY_ON_CPU, f"data.root={tmp_path / 'coco14'}", f"run.storage_path={tmp_path / 'runs'}",
+        "train.epochs=1",  # the VOC chain (test_pipeline.py) covers two epochs and the checkpoint choice
     ])
     records = run_pipeline(cfg, log=lambda line: None)
     check_chain(records, cfg, num_train=16, num_classes=90)

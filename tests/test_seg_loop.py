@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from seg_helpers import save_random_checkpoint, tiny_config, write_pseudo_dataset
-from timm.optim import create_optimizer_v2
 
 from weaktr.checkpoint import CheckpointMismatch, load_checkpoint
 from weaktr.data.shards import DataError
 from weaktr.ops import gradient_clipping_loss
 from weaktr.models.build import build_segmenter as build_model
-from weaktr.train.seg_loop import fit, pixel_losses, resume
+from weaktr.train.common import resume
+from weaktr.train.seg_loop import fit, make_optimizer, pixel_losses
 
 
 @pytest.fixture(scope="module")
@@ -109,27 +109,33 @@ def test_resume_refuses_other_classes_and_phase_one_checkpoints(tmp_path, datase
     cfg = tiny_config(tmp_path, dataset[0])
     classes = dataset[1].classes
     model = build_model(cfg, len(classes))
-    optimizer = create_optimizer_v2(model, opt="sgd", lr=0.1)
+    optimizer, scheduler = make_optimizer(model, cfg, steps=5)
+
+    def resume_from(path, into=model, opt=optimizer, sched=scheduler):
+        return resume(load_checkpoint(path), into, opt, sched, kind="seg", classes=classes, steps=5)
 
     other = save_random_checkpoint(tmp_path / "other", cfg, ["cat", "dog", "bird"])
     with pytest.raises(CheckpointMismatch, match=r"trained on classes \['cat', 'dog', 'bird'\] but the dataset has"):
-        resume(load_checkpoint(other), model, optimizer, classes)
+        resume_from(other)
 
     cam = save_random_checkpoint(tmp_path / "cam", cfg, classes, kind="cam")
     with pytest.raises(CheckpointMismatch, match="is a 'cam' checkpoint, expected 'seg'"):
-        resume(load_checkpoint(cam), model, optimizer, classes)
+        resume_from(cam)
 
     same = save_random_checkpoint(tmp_path / "same", cfg, classes, seed=1)
     cfg.seg_model.d_model = 32
     narrower = build_model(cfg, len(classes))
     with pytest.raises(CheckpointMismatch, match="d_model: checkpoint 64 vs config 32"):
-        resume(load_checkpoint(same), narrower, create_optimizer_v2(narrower, opt="sgd", lr=0.1), classes)
+        resume_from(same, narrower, *make_optimizer(narrower, cfg, steps=5))
 
-    # a matching checkpoint loads: the weights are the saved ones
-    start = resume(load_checkpoint(same), model, optimizer, classes)
+    # a matching checkpoint loads: the weights are the saved ones, and the lr is the schedule's at the resumed step
+    start = resume_from(same)
     assert start == 1
     saved = load_checkpoint(same)["model"]
     assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
+    fresh_optimizer, fresh_scheduler = make_optimizer(build_model(cfg, len(classes)), cfg, steps=5)
+    fresh_scheduler.step_update(5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(fresh_optimizer.param_groups[0]["lr"])
 
 
 @pytest.mark.ray

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from weaktr.data.shards import Manifest, iter_samples
+from weaktr.data.shards import Manifest
+from weaktr.data.stream import iter_samples
 from weaktr.data.synthetic import CLASS_NAMES, IGNORE, SyntheticSpec, generate_sample, iter_synthetic, write_synthetic
 
 SPEC = SyntheticSpec(num_classes=6, num_train=40, num_val=10, min_size=64, max_size=112, seed=3, samples_per_shard=8)

@@ -91,20 +91,31 @@ def test_checkpoint_holds_weights_config_and_classes(first_run):
     assert ckpt["version"] and ckpt["optimizer"] is not None
 
 
-def test_resume_continues_from_the_checkpoint(first_run, tmp_path):
-    from weaktr.train.cam_loop import fit
+def test_resume_continues_from_the_checkpoint(first_run):
+    """What a resumed run does first (train.resume_from, or Ray Train restoring a worker): the checkpoint's weights,
+    the next epoch, and the lr the schedule has there; a phase-2 checkpoint is refused. (A resumed Ray Train run end
+    to end: test_seg_loop.py, through the same common.resume.)"""
+    import torch
+
+    from weaktr.checkpoint import CheckpointMismatch
+    from weaktr.models.build import build_cam_model
+    from weaktr.train.cam_loop import make_optimizer
+    from weaktr.train.common import resume
 
     cfg, result = first_run
-    last = epoch_metrics(result)[-1]
-    resumed_cfg = copy.deepcopy(cfg)
-    resumed_cfg.run.name = "resumed"
-    resumed_cfg.train.epochs = 4
-    resumed_cfg.train.resume_from = result.checkpoint.path
-    resumed = fit(resumed_cfg)
-    history = epoch_metrics(resumed)
-    assert [m["epoch"] for m in history] == [3]
-    # Continuing from trained weights: no jump back to the untrained loss (3 × ln 2).
-    assert history[0]["loss"] < last["loss"] + 0.05
+    state = load_checkpoint(result.checkpoint.path)
+    classes = state["classes"]
+    cfg = copy.deepcopy(cfg)
+    cfg.train.epochs = 4  # a longer run than the checkpoint's: the schedule stretches over it
+    model = build_cam_model(cfg, len(classes))
+    optimizer, scheduler = make_optimizer(model, cfg, steps=4)
+    assert resume(state, model, optimizer, scheduler, kind="cam", classes=classes, steps=4) == 3
+    assert all(torch.equal(value, state["model"][name]) for name, value in model.state_dict().items())
+    fresh_optimizer, fresh_scheduler = make_optimizer(build_cam_model(cfg, len(classes)), cfg, steps=4)
+    fresh_scheduler.step_update(3 * 4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(fresh_optimizer.param_groups[0]["lr"])
+    with pytest.raises(CheckpointMismatch, match="is a 'cam' checkpoint, expected 'seg'"):
+        resume(state, model, optimizer, scheduler, kind="seg", classes=classes, steps=4)
 
 
 def test_too_many_corrupt_samples_stop_the_run_naming_the_shard(ray_session, tmp_path):

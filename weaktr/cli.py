@@ -82,7 +82,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from weaktr.checkpoint import CheckpointMismatch
     from weaktr.config import EvalConfig, from_dict
     from weaktr.data.voc import save_palette_png, voc_palette
-    from weaktr.evaluate import crf_params, inference_kwargs, load_segmenter, predict_labels
+    from weaktr.evaluate import inference_kwargs, load_segmenter, predict_labels
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -109,7 +109,7 @@ def predict_command(args: argparse.Namespace) -> int:
     # scales, flip and window on top.
     eval_cfg = from_dict(ckpt.get("config", {}).get("eval", {}), EvalConfig, "eval.")
     eval_cfg.scales, eval_cfg.flip, eval_cfg.window, eval_cfg.stride = args.scales, not args.no_flip, args.window, args.stride
-    crf = crf_params(eval_cfg.crf_params) if args.crf else None
+    crf = eval_cfg.crf_params if args.crf else None
     unreadable = 0
     for path, stem in images:
         try:

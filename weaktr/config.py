@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import yaml
 
+from weaktr.crf import CRFParams
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be turned into a :class:`Config`."""
@@ -51,8 +53,8 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Phase 1: the multi-class-token ViT with adaptive attention fusion."""
+class BackboneConfig:
+    """The timm ViT both phases build on (``models.vit.create_backbone``); ``model`` and ``seg_model`` extend it."""
 
     backbone: str = "deit_small_patch16_224"
     pretrained: bool = False  # timm's pretrained weights (downloads)
@@ -62,10 +64,38 @@ class ModelConfig:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     drop_path_rate: float = 0.1
+    fused_attn: bool = True  # F.scaled_dot_product_attention; False: explicit softmax attention
+
+
+@dataclass
+class ModelConfig(BackboneConfig):
+    """Phase 1: the multi-class-token ViT with adaptive attention fusion."""
+
     reduction: int = 8
     feat_reduction: int = 8
     pool: str = "max"
-    fused_attn: bool = True
+
+
+@dataclass
+class RunnerConfig:
+    """How a training phase runs on Ray Train (workers, resources, failures, checkpoints) and the settings both
+    phases' optimizers share; ``train`` and ``seg_train`` extend it."""
+
+    epochs: int = 60
+    batch_size: int = 64  # global: split evenly over num_workers (the official batch x world_size)
+    opt: str = "adamw"
+    lr: float = 6e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.03
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    amp: bool = True  # bf16 autocast, GPU only
+    compile: bool = False  # torch.compile the model (pays off on GPU once its compile time is amortized)
+    fused_optimizer: bool = True  # fused optimizer kernels (torch's fused=True), GPU only; same updates up to rounding
+    max_failures: int = 1  # worker-failure restarts from the last checkpoint
+    checkpoints_to_keep: int = 2
+    resume_from: Optional[str] = None  # a checkpoint directory
 
 
 @dataclass
@@ -82,37 +112,22 @@ class CamEvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunnerConfig):
     """Phase 1 training (a Ray Train TorchTrainer)."""
 
-    epochs: int = 60
-    batch_size: int = 64  # global: split evenly over num_workers (the official batch x world_size)
-    lr: float = 6e-4
     # None: `lr` is the learning rate. A number n: `lr` is given for a global batch of n and scaled linearly to
     # batch_size (the official main.py: lr x batch x world_size / 512), see TrainConfig.scaled_lr.
     lr_base_batch: Optional[int] = None
-    min_lr: float = 1e-5
-    weight_decay: float = 0.03
     # True: weight decay on every parameter, as the official main.py (it hands timm model.parameters(), so nothing is
     # exempted); False: timm's usual exemptions (biases, norms, tokens, position embeddings).
     decay_all: bool = True
     warmup_epochs: int = 5
     warmup_lr: float = 1e-6
-    opt: str = "adamw"
     img_size: int = 224  # training crop
     scale_min: float = 0.35  # RandomResizedCrop scale lower bound
     color_jitter: float = 0.3
     auto_augment: Optional[str] = None  # e.g. "rand-m9-mstd0.5-inc1" (DeiT)
     re_prob: float = 0.0  # random erasing
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    amp: bool = True  # bf16 autocast, GPU only
-    compile: bool = False  # torch.compile the model (pays off on GPU once its compile time is amortized)
-    fused_optimizer: bool = True  # fused optimizer kernels (torch's fused=True), GPU only; same updates up to rounding
-    max_failures: int = 1  # worker-failure restarts from the last checkpoint
-    checkpoints_to_keep: int = 2
-    resume_from: Optional[str] = None  # a checkpoint directory
     cam_eval: CamEvalConfig = field(default_factory=CamEvalConfig)
 
     @property
@@ -138,19 +153,6 @@ def per_worker_batch(batch_size: int, num_workers: int, section: str) -> int:
 
 
 @dataclass
-class CrfConfig:
-    """Dense CRF kernels (SPEC: VOC defaults; COCO: gaussian 3/3, bilateral 50/5/10)."""
-
-    gaussian_sxy: float = 4.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 83.0
-    bilateral_srgb: float = 5.0
-    bilateral_compat: float = 3.0
-    iterations: int = 10
-    gt_prob: float = 0.7
-
-
-@dataclass
 class PseudoConfig:
     """CAMs -> pseudo-labels (a Ray Data pipeline)."""
 
@@ -160,7 +162,7 @@ class PseudoConfig:
     scales: list[float] = field(default_factory=lambda: [1.0, 1.2])
     flip: bool = True
     bg_threshold: float = 0.43
-    crf: CrfConfig = field(default_factory=CrfConfig)
+    crf: CRFParams = field(default_factory=CRFParams)  # dense CRF kernels (SPEC: VOC; COCO in coco14.yaml)
     batch_size: int = 16  # images per CAM-inference batch
     cam_actors: int = 1
     cam_gpus_per_actor: float = 0.0  # a fraction shares a GPU between actors; 0 runs on CPU
@@ -173,27 +175,19 @@ class PseudoConfig:
 
 
 @dataclass
-class SegModelConfig:
+class SegModelConfig(BackboneConfig):
     """Phase 2: ViT encoder + mask-transformer decoder."""
 
-    backbone: str = "deit_small_patch16_224"
-    pretrained: bool = False
-    weights_path: Optional[str] = None
     img_size: int = 480
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    drop_path_rate: float = 0.1
     d_model: Optional[int] = None  # decoder width; None: the encoder's
     decoder_depth: int = 2
     decoder_heads: Optional[int] = None  # None: d_model // 64, as Segmenter
     dropout: float = 0.1
-    fused_attn: bool = True
     encoder_norm_eps: Optional[float] = None  # None: the backbone's (timm DeiT 1e-6); the official Segmenter 1e-5
 
 
 @dataclass
-class SegTrainConfig:
+class SegTrainConfig(RunnerConfig):
     """Phase 2 training on pseudo-labels with the gradient-clipping loss."""
 
     data_root: Optional[str] = None  # the pseudo-label dataset; None: pseudo.out_dir
@@ -201,7 +195,6 @@ class SegTrainConfig:
     batch_size: int = 4  # global: split evenly over num_workers (the official world batch size)
     opt: str = "sgd"  # or "adamw"
     lr: float = 1e-4  # the decoder's; poly decay to min_lr (official segm/train.py)
-    min_lr: float = 1e-5
     encoder_lr_scale: float = 0.1  # the encoder trains at this x the decoder's lr (official --enc-lr 0.1)
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -219,15 +212,6 @@ class SegTrainConfig:
     # decoder.GradientClipping + engine.py; False: statistics and mean over labelled pixels only.
     count_ignored_pixels: bool = True
     eval_every: int = 1  # epochs between validation mIoU runs
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    amp: bool = True  # bf16 autocast, GPU only
-    compile: bool = False  # torch.compile the model (pays off on GPU once its compile time is amortized)
-    fused_optimizer: bool = True  # fused optimizer kernels (torch's fused=True), GPU only; same updates up to rounding
-    max_failures: int = 1
-    checkpoints_to_keep: int = 2
-    resume_from: Optional[str] = None
 
     @property
     def worker_batch_size(self) -> int:
@@ -248,7 +232,7 @@ class EvalConfig:
     flip: bool = True
     ensemble_weight: Optional[float] = None  # w x (masks before the decoder's last block) + final (official 0.8)
     crf: bool = False  # dense CRF over the predicted classes' probabilities (official segm/eval/make_crf.py)
-    crf_params: CrfConfig = field(default_factory=lambda: CrfConfig(gaussian_sxy=3.0))  # official phase-2 VOC
+    crf_params: CRFParams = field(default_factory=lambda: CRFParams(gaussian_sxy=3.0))  # official phase-2 VOC
     actors: int = 2
     gpus_per_actor: float = 0.0
     out_dir: Optional[str] = None  # where to write the report; None: beside the checkpoint
@@ -292,7 +276,10 @@ def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{path}'")
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a library dataclass's own check (e.g. CRFParams): say which section
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'config'}': {err}") from None
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:

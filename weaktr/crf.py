@@ -15,19 +15,20 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_labels, unary_from_softmax
+
+# pydensecrf is imported where a CRF runs: CRFParams is part of the config, which machines without pydensecrf (the
+# GPU bench machine) load too.
 
 
 @dataclass(frozen=True)
 class CRFParams:
     """Kernel settings; the defaults are the VOC ones of SPEC.md."""
 
-    gaussian_sxy: float = 4  # smoothness kernel: spatial std (px)
-    gaussian_compat: float = 3
-    bilateral_sxy: float = 83  # appearance kernel: spatial std (px) ...
-    bilateral_srgb: float = 5  # ... and colour std (0..255 units)
-    bilateral_compat: float = 3
+    gaussian_sxy: float = 4.0  # smoothness kernel: spatial std (px)
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 83.0  # appearance kernel: spatial std (px) ...
+    bilateral_srgb: float = 5.0  # ... and colour std (0..255 units)
+    bilateral_compat: float = 3.0
     iterations: int = 10  # mean-field steps
     gt_prob: float = 0.7  # confidence of the label unary (crf_refine_labels only)
 
@@ -46,7 +47,7 @@ class CRFParams:
 
     @classmethod
     def coco(cls) -> "CRFParams":
-        return cls(gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=50, bilateral_srgb=5, bilateral_compat=10)
+        return cls(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=50.0, bilateral_srgb=5.0, bilateral_compat=10.0)
 
 
 def _check_image(image, height: int, width: int) -> np.ndarray:
@@ -64,6 +65,8 @@ def _check_image(image, height: int, width: int) -> np.ndarray:
 
 def _mean_field(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.ndarray:
     """Posterior marginals [K, H*W] float32 for a unary [K, H*W] (negative log-probabilities)."""
+    import pydensecrf.densecrf as dcrf
+
     height, width = image.shape[:2]
     crf = dcrf.DenseCRF2D(width, height, unary.shape[0])
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
@@ -105,6 +108,8 @@ def crf_refine_labels(
     if ids.size == 1:  # only background possible: nothing to refine
         return labels.astype(np.uint8)
 
+    from pydensecrf.utils import unary_from_labels
+
     unary = unary_from_labels(compact, ids.size, gt_prob=params.gt_prob, zero_unsure=False)  # [n, H*W]
     posterior = _mean_field(image, unary, params)  # [n, H*W]
     return ids[posterior.argmax(0)].reshape(height, width).astype(np.uint8)
@@ -125,6 +130,8 @@ def crf_refine_probs(image, probs, params: CRFParams = CRFParams()) -> np.ndarra
     image = _check_image(image, height, width)
     if num_labels == 1:  # a single label: the CRF cannot change anything
         return np.ones_like(probs, dtype=np.float32)
+
+    from pydensecrf.utils import unary_from_softmax
 
     unary = unary_from_softmax(probs)  # [K, H*W] float32, -log(clip(p))
     return _mean_field(image, unary, params).reshape(num_labels, height, width)

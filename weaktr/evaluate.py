@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from weaktr.checkpoint import CheckpointMismatch, check_compatible, load_checkpoint
-from weaktr.config import Config, CrfConfig, EvalConfig, from_dict, to_dict
+from weaktr.config import Config, EvalConfig, from_dict, to_dict
 from weaktr.crf import CRFParams, crf_refine_prediction
-from weaktr.data.shards import DataError, Manifest, Sample, iter_samples
+from weaktr.data.shards import DataError, Manifest, Sample
+from weaktr.data.stream import iter_samples
 from weaktr.data.transforms import normalize_image
 from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import predict_probs
@@ -56,10 +57,6 @@ def load_segmenter(
     model = Segmenter(**ckpt["arch"])  # arch holds no weight source: nothing is downloaded
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
-
-
-def crf_params(crf: CrfConfig) -> CRFParams:
-    return CRFParams(**dataclasses.asdict(crf))
 
 
 @torch.no_grad()
@@ -108,8 +105,7 @@ def score_sample_variants(
     inference pass."""
     if sample.mask is None:
         raise DataError(f"sample {sample.key!r} has no ground-truth mask: evaluation needs a split with masks")
-    params = crf_params(eval_cfg.crf_params)
-    crfs = [params if crf else None for crf in crf_variants]
+    crfs = [eval_cfg.crf_params if crf else None for crf in crf_variants]
     preds = predict_label_variants(model, sample.image, crfs, amp=amp, **inference_kwargs(eval_cfg))
     return np.stack([ConfusionMatrix(model.num_classes).update(pred, sample.mask).matrix for pred in preds])
 

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import ray
 
@@ -146,3 +147,14 @@ def progress(total: int, what: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=what, unit="img", mininterval=0.5 if sys.stderr.isatty() else 30, file=sys.stderr)
+
+
+def print_training_result(result, config_path: Path, score: str, shown: Sequence[str]) -> None:
+    """The end of a training job's console: the config it ran, the last epoch's figures (``shown``) and the best
+    checkpoint by ``score`` (Ray Train's ``Result``)."""
+    metrics = result.metrics or {}
+    print(f"config: {config_path}")
+    figures = " ".join(f"{key} {metrics.get(key, float('nan')):.4f}" for key in shown)
+    print(f"final epoch {metrics.get('epoch')}: {figures}")
+    best = result.get_best_checkpoint(score, "max") if result.best_checkpoints else result.checkpoint
+    print(f"best checkpoint (by {score}): {best.path if best else None}")

@@ -146,7 +146,8 @@ def _sweep_figure(sweep: dict, used: float):
 def _sample_grid(cfg: Config, directory: Path, records: dict, classes: list[str]):
     """Rows of (image, CAM, pseudo-label, prediction, ground truth) for the first samples with a CAM overlay."""
     from weaktr.cli import colorize
-    from weaktr.data.shards import Manifest, iter_samples
+    from weaktr.data.shards import Manifest
+    from weaktr.data.stream import iter_samples
     from weaktr.data.voc import voc_palette
     from weaktr.evaluate import inference_kwargs, load_segmenter, predict_labels
 

@@ -198,33 +198,24 @@ def multiscale_cams(
     scales: Sequence[float] = (1.0,),
     flip: bool = True,
     patch_size: int = 16,
+    reference: bool = False,
 ) -> list[Tensor]:
     """Multi-scale (+ flip) fine CAMs G of uint8 [H, W, 3] images, each float32 [C, H, W] at its original size,
     on the model's device: per scale, resize, crop to multiples of `patch_size`, run the model, upsample G
     bilinearly, un-flip, and sum over scales and flips (absent classes are not zeroed here).
 
-    Batched (`weaktr.models.inference.cam_pass`): per scale, the images with the same input grid and all their
-    flips go through ONE forward pass; bf16 autocast on GPU. Same result as `multiscale_cams_reference` up to
-    float rounding. The model must be in eval mode; pass as many images at once as fit in memory.
+    Batched (`cam_pass`): per scale, the images with the same input grid and all their flips go through ONE
+    forward pass; bf16 autocast on GPU. With `reference`, the WeakTr reference loop instead (`cam_pass_reference`:
+    one image at a time, one forward per scale, float32), the equivalence and benchmark baseline; the two agree up
+    to float rounding. The model must be in eval mode; pass as many images at once as fit in memory.
     """
     device = next(model.parameters()).device
     sizes = [image.shape[:2] for image in images]
+    inputs = _scaled_inputs(images, scales, patch_size)
+    if reference:
+        return cam_pass_reference(model, inputs, sizes, flip)
     with autocast(device, enabled=True):
-        return cam_pass(model, _scaled_inputs(images, scales, patch_size), sizes, flip)
-
-
-def multiscale_cams_reference(
-    model: nn.Module,
-    images: Sequence[np.ndarray],
-    scales: Sequence[float] = (1.0,),
-    flip: bool = True,
-    patch_size: int = 16,
-) -> list[Tensor]:
-    """The WeakTr reference loop (`weaktr.models.inference.cam_pass_reference`): one image at a time, one forward
-    per scale (the image and its flip), float32. The equivalence baseline and benchmark baseline of
-    `multiscale_cams`."""
-    sizes = [image.shape[:2] for image in images]
-    return cam_pass_reference(model, _scaled_inputs(images, scales, patch_size), sizes, flip)
+        return cam_pass(model, inputs, sizes, flip)
 
 
 def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:

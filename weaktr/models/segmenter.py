@@ -203,10 +203,29 @@ class Segmenter(nn.Module):
         if H % ph or W % pw:
             raise ValueError(f"input size {H}x{W} must be a multiple of the patch size {ph}x{pw} (pad or crop it)")
 
-        tokens = self.encoder.forward_features(x)  # [B, 1 + N, D], final norm applied
-        patch_tokens = tokens[:, self.encoder.num_prefix_tokens :]  # [B, N, D]
+        patch_tokens = self.encode(x)  # [B, N, D]
         masks = self.decoder(patch_tokens, (H // ph, W // pw), both)  # [B, n or 2n, h, w]
         return F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)  # [B, n or 2n, H, W]
+
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Images [B, 3, H, W] -> the encoder's patch tokens [B, N, D] after its final norm.
+
+        timm's forward_features, but for the position embedding at grids other than the stored one: resampled
+        bilinearly (the official Segmenter's ``resize_pos_embed``) where timm resamples bicubically with
+        antialiasing, so that official checkpoints give the official logits at every input size."""
+        vit = self.encoder
+        x = vit.patch_embed(x)  # [B, h, w, D]: dynamic_img_size keeps the grid
+        B, h, w, D = x.shape
+        pos_cls, pos_patch = vit.pos_embed[:, :1], vit.pos_embed[:, 1:]  # [1, 1, D], [1, h0 * w0, D]
+        h0, w0 = vit.patch_embed.grid_size
+        if (h, w) != (h0, w0):
+            grid = pos_patch.reshape(1, h0, w0, D).permute(0, 3, 1, 2)  # [1, D, h0, w0]
+            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)  # [1, D, h, w]
+            pos_patch = grid.permute(0, 2, 3, 1).reshape(1, h * w, D)
+        tokens = torch.cat([vit.cls_token.expand(B, -1, -1) + pos_cls, x.reshape(B, h * w, D) + pos_patch], dim=1)
+        tokens = vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))  # [B, 1 + N, D]
+        return vit.norm(vit.blocks(tokens))[:, 1:]  # [B, N, D]
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -222,7 +241,7 @@ def _init_weights(module: nn.Module) -> None:
 
 def _check_encoder(vit: nn.Module, name: str) -> None:
     """The token layout the decoder relies on, with a clear error otherwise."""
-    if vit.cls_token is None or vit.num_prefix_tokens != 1 or vit.pos_embed is None:
+    if vit.cls_token is None or vit.num_prefix_tokens != 1 or vit.pos_embed is None or vit.no_embed_class:
         raise ValueError(
             f"backbone {name!r} must have exactly one class token and a learned positional embedding "
             "(DeiT / ViT layout; no register or distillation tokens)"

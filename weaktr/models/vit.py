@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 import timm
-import torch
 import torch.nn.functional as F
 from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn

@@ -18,9 +18,9 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from weaktr.checkpoint import check_compatible, save_checkpoint
-from weaktr.config import Config, from_dict, to_dict
-from weaktr.data.shards import DataError, FailureTracker, Manifest, iter_samples, make_loader, steps_per_epoch
+from weaktr.config import Config, from_dict
+from weaktr.data.shards import DataError, Manifest
+from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import (
     CamExample, batch_random_erasing, cam_eval_transform, cam_train_transform, multi_hot, normalize_batch,
 )
@@ -30,7 +30,7 @@ from weaktr.models.cam import WeakTrCAM
 from weaktr.models.inference import multiscale_cams
 from weaktr.runtime import autocast, fused_optimizer_kwargs, seed_rngs, unwrap
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report, restore,
+    all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report_epoch, restore, resume,
 )
 
 
@@ -72,8 +72,36 @@ def make_optimizer(model: WeakTrCAM, cfg: Config, steps: int):
     return optimizer, scheduler
 
 
+def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, *, epoch: int, failures=None):
+    """One pass over ``loader``; returns the per-step sums [loss, loss_cls, loss_coarse, loss_fine] (numpy) and the
+    sample keys this rank saw."""
+    steps = len(loader)
+    sums = np.zeros(4)
+    keys_seen: set[str] = set()
+    random_erasing = batch_random_erasing(cfg.train.re_prob, device=device)
+    model.train()
+    for step, batch in enumerate(loader):
+        if failures is not None:
+            failures.update(batch)
+        keys_seen.update(batch["key"])
+        images = normalize_batch(batch["image"].to(device, non_blocking=True))  # uint8 -> float [B, 3, H, W]
+        if random_erasing is not None:
+            images = random_erasing(images)
+        targets = batch["target"].to(device, non_blocking=True)  # [B, C]
+        with autocast(device, cfg.train.amp):
+            out = model(images)
+            loss, terms = unwrap(model).loss(out, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step_update(epoch * steps + step + 1)
+        sums += [terms["loss"], terms["loss_cls"], terms["loss_coarse"], terms["loss_fine"]]
+    return sums, keys_seen
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg: Config = from_dict(loop_config["config"])
+    t = cfg.train
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -83,52 +111,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
     manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
     num_classes = len(manifest.classes)
     train_shards = manifest.shard_paths(cfg.data.train_split)
-    steps = steps_per_epoch(manifest.splits[cfg.data.train_split].num_samples, world_size, cfg.train.worker_batch_size)
+    steps = steps_per_epoch(manifest.split(cfg.data.train_split).num_samples, world_size, t.worker_batch_size)
 
     model = build_cam_model(cfg, num_classes).to(device)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
-    start_epoch = 0
-    state = restore(cfg.train.resume_from)
+    state = restore(t.resume_from)
     history = list(state.get("history", [])) if state is not None else []  # every epoch's metrics
-    if state is not None:
-        check_compatible(state, kind="cam", classes=manifest.classes, arch=model.arch, source="resume checkpoint")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        # Not the scheduler's saved state: it would bring back the old run's length when
-        # train.epochs grew; the schedule is a function of the step, so step to it.
-        scheduler.step_update(start_epoch * steps)
+    start_epoch = 0 if state is None else resume(
+        state, model, optimizer, scheduler, kind="cam", classes=manifest.classes, steps=steps
+    )
     model = ray.train.torch.prepare_model(model)
-    if cfg.train.compile:
+    if t.compile:
         model = torch.compile(model)  # around DDP, as torch recommends; unwrap() still reaches the plain model
 
-    random_erasing = batch_random_erasing(cfg.train.re_prob, device=device)
     # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
     failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        model.train()
+    for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
         loader = make_train_loader(
             train_shards, cfg, num_classes, epoch=epoch, steps=steps, rank=rank, world_size=world_size
         )
-        loss_sums = [0.0, 0.0, 0.0, 0.0]  # total, cls, coarse, fine
-        keys_seen: set[str] = set()
-        for step, batch in enumerate(loader):
-            failures.update(batch)
-            keys_seen.update(batch["key"])
-            images = normalize_batch(batch["image"].to(device, non_blocking=True))  # uint8 -> float [B, 3, H, W]
-            if random_erasing is not None:
-                images = random_erasing(images)
-            targets = batch["target"].to(device, non_blocking=True)  # [B, C]
-            with autocast(device, cfg.train.amp):
-                out = model(images)
-                loss, terms = unwrap(model).loss(out, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step_update(epoch * steps + step + 1)
-            for i, name in enumerate(("loss", "loss_cls", "loss_coarse", "loss_fine")):
-                loss_sums[i] += terms[name]
+        sums, keys_seen = train_one_epoch(
+            model, loader, optimizer, scheduler, cfg, device, epoch=epoch, failures=failures
+        )
         elapsed = time.perf_counter() - started
         run_failures = check_failures_across_ranks(failures)
 
@@ -137,35 +142,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Keys seen by more than one rank in this epoch: 0 when shard splitting is disjoint.
         all_keys = all_gather(sorted(keys_seen))
         overlap = sum(len(set(a) & set(b)) for i, a in enumerate(all_keys) for b in all_keys[i + 1:])
-        images_per_s = all_reduce_sum([steps * cfg.train.worker_batch_size / elapsed], device)[0]
+        # Means over all ranks' steps (every rank runs `steps` steps).
+        totals = all_reduce_sum([*sums, steps * t.worker_batch_size], device)
         metrics = {
             "epoch": epoch,
-            "loss": loss_sums[0] / steps,
-            "loss_cls": loss_sums[1] / steps,
-            "loss_coarse": loss_sums[2] / steps,
-            "loss_fine": loss_sums[3] / steps,
+            "loss": totals[0] / (steps * world_size),
+            "loss_cls": totals[1] / (steps * world_size),
+            "loss_coarse": totals[2] / (steps * world_size),
+            "loss_fine": totals[3] / (steps * world_size),
             "val_mAP": val_map,
             "cam_mIoU": cam_miou,
             "cam_bg_threshold": cam_threshold,
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": images_per_s,
+            "images_per_s": totals[4] / elapsed,
             "samples_failed": run_failures.failed,
             "rank_overlap_keys": overlap,
             "epoch_seconds": elapsed,
         }
 
         history.append(metrics)
-
-        def save(directory: Path) -> None:
-            save_checkpoint(
-                directory, kind="cam", model_state=unwrap(model).state_dict(), arch=unwrap(model).arch,
-                classes=manifest.classes, config=to_dict(cfg), epoch=epoch,
-                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(), metrics=metrics,
-                history=history,
-            )
-
-        report(metrics, save, epochs=cfg.train.epochs, started=started,
-               shown=("loss", "loss_cls", "loss_coarse", "loss_fine", "val_mAP", "cam_mIoU"))
+        report_epoch(
+            metrics, kind="cam", model=model, optimizer=optimizer, scheduler=scheduler, classes=manifest.classes,
+            cfg=cfg, history=history, epochs=t.epochs, started=started,
+            shown=("loss", "loss_cls", "loss_coarse", "loss_fine", "val_mAP", "cam_mIoU"),
+        )
 
 
 @torch.no_grad()
@@ -266,15 +266,6 @@ def fit(cfg: Config, name: Optional[str] = None):
     The Ray Train run is ``name`` (default ``run.name``) under ``run.storage_path``; rerunning a finished or
     interrupted run of that name continues it."""
     trainer = make_trainer(
-        train_loop_per_worker,
-        {"config": to_dict(cfg)},
-        name=name or cfg.run.name,
-        storage_path=cfg.run.storage_path,
-        num_workers=cfg.train.num_workers,
-        use_gpu=cfg.train.use_gpu,
-        cpus_per_worker=cfg.train.cpus_per_worker,
-        max_failures=cfg.train.max_failures,
-        checkpoints_to_keep=cfg.train.checkpoints_to_keep,
-        score_attribute=selection_metric(cfg),
+        train_loop_per_worker, cfg, cfg.train, name=name or cfg.run.name, score_attribute=selection_metric(cfg)
     )
     return trainer.fit()

@@ -16,42 +16,40 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from weaktr.checkpoint import load_checkpoint
-from weaktr.data.shards import FailureTracker
+from weaktr.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from weaktr.config import Config, to_dict
+from weaktr.data.stream import FailureTracker
+from weaktr.runtime import unwrap
 
 log = logging.getLogger(__name__)
 
 
 def make_trainer(
-    loop: Callable[[dict], None],
-    loop_config: dict,
-    *,
-    name: str,
-    storage_path: str,
-    num_workers: int,
-    use_gpu: bool,
-    cpus_per_worker: int,
-    max_failures: int,
-    checkpoints_to_keep: int,
-    score_attribute: Optional[str] = None,
+    loop: Callable[[dict], None], cfg: Config, runner, *, name: str, score_attribute: str
 ) -> TorchTrainer:
+    """A TorchTrainer running ``loop`` on ``cfg`` with the workers, resources, failure and checkpoint settings of
+    ``runner`` (``cfg.train`` or ``cfg.seg_train``), storing under ``run.storage_path``/``name`` and ranking the
+    kept checkpoints by ``score_attribute`` (higher is better)."""
+    storage_path = cfg.run.storage_path
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
     return TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config={"config": to_dict(cfg)},
         scaling_config=ScalingConfig(
-            num_workers=num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            num_workers=runner.num_workers,
+            use_gpu=runner.use_gpu,
+            resources_per_worker={"CPU": runner.cpus_per_worker, **({"GPU": 1} if runner.use_gpu else {})},
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).expanduser().resolve()) if "://" not in storage_path else storage_path,
+            storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=checkpoints_to_keep,
+                num_to_keep=runner.checkpoints_to_keep,
                 checkpoint_score_attribute=score_attribute,
                 checkpoint_score_order="max",
             ),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=runner.max_failures),
             # Ray Train's INFO logs (a dump of every rank's report each epoch) go to its log files only;
             # the console gets the loops' one line per epoch.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -86,14 +84,36 @@ def restore(resume_from: Optional[str]) -> Optional[dict]:
     return None
 
 
-def report(
-    metrics: dict, save: Callable[[Path], None], *, epochs: int, shown: Sequence[str], started: float
+def resume(state: dict, model: torch.nn.Module, optimizer, scheduler, *, kind: str, classes: Sequence[str],
+           steps: int) -> int:
+    """Load a checkpoint's model and optimizer state into this run; returns the epoch to start from.
+
+    Refuses (CheckpointMismatch) a checkpoint of the other phase, of other classes or of another architecture.
+    The scheduler keeps this run's settings rather than loading the saved ones: the learning rate is a function
+    of the step alone, so it is stepped to the resumed step; resuming with more epochs stretches the schedule over
+    the new length instead of silently keeping the old one."""
+    check_compatible(state, kind=kind, classes=classes, arch=model.arch, source="resume checkpoint")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    start_epoch = state["epoch"] + 1
+    scheduler.step_update(start_epoch * steps)
+    return start_epoch
+
+
+def report_epoch(
+    metrics: dict, *, kind: str, model: torch.nn.Module, optimizer, scheduler, classes: Sequence[str], cfg: Config,
+    history: Sequence[dict], epochs: int, shown: Sequence[str], started: float,
 ) -> None:
-    """Report an epoch's metrics from every rank; rank 0 attaches a checkpoint written by ``save`` and prints
+    """Report an epoch's metrics from every rank; rank 0 attaches a checkpoint (the plain model's weights, the
+    optimizer and scheduler, the resolved config, this epoch's ``metrics`` and every epoch's ``history``) and prints
     the epoch's console line (``epoch_line``; ``started``: the epoch's ``time.perf_counter()`` start)."""
     if ray.train.get_context().get_world_rank() == 0:
         with tempfile.TemporaryDirectory() as directory:
-            save(Path(directory))
+            save_checkpoint(
+                directory, kind=kind, model_state=unwrap(model).state_dict(), arch=unwrap(model).arch,
+                classes=classes, config=to_dict(cfg), epoch=metrics["epoch"], optimizer_state=optimizer.state_dict(),
+                scheduler_state=scheduler.state_dict(), metrics=metrics, history=history,
+            )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         log.info(epoch_line(metrics, epochs, shown, time.perf_counter() - started))
     else:

@@ -24,11 +24,9 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
 
-from weaktr.checkpoint import check_compatible, save_checkpoint
-from weaktr.config import Config, from_dict, to_dict
-from weaktr.data.shards import (
-    DataError, FailureTracker, Manifest, iter_samples, make_loader, steps_per_epoch,
-)
+from weaktr.config import Config, from_dict
+from weaktr.data.shards import DataError, Manifest
+from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, normalize_batch, normalize_image
 from weaktr.evaluate import inference_kwargs
 from weaktr.metrics import ConfusionMatrix
@@ -38,7 +36,7 @@ from weaktr.models.segmenter import Segmenter
 from weaktr.ops import gradient_clipping_loss
 from weaktr.runtime import autocast, fused_optimizer_kwargs, seed_rngs, unwrap
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report, restore,
+    all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report_epoch, restore, resume,
 )
 
 
@@ -85,20 +83,6 @@ def pixel_losses(logits: torch.Tensor, target: torch.Tensor, cfg: Config) -> tup
         "clipped_fraction": (clipped.sum() / num_labelled).item(),
     }
     return loss_map.sum() / counted.sum().clamp(min=1), stats
-
-
-def resume(state: dict, model: Segmenter, optimizer, classes: list[str]) -> int:
-    """Load a checkpoint's model and optimizer state; returns the epoch to start from.
-
-    Refuses (CheckpointMismatch) a checkpoint of phase 1, of other classes or of another architecture.
-    The scheduler keeps this run's settings rather than loading the saved ones: the learning rate is a function
-    of the step count alone (set by ``step_update`` every step), so resuming with more epochs stretches the
-    decay over the new length instead of silently keeping the old one.
-    """
-    check_compatible(state, kind="seg", classes=classes, arch=model.arch, source="resume checkpoint")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["epoch"] + 1
 
 
 def make_optimizer(model: Segmenter, cfg: Config, steps: int):
@@ -181,7 +165,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer, scheduler = make_optimizer(model, cfg, steps)
     state = restore(st.resume_from)
     history = list(state.get("history", [])) if state is not None else []  # every epoch's metrics
-    start_epoch = 0 if state is None else resume(state, model, optimizer, manifest.classes)
+    start_epoch = 0 if state is None else resume(
+        state, model, optimizer, scheduler, kind="seg", classes=manifest.classes, steps=steps
+    )
     model = ray.train.torch.prepare_model(model)
     if st.compile:
         model = torch.compile(model)  # around DDP, as torch recommends; unwrap() still reaches the plain model
@@ -216,16 +202,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
 
         history.append(metrics)
-
-        def save(directory: Path) -> None:
-            save_checkpoint(
-                directory, kind="seg", model_state=unwrap(model).state_dict(), arch=unwrap(model).arch,
-                classes=manifest.classes, config=to_dict(cfg), epoch=epoch,
-                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(), metrics=metrics,
-                history=history,
-            )
-
-        report(metrics, save, epochs=st.epochs, started=started, shown=("loss", "ce", "clipped_fraction", "val_mIoU"))
+        report_epoch(
+            metrics, kind="seg", model=model, optimizer=optimizer, scheduler=scheduler, classes=manifest.classes,
+            cfg=cfg, history=history, epochs=st.epochs, started=started,
+            shown=("loss", "ce", "clipped_fraction", "val_mIoU"),
+        )
 
 
 @torch.no_grad()
@@ -271,16 +252,7 @@ def fit(cfg: Config, name: Optional[str] = None):
         cfg.seg_train.resume_from = str(Path(cfg.seg_train.resume_from).expanduser().resolve())
     require_pseudo_labels(Manifest.load(cfg.seg_train.data_root), cfg.data.train_split)
     trainer = make_trainer(
-        train_loop_per_worker,
-        {"config": to_dict(cfg)},
-        name=name or seg_run_name(cfg),
-        storage_path=cfg.run.storage_path,
-        num_workers=cfg.seg_train.num_workers,
-        use_gpu=cfg.seg_train.use_gpu,
-        cpus_per_worker=cfg.seg_train.cpus_per_worker,
-        max_failures=cfg.seg_train.max_failures,
-        checkpoints_to_keep=cfg.seg_train.checkpoints_to_keep,
-        score_attribute="val_mIoU",
+        train_loop_per_worker, cfg, cfg.seg_train, name=name or seg_run_name(cfg), score_attribute="val_mIoU"
     )
     return trainer.fit()
 

@@ -1,0 +1,36 @@
+"""The layering rule (ARCHITECTURE.md): the equations, models, data readers, evaluation, the CLI and the importer load
+no Ray at all; Ray comes in with the training loops, the pipelines and ray_jobs/. Each module is imported in a fresh
+interpreter, so nothing another test imported can hide a violation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_FREE = ["weaktr.ops", "weaktr.runtime", "weaktr.metrics", "weaktr.crf", "weaktr.config", "weaktr.models",
+            "weaktr.models.build", "weaktr.models.inference", "weaktr.data", "weaktr.data.stream", "weaktr.data.voc",
+            "weaktr.data.coco", "weaktr.evaluate", "weaktr.cli", "weaktr.official", "weaktr.pseudo"]
+
+
+def test_library_modules_import_without_ray():
+    probe = (
+        "import importlib, json, sys\n"
+        f"for name in {RAY_FREE!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("module", ["weaktr.train.cam_loop", "weaktr.train.seg_loop"])
+def test_training_loops_are_where_ray_train_comes_in(module):  # the probe above sees Ray where it is imported
+    probe = f"import sys, {module}; print('ray.train' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-3000:]

@@ -1,0 +1,305 @@
+"""The pseudo-label pipeline's stages, run inside Ray tasks and actors (see ``weaktr.pseudo``): reading and
+validating shards, the CAM actor, the CRF actor, the phase-1 model they load, and the small encodings of their rows."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from weaktr import ops
+from weaktr.checkpoint import CheckpointMismatch, check_compatible, load_checkpoint
+from weaktr.crf import CRFParams, crf_refine_labels
+from weaktr.data.shards import IMAGE_EXTENSIONS, SampleDecodeError, decode_sample
+from weaktr.data.voc import voc_palette
+from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
+from weaktr.models.cam import WeakTrCAM
+from weaktr.models.inference import multiscale_cams
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The phase-1 model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_cam_model(checkpoint_path: str | os.PathLike, classes: Sequence[str]) -> tuple[WeakTrCAM, dict]:
+    """Rebuild the phase-1 model of a checkpoint (weights-only load), in eval mode on the CPU.
+
+    Refuses (CheckpointMismatch) a checkpoint that is not a phase-1 ("cam") one, was trained on other classes or
+    whose architecture / weights do not fit, naming what differs. Returns (model, checkpoint payload).
+    """
+    payload = load_checkpoint(checkpoint_path)
+    source = f"checkpoint {checkpoint_path}"
+    check_compatible(payload, kind="cam", classes=classes, source=source)
+    arch = dict(payload["arch"])
+    if arch.get("num_classes") != len(classes):
+        raise CheckpointMismatch(
+            f"{source} has a {arch.get('num_classes')}-class head but the dataset has {len(classes)} classes"
+        )
+    try:
+        model = WeakTrCAM(**arch)
+    except (TypeError, ValueError) as exn:
+        raise CheckpointMismatch(f"{source}: cannot rebuild the model from its arch {arch}: {exn}") from exn
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exn:
+        raise CheckpointMismatch(f"{source}: weights do not fit its architecture: {exn}") from exn
+    return model.eval(), payload
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small encodings for rows
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _png(array: np.ndarray, palette: bool = False) -> bytes:
+    image = Image.fromarray(np.asarray(array, dtype=np.uint8), mode="P" if palette else "L")
+    if palette:
+        image.putpalette(voc_palette())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _decode_label_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image, dtype=np.uint8)
+
+
+def _decode_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"))  # writable: pydensecrf rejects read-only buffers
+
+
+def _sparse(counts: np.ndarray) -> bytes:
+    """A mostly-zero int64 array as int64 (flat index, count) pairs: per-image sweep histograms stay tiny."""
+    flat = counts.reshape(-1)
+    index = np.flatnonzero(flat)
+    return np.stack([index, flat[index]]).astype(np.int64).tobytes()
+
+
+def _add_sparse(dense: np.ndarray, data: bytes) -> None:
+    if data:
+        index, count = np.frombuffer(data, dtype=np.int64).reshape(2, -1)
+        np.add.at(dense.reshape(-1), index, count)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _overlay_jpeg(image: np.ndarray, norm_cams: np.ndarray) -> bytes:
+    """Image blended with a jet heat map of the strongest present-class CAM; norm_cams [P, H, W] in [0, 1]."""
+    from matplotlib import colormaps
+
+    heat = norm_cams.max(0) if len(norm_cams) else np.zeros(image.shape[:2], np.float32)  # [H, W]
+    colour = colormaps["jet"](heat)[..., :3] * 255  # [H, W, 3]
+    blend = (0.5 * image + 0.5 * colour).round().clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(blend).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pipeline stages (run inside Ray tasks / actors)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageSettings:
+    """Everything the stages need, shipped to every task/actor."""
+
+    num_classes: int
+    scales: list[float]
+    flip: bool
+    bg_threshold: float
+    chunk_size: int
+    overlay_samples: int
+    save_cams: bool
+    sweep_thresholds: Optional[list[float]]
+    crf: dict = field(default_factory=dict)  # CRFParams fields
+
+
+# One flat schema for every row after the CAM stage (failure rows leave the data columns empty).
+_ROW_META = ("kind", "shard_id", "shard_total", "index", "key", "reason")
+
+
+def _failure(index: int, key: str, reason: str) -> dict:
+    # Drop object addresses ("<_io.BytesIO object at 0x7f...>") that PIL puts in messages: reruns must match.
+    return {"index": index, "key": key, "reason": re.sub(r" at 0x[0-9a-fA-F]+", "", reason)}
+
+
+def _unusable(key: str, labels: list[int], mask: Optional[np.ndarray], num_classes: int) -> Optional[str]:
+    """Why a decodable sample cannot get a pseudo-label, or None."""
+    if not labels:
+        return "no labels: labels.json is empty"
+    if labels[-1] >= num_classes:
+        return f"labels {labels} outside 0..{num_classes - 1}"
+    if mask is not None:
+        bad = np.unique(mask[(mask > num_classes) & (mask != 255)])
+        if bad.size:
+            return f"mask has ids {bad[:10].tolist()} outside 0..{num_classes} and 255"
+    if not key or key.startswith(".") or any(ch in key for ch in "/\\"):
+        return "unsafe key for an output file name"
+    return None
+
+
+def read_shard(item: dict, settings: StageSettings) -> list[dict]:
+    """One input shard -> chunk rows {shard_id, shard_total, payload} (payload: pickled samples + failures).
+
+    shard_total is how many rows the driver will receive for this shard: one per valid sample, one per failure
+    (one "empty" row for a shard with neither).
+    """
+    samples, failures = [], []
+
+    def shard_error(exn: Exception) -> bool:
+        failures.append(_failure(-1, "", f"unreadable shard: {type(exn).__name__}: {exn}"))
+        return False  # stop this (single-shard) stream
+
+    raws = wds.tarfile_samples([{"url": item["path"]}], handler=shard_error)
+    for index, raw in enumerate(raws):
+        key = raw.get("__key__", "")
+        try:
+            sample = decode_sample(raw)
+        except SampleDecodeError as exn:
+            failures.append(_failure(index, key, str(exn)))
+            continue
+        labels = sorted(set(sample.labels))
+        problem = _unusable(key, labels, sample.mask, settings.num_classes)
+        if problem:
+            failures.append(_failure(index, key, problem))
+            continue
+        samples.append({
+            "index": index,
+            "key": key,
+            "size": sample.image.shape[:2],
+            "image": raw[next(ext for ext in IMAGE_EXTENSIONS if ext in raw)],
+            "labels": labels,
+            "mask": raw.get("mask.png", b""),
+            "overlay": item["offset"] + index < settings.overlay_samples,
+        })
+    empty = not samples and not failures
+    total = len(samples) + len(failures) + empty
+    # Same-size images next to each other -> same-grid groups in a chunk share forward passes.
+    samples.sort(key=lambda s: (s["size"], s["index"]))
+    chunks = [samples[i : i + settings.chunk_size] for i in range(0, len(samples), settings.chunk_size)] or [[]]
+    rows = []
+    for k, chunk in enumerate(chunks):
+        payload = {"samples": chunk, "failures": failures if k == 0 else [], "empty": empty}
+        rows.append({"shard_id": item["shard_id"], "shard_total": total, "payload": pickle.dumps(payload)})
+    return rows
+
+
+_INT_COLUMNS = ("shard_id", "shard_total", "index")
+_STR_COLUMNS = ("kind", "key", "reason", "labels")
+
+
+def _columns(rows: list[dict], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Rows -> a numpy batch; a column a row lacks is empty ("" / b"") so every batch has one schema."""
+    out = {}
+    for name in names:
+        if name in _INT_COLUMNS:
+            out[name] = np.array([row[name] for row in rows], dtype=np.int64)
+        else:
+            empty = "" if name in _STR_COLUMNS else b""
+            out[name] = np.array([row.get(name, empty) for row in rows], dtype=object)
+    return out
+
+
+class CamStage:
+    """Actor: chunk rows -> one row per image with its CAM label, metrics and (optional) CAM array / overlay."""
+
+    COLUMNS = _ROW_META + ("labels", "image", "mask", "cam_label", "cam_cm", "sweep", "cams", "overlay")
+
+    def __init__(self, model_ref: list, settings: StageSettings, use_gpu: bool = False, num_threads: int = 1):
+        import ray
+
+        state = ray.get(model_ref[0])  # wrapped in a list: Ray Data passes it through unresolved
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("pseudo.cam_gpus_per_actor > 0 but this CAM actor sees no CUDA device")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, num_threads))
+        self.model = WeakTrCAM(**state["arch"])
+        self.model.load_state_dict(state["model"])
+        self.model.eval().to(self.device)
+        self.patch_size = self.model.patch_size[0]
+        self.settings = settings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for shard_id, total, payload in zip(batch["shard_id"], batch["shard_total"], batch["payload"]):
+            chunk = pickle.loads(payload)
+            meta = {"shard_id": int(shard_id), "shard_total": int(total)}
+            for failure in chunk["failures"]:
+                rows.append({**meta, "kind": "failure", **failure})
+            if chunk["empty"]:
+                rows.append({**meta, "kind": "empty", "index": -1, "key": "", "reason": ""})
+            if chunk["samples"]:
+                rows.extend({**meta, **row} for row in self._process(chunk["samples"]))
+        return _columns(rows, self.COLUMNS)
+
+    def _process(self, samples: list[dict]) -> list[dict]:
+        s = self.settings
+        images = [_decode_rgb(sample["image"]) for sample in samples]
+        cams = multiscale_cams(self.model, images, s.scales, s.flip, self.patch_size)  # [C, H, W] each
+        rows = []
+        for sample, image, cam in zip(samples, images, cams):
+            present = sample["labels"]
+            # cam_to_label reads only the present classes: the same as zeroing the absent ones first.
+            cam_label = ops.cam_to_label(cam, present, s.bg_threshold).cpu().numpy().astype(np.uint8)  # [H, W]
+            norm = normalize_cams(cam[present].cpu().numpy(), range(len(present)))  # [P, H, W] in [0, 1]
+            row = {
+                "kind": "sample", "index": sample["index"], "key": sample["key"], "reason": "",
+                "labels": json.dumps(present), "image": sample["image"], "mask": sample["mask"],
+                "cam_label": _png(cam_label), "cams": _npy(norm) if s.save_cams else b"",
+                "overlay": _overlay_jpeg(image, norm) if sample["overlay"] else b"",
+            }
+            if sample["mask"]:
+                mask = _decode_label_png(sample["mask"])
+                row["cam_cm"] = _sparse(ConfusionMatrix(s.num_classes + 1).update(cam_label, mask).matrix)
+                if s.sweep_thresholds:
+                    full = np.zeros((s.num_classes, *mask.shape), np.float32)  # calloc: only present pages touched
+                    full[present] = norm
+                    sweep = BackgroundSweep(s.sweep_thresholds, s.num_classes).update(full, present, mask)
+                    row["sweep"] = _sparse(sweep.histogram)
+            rows.append(row)
+        return rows
+
+
+class CrfStage:
+    """Actor: dense CRF of each image's CAM label over its present classes -> the pseudo-label."""
+
+    COLUMNS = _ROW_META + ("pseudo", "pseudo_color", "cam_cm", "crf_cm", "sweep", "cams", "overlay")
+
+    def __init__(self, settings: StageSettings):
+        self.settings = settings
+        self.params = CRFParams(**settings.crf)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for i in range(len(batch["kind"])):
+            row = {name: batch[name][i] for name in _ROW_META + ("cam_cm", "sweep", "cams", "overlay")}
+            if row["kind"] == "sample":
+                image = _decode_rgb(batch["image"][i])
+                cam_label = _decode_label_png(batch["cam_label"][i])
+                pseudo = crf_refine_labels(image, cam_label, json.loads(batch["labels"][i]), self.params)
+                row["pseudo"], row["pseudo_color"] = _png(pseudo), _png(pseudo, palette=True)
+                if batch["mask"][i]:
+                    mask = _decode_label_png(batch["mask"][i])
+                    row["crf_cm"] = _sparse(ConfusionMatrix(self.settings.num_classes + 1).update(pseudo, mask).matrix)
+            rows.append(row)
+        return _columns(rows, self.COLUMNS)
+
+
