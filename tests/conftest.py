@@ -133,3 +133,13 @@ def ray_session(ray_head):
     if not ray.is_initialized():
         ray.init(address=ray_head[0], runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray_head
+
+
+def pytest_collection_modifyitems(items):
+    """The `ray` marker on every test that needs a Ray head (the shared one, through its fixtures, or one of its own
+    through ray_head_process), so `pytest -m "not ray"` runs the fast, Ray-free part of the suite."""
+    for item in items:
+        code = getattr(getattr(item, "function", None), "__code__", None)
+        starts_a_head = code is not None and "ray_head_process" in code.co_names
+        if "ray_session" in getattr(item, "fixturenames", ()) or starts_a_head:
+            item.add_marker(pytest.mark.ray)

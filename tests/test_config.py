@@ -83,7 +83,8 @@ def test_phase1_learning_rate_follows_the_official_linear_rule():
     # The batch is global: more workers split it, and the recipe (batch and lr) stays what it was.
     four = load_config(ROOT / "configs" / "voc12.yaml", ["train.num_workers=4"])
     assert four.train.worker_batch_size == 16 and four.train.scaled_lr == pytest.approx(7.5e-5)
-    assert load_config(ROOT / "configs" / "voc12.yaml", ["train.batch_size=128"]).train.scaled_lr == pytest.approx(1.5e-4)
+    doubled = load_config(ROOT / "configs" / "voc12.yaml", ["train.batch_size=128"])
+    assert doubled.train.scaled_lr == pytest.approx(1.5e-4)
     # Without lr_base_batch the configured lr is used as it is (the synthetic demo's recipe).
     assert load_config(ROOT / "configs" / "synthetic.yaml").train.scaled_lr == 1e-3
 

@@ -1,10 +1,14 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from weaktr.config import load_config
 from weaktr.crf import CRFParams, crf_refine_labels, crf_refine_prediction, crf_refine_probs
 
 H, W = 64, 72
 CLASS = 6  # the foreground class index of the right-hand region: dataset id 7
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def two_region_scene(seed=0):
@@ -26,8 +30,12 @@ def two_region_scene(seed=0):
     return image, true, noisy
 
 
+VOC_KERNELS = CRFParams()  # SPEC's VOC kernels are the defaults
+COCO_KERNELS = load_config(ROOT / "configs" / "coco14.yaml").pseudo.crf  # SPEC's COCO kernels, as shipped
+
+
 def test_params_presets():
-    voc, coco = CRFParams.voc(), CRFParams.coco()
+    voc, coco = VOC_KERNELS, COCO_KERNELS
     assert (voc.gaussian_sxy, voc.gaussian_compat, voc.bilateral_sxy, voc.bilateral_srgb, voc.bilateral_compat) == (
         4, 3, 83, 5, 3,
     )
@@ -37,7 +45,7 @@ def test_params_presets():
         CRFParams(gt_prob=1.0)
 
 
-@pytest.mark.parametrize("params", [CRFParams.voc(), CRFParams.coco()])
+@pytest.mark.parametrize("params", [VOC_KERNELS, COCO_KERNELS])
 def test_label_crf_repairs_noise_along_colour_boundary(params):
     image, true, noisy = two_region_scene()
     refined = crf_refine_labels(image, noisy, present=[CLASS], params=params)

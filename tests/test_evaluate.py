@@ -94,7 +94,6 @@ def test_crf_and_multiscale_flip_score_every_valid_pixel(setup):
     cfg.eval.scales, cfg.eval.flip, cfg.eval.crf = [1.0], False, False
 
 
-@pytest.mark.ray
 def test_ray_job_matches_a_direct_loop(ray_session, setup, tmp_path, capsys):
     _, cfg, manifest, checkpoint = setup
     cfg.eval.scales, cfg.eval.flip = [0.75, 1.0], True

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from conftest import RAY, ROOT, _free_port, ray_head_process
 from seg_helpers import save_random_checkpoint, tiny_config, write_pseudo_dataset
 
@@ -40,6 +41,7 @@ def test_a_dead_ray_address_fails_fast_naming_it():
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.ray  # starts a local Ray in a subprocess
 def test_a_stale_ray_address_file_starts_a_local_ray_instead_of_hanging():
     # What a killed `ray start --head` leaves: <Ray temp dir>/ray_current_cluster naming a dead head. Ray's temp
     # dir is $RAY_TMPDIR/ray; short, because Ray's unix sockets live under it.

@@ -85,7 +85,7 @@ def test_merge_equals_single_accumulation_and_survives_pickle():
     for i, (p, t) in enumerate(pairs):
         workers[i % 2].update(p, t)
     shipped = [pickle.loads(pickle.dumps(w)) for w in workers]
-    np.testing.assert_array_equal((shipped[0] + shipped[1]).matrix, whole.matrix)
+    np.testing.assert_array_equal(shipped[0].merge(shipped[1]).matrix, whole.matrix)
     merged = ConfusionMatrix.from_matrix(workers[0].matrix).merge(workers[1])
     np.testing.assert_array_equal(merged.matrix, whole.matrix)
     assert merged.miou() == whole.miou()
@@ -248,7 +248,7 @@ def test_sweep_merge_equals_single_pass_and_writes_outputs(tmp_path):
         whole.update(norm, present, target)
         parts[i % 2].update(torch.from_numpy(norm), present, torch.from_numpy(target))
     shipped = [pickle.loads(pickle.dumps(p)) for p in parts]
-    assert (shipped[0] + shipped[1]).curve() == whole.curve()
+    assert shipped[0].merge(shipped[1]).curve() == whole.curve()
     assert parts[0].merge(parts[1]).curve() == whole.curve()
     with pytest.raises(ValueError, match="same thresholds"):
         whole.merge(BackgroundSweep([0.2, 0.5], C))

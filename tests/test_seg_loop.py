@@ -138,7 +138,6 @@ def test_resume_refuses_other_classes_and_phase_one_checkpoints(tmp_path, datase
     assert optimizer.param_groups[0]["lr"] == pytest.approx(fresh_optimizer.param_groups[0]["lr"])
 
 
-@pytest.mark.ray
 def test_two_worker_training_learns_reports_clipping_and_resumes(ray_session, tmp_path, dataset):
     data_root, manifest = dataset
     cfg = tiny_config(tmp_path, data_root)

@@ -108,7 +108,8 @@ def predict_command(args: argparse.Namespace) -> int:
     # The checkpoint's own evaluation settings (short side, ensemble, CRF kernels), with the command line's
     # scales, flip and window on top.
     eval_cfg = from_dict(ckpt.get("config", {}).get("eval", {}), EvalConfig, "eval.")
-    eval_cfg.scales, eval_cfg.flip, eval_cfg.window, eval_cfg.stride = args.scales, not args.no_flip, args.window, args.stride
+    eval_cfg.scales, eval_cfg.flip = args.scales, not args.no_flip
+    eval_cfg.window, eval_cfg.stride = args.window, args.stride
     crf = eval_cfg.crf_params if args.crf else None
     unreadable = 0
     for path, stem in images:
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-flip", action="store_true", help="no horizontal-flip averaging")
     predict.add_argument("--window", type=int, default=480, help="sliding-window size (multiple of 16)")
     predict.add_argument("--stride", type=int, default=320, help="sliding-window stride")
-    predict.add_argument("--crf", action="store_true", help="refine with the official dense CRF (over the predicted classes)")
+    predict.add_argument("--crf", action="store_true",
+                         help="refine with the official dense CRF (over the predicted classes)")
     predict.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     predict.set_defaults(func=predict_command)
 
@@ -195,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("kind", choices=["cam", "seg"], help="cam: phase 1 (main.py); seg: phase 2 (segm/train.py)")
     imports.add_argument("src", help="the official checkpoint file, e.g. checkpoint_best_mIoU.pth")
     imports.add_argument("out", help="the weaktr checkpoint directory to write")
-    imports.add_argument("--config", required=True, help="weaktr config giving the architecture (e.g. configs/voc12.yaml)")
+    imports.add_argument("--config", required=True,
+                         help="weaktr config giving the architecture (e.g. configs/voc12.yaml)")
     imports.add_argument("--classes", default=None, help="voc, coco (official 90 classes) or a file of class names")
     imports.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value (repeatable)")

@@ -41,14 +41,6 @@ class CRFParams:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
-    @classmethod
-    def voc(cls) -> "CRFParams":
-        return cls()
-
-    @classmethod
-    def coco(cls) -> "CRFParams":
-        return cls(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=50.0, bilateral_srgb=5.0, bilateral_compat=10.0)
-
 
 def _check_image(image, height: int, width: int) -> np.ndarray:
     """The image as the C-contiguous, writable uint8 [H, W, 3] array pydensecrf's bilateral

@@ -101,9 +101,6 @@ class ConfusionMatrix:
         self.matrix += other.matrix
         return self
 
-    def __add__(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
-        return ConfusionMatrix.from_matrix(self.matrix, self.ignore_index).merge(other)
-
     def __repr__(self) -> str:
         return f"ConfusionMatrix(num_classes={self.num_classes}, pixels={int(self.matrix.sum())})"
 
@@ -348,11 +345,6 @@ class BackgroundSweep:
             raise ValueError("can only merge a BackgroundSweep with the same thresholds and num_classes")
         self.histogram += other.histogram
         return self
-
-    def __add__(self, other: "BackgroundSweep") -> "BackgroundSweep":
-        out = BackgroundSweep(self.thresholds, self.num_classes, self.ignore_index)
-        out.histogram = self.histogram.copy()
-        return out.merge(other)
 
     def confusion_matrices(self) -> np.ndarray:
         """[T, K, K]: the confusion matrix at each threshold (ascending order)."""

@@ -230,16 +230,15 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
-    collate: Callable[[list[dict]], Any] = collate_samples,
     pin_memory: bool = False,
     label_maps: Sequence[str] = LABEL_MAPS,
 ) -> StepLoader:
     """Exactly ``steps`` batches of ``transform(sample)`` dicts from this rank's shards.
 
     ``transform`` maps a :class:`Sample` to a dict of tensors; each example also gets ``key``
-    and ``failures``, and the default collate stacks the tensors and merges the failures.
+    and ``failures``; ``collate_samples`` stacks the tensors and merges the failures.
     Use the same (seed, epoch) on every rank. ``label_maps`` names the per-pixel maps to decode
-    (phase 1 needs none).
+    (phase 1 needs none). ``pin_memory`` (training on a GPU) lets the loops' non-blocking copies overlap.
     """
     if batch_size < 1 or steps < 1:
         raise ValueError(f"batch_size ({batch_size}) and steps ({steps}) must be >= 1")
@@ -251,7 +250,7 @@ def make_loader(
         mine, transform, seed=seed, epoch=epoch, rank=rank, shuffle_buffer=shuffle_buffer, label_maps=label_maps
     )
     loader = DataLoader(
-        stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory
+        stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples, pin_memory=pin_memory
     )
     return StepLoader(loader, steps)
 

@@ -62,15 +62,6 @@ def _mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _MEAN.to(device), _STD.to(device)
 
 
-def denormalize(tensor: torch.Tensor) -> np.ndarray:
-    """Inverse of :func:`normalize_image`: [3, H, W] or [B, 3, H, W] -> uint8 [H, W, 3] / [B, H, W, 3]."""
-    if tensor.ndim not in (3, 4) or tensor.shape[-3] != 3:
-        raise ValueError(f"expected [3, H, W] or [B, 3, H, W], got {tuple(tensor.shape)}")
-    image = tensor.detach().float().cpu() * _STD + _MEAN
-    image = (image * 255).round().clamp_(0, 255).to(torch.uint8)
-    return image.movedim(-3, -1).numpy()
-
-
 def multi_hot(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     """Class indices -> float [C] with ones at ``labels``."""
     target = torch.zeros(num_classes)
@@ -250,15 +241,6 @@ def photometric_distortion(
     if not contrast_first and random.randint(0, 1):
         image = convert(image, alpha=random.uniform(*contrast_range))
     return image
-
-
-def seg_eval_transform(image: np.ndarray, mask: Optional[np.ndarray] = None):
-    """Normalize only (evaluation runs on whole images): image -> float [3, H, W]; with a mask,
-    returns (image, mask int64 [H, W])."""
-    tensor = normalize_image(image)
-    if mask is None:
-        return tensor
-    return tensor, torch.from_numpy(np.asarray(mask).astype(np.int64))
 
 
 class CamExample:

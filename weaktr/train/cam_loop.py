@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from weaktr.config import Config, from_dict
+from weaktr.config import Config
 from weaktr.data.shards import DataError, Manifest
-from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
+from weaktr.data.stream import iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import (
     CamExample, batch_random_erasing, cam_eval_transform, cam_train_transform, multi_hot, normalize_batch,
 )
@@ -28,9 +26,9 @@ from weaktr.metrics import BackgroundSweep, mean_average_precision, normalize_ca
 from weaktr.models.build import build_cam_model
 from weaktr.models.cam import WeakTrCAM
 from weaktr.models.inference import multiscale_cams
-from weaktr.runtime import autocast, fused_optimizer_kwargs, seed_rngs, unwrap
+from weaktr.runtime import autocast, fused_optimizer_kwargs, unwrap
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report_epoch, restore, resume,
+    all_gather, check_failures_across_ranks, epoch_metrics, make_trainer, report_epoch, start_training, start_worker,
 )
 
 
@@ -50,7 +48,7 @@ def make_train_loader(
     return make_loader(
         shards, transform=to_example, batch_size=t.worker_batch_size, rank=rank, world_size=world_size, epoch=epoch,
         seed=cfg.run.seed, num_workers=cfg.data.loader_workers, steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
-        label_maps=(),
+        label_maps=(), pin_memory=t.use_gpu,
     )
 
 
@@ -100,13 +98,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, *,
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    cfg: Config = from_dict(loop_config["config"])
+    cfg, rank, world_size, device = start_worker(loop_config)
     t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    seed_rngs(cfg.run.seed + rank)
-    quiet_ray_console()
 
     manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
     num_classes = len(manifest.classes)
@@ -115,17 +108,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = build_cam_model(cfg, num_classes).to(device)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
-    state = restore(t.resume_from)
-    history = list(state.get("history", [])) if state is not None else []  # every epoch's metrics
-    start_epoch = 0 if state is None else resume(
-        state, model, optimizer, scheduler, kind="cam", classes=manifest.classes, steps=steps
+    model, start_epoch, history, failures = start_training(
+        model, optimizer, scheduler, cfg, t, kind="cam", classes=manifest.classes, steps=steps
     )
-    model = ray.train.torch.prepare_model(model)
-    if t.compile:
-        model = torch.compile(model)  # around DDP, as torch recommends; unwrap() still reaches the plain model
-
-    # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
-    failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
     for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
         loader = make_train_loader(
@@ -142,23 +127,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Keys seen by more than one rank in this epoch: 0 when shard splitting is disjoint.
         all_keys = all_gather(sorted(keys_seen))
         overlap = sum(len(set(a) & set(b)) for i, a in enumerate(all_keys) for b in all_keys[i + 1:])
-        # Means over all ranks' steps (every rank runs `steps` steps).
-        totals = all_reduce_sum([*sums, steps * t.worker_batch_size], device)
-        metrics = {
-            "epoch": epoch,
-            "loss": totals[0] / (steps * world_size),
-            "loss_cls": totals[1] / (steps * world_size),
-            "loss_coarse": totals[2] / (steps * world_size),
-            "loss_fine": totals[3] / (steps * world_size),
-            "val_mAP": val_map,
-            "cam_mIoU": cam_miou,
-            "cam_bg_threshold": cam_threshold,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": totals[4] / elapsed,
-            "samples_failed": run_failures.failed,
-            "rank_overlap_keys": overlap,
-            "epoch_seconds": elapsed,
-        }
+        losses = dict(zip(("loss", "loss_cls", "loss_coarse", "loss_fine"), sums))
+        metrics = epoch_metrics(
+            epoch, losses, steps=steps, world_size=world_size, batch_size=t.worker_batch_size, elapsed=elapsed,
+            optimizer=optimizer, failures=run_failures, device=device,
+        ) | {"val_mAP": val_map, "cam_mIoU": cam_miou, "cam_bg_threshold": cam_threshold, "rank_overlap_keys": overlap}
 
         history.append(metrics)
         report_epoch(

@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from weaktr.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from weaktr.config import Config, to_dict
+from weaktr.config import Config, from_dict, to_dict
 from weaktr.data.stream import FailureTracker
-from weaktr.runtime import unwrap
+from weaktr.runtime import seed_rngs, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,17 @@ def make_trainer(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def start_worker(loop_config: dict) -> tuple[Config, int, int, torch.device]:
+    """A training worker's first lines: its config, rank, world size and device; its RNGs seeded per rank and Ray's
+    INFO records kept off its console."""
+    cfg: Config = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    seed_rngs(cfg.run.seed + rank)
+    quiet_ray_console()
+    return cfg, rank, world_size, ray.train.torch.get_device()
 
 
 def quiet_ray_console() -> None:
@@ -98,6 +110,35 @@ def resume(state: dict, model: torch.nn.Module, optimizer, scheduler, *, kind: s
     start_epoch = state["epoch"] + 1
     scheduler.step_update(start_epoch * steps)
     return start_epoch
+
+
+def start_training(model: torch.nn.Module, optimizer, scheduler, cfg: Config, runner, *, kind: str,
+                   classes: Sequence[str], steps: int):
+    """Continue from Ray Train's checkpoint or ``runner.resume_from`` when there is one (``resume``), then wrap the
+    model for DDP (and ``torch.compile`` it around DDP, as torch recommends; ``unwrap`` still reaches the plain
+    model). Returns (model, first epoch, every earlier epoch's metrics, this run's decode-failure tracker)."""
+    state = restore(runner.resume_from)
+    history = list(state.get("history", [])) if state is not None else []
+    start_epoch = 0 if state is None else resume(
+        state, model, optimizer, scheduler, kind=kind, classes=classes, steps=steps
+    )
+    model = ray.train.torch.prepare_model(model)
+    if runner.compile:
+        model = torch.compile(model)
+    # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
+    failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
+    return model, start_epoch, history, failures
+
+
+def epoch_metrics(epoch: int, losses: dict[str, float], *, steps: int, world_size: int, batch_size: int,
+                  elapsed: float, optimizer, failures: FailureTracker, device: torch.device) -> dict:
+    """What every epoch reports: ``losses`` (this rank's per-step sums) as means over all ranks' steps (every rank
+    runs ``steps``), the lr, images/s over all ranks (``batch_size`` per rank and step), the run's decode failures
+    and the epoch's seconds."""
+    totals = all_reduce_sum([*losses.values(), steps * batch_size], device)
+    means = {name: total / (steps * world_size) for name, total in zip(losses, totals)}
+    return {"epoch": epoch, **means, "lr": optimizer.param_groups[0]["lr"], "images_per_s": totals[-1] / elapsed,
+            "samples_failed": failures.failed, "epoch_seconds": elapsed}
 
 
 def report_epoch(

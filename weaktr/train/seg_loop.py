@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
 
-from weaktr.config import Config, from_dict
+from weaktr.config import Config
 from weaktr.data.shards import DataError, Manifest
-from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
+from weaktr.data.stream import iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, normalize_batch, normalize_image
 from weaktr.evaluate import inference_kwargs
 from weaktr.metrics import ConfusionMatrix
@@ -34,9 +32,9 @@ from weaktr.models.inference import predict_probs
 from weaktr.models.build import build_segmenter
 from weaktr.models.segmenter import Segmenter
 from weaktr.ops import gradient_clipping_loss
-from weaktr.runtime import autocast, fused_optimizer_kwargs, seed_rngs, unwrap
+from weaktr.runtime import autocast, fused_optimizer_kwargs, unwrap
 from weaktr.train.common import (
-    all_gather, all_reduce_sum, check_failures_across_ranks, make_trainer, quiet_ray_console, report_epoch, restore, resume,
+    all_gather, check_failures_across_ranks, epoch_metrics, make_trainer, report_epoch, start_training, start_worker,
 )
 
 
@@ -117,7 +115,7 @@ def make_train_loader(shards: list[str], cfg: Config, *, epoch: int, steps: int,
     return make_loader(
         shards, transform=to_example, batch_size=st.worker_batch_size, rank=rank, world_size=world_size, epoch=epoch,
         seed=cfg.run.seed, num_workers=cfg.data.loader_workers, steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
-        label_maps=(to_example.target,),
+        label_maps=(to_example.target,), pin_memory=st.use_gpu,
     )
 
 
@@ -143,13 +141,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, *,
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    cfg: Config = from_dict(loop_config["config"])
+    cfg, rank, world_size, device = start_worker(loop_config)
     st = cfg.seg_train
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    seed_rngs(cfg.run.seed + rank)
-    quiet_ray_console()
 
     manifest = Manifest.load(Path(train_data_root(cfg)) / "manifest.json")
     val_manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
@@ -163,17 +156,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = build_segmenter(cfg, manifest.num_classes).to(device)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
-    state = restore(st.resume_from)
-    history = list(state.get("history", [])) if state is not None else []  # every epoch's metrics
-    start_epoch = 0 if state is None else resume(
-        state, model, optimizer, scheduler, kind="seg", classes=manifest.classes, steps=steps
+    model, start_epoch, history, failures = start_training(
+        model, optimizer, scheduler, cfg, st, kind="seg", classes=manifest.classes, steps=steps
     )
-    model = ray.train.torch.prepare_model(model)
-    if st.compile:
-        model = torch.compile(model)  # around DDP, as torch recommends; unwrap() still reaches the plain model
-
-    # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
-    failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
     for epoch in range(start_epoch, st.epochs):
         started = time.perf_counter()
         loader = make_train_loader(train_shards, cfg, epoch=epoch, steps=steps, rank=rank, world_size=world_size)
@@ -187,19 +172,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         val_miou = float("nan")
         if evaluated:
             val_miou = evaluate_miou(unwrap(model), val_manifest, cfg, rank, world_size, device).miou()
-        # Means over all ranks' steps (every rank runs `steps` steps).
-        totals = all_reduce_sum([*sums, steps * st.worker_batch_size], device)
-        metrics = {
-            "epoch": epoch,
-            "loss": totals[0] / (steps * world_size),
-            "ce": totals[1] / (steps * world_size),
-            "clipped_fraction": totals[2] / (steps * world_size),
-            "val_mIoU": val_miou,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": totals[3] / elapsed,
-            "samples_failed": run_failures.failed,
-            "epoch_seconds": elapsed,
-        }
+        metrics = epoch_metrics(
+            epoch, dict(zip(("loss", "ce", "clipped_fraction"), sums)), steps=steps, world_size=world_size,
+            batch_size=st.worker_batch_size, elapsed=elapsed, optimizer=optimizer, failures=run_failures, device=device,
+        ) | {"val_mIoU": val_miou}
 
         history.append(metrics)
         report_epoch(
