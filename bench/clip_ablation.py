@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from weaktr.config import Config, from_dict, load_config, to_dict  # noqa: E402
 from weaktr.data.shards import Manifest, write_dataset  # noqa: E402
 from weaktr.data.stream import iter_samples, steps_per_epoch  # noqa: E402
-from weaktr.data.synthetic import SyntheticSpec, write_synthetic  # noqa: E402
+from weaktr.data.synthetic import write_synthetic  # noqa: E402
 from weaktr.evaluate import evaluate_samples  # noqa: E402
 from weaktr.metrics import ConfusionMatrix  # noqa: E402
 from weaktr.models.build import build_segmenter as build_model  # noqa: E402
@@ -168,11 +168,7 @@ def main(argv=None) -> int:
     total_started = time.perf_counter()
     cfg = load_config(args.config, [*ABLATION_SETTINGS, *args.overrides])
     out = Path(args.out).resolve()
-    s = cfg.data.synthetic
-    spec = SyntheticSpec(
-        num_classes=s.num_classes, num_train=args.num_train, num_val=args.num_val, min_size=s.min_size,
-        max_size=s.max_size, max_objects=s.max_objects, seed=s.seed,
-    )
+    spec = cfg.data.synthetic.spec(num_train=args.num_train, num_val=args.num_val)
     gt = write_synthetic(out / "gt", spec)
     _, pseudo_miou = write_noisy_dataset(gt, out / "noisy_pseudo", args)
     print(f"pseudo-label mIoU vs ground truth: {100 * pseudo_miou:.2f}")

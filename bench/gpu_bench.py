@@ -153,7 +153,7 @@ def skipped(row: Row, why: str) -> Row:
 
 
 def seg_step(sizes: Sizes, device, batch: int, amp, fused_attn=True, fused_sgd=False, use_compile=False):
-    """A phase-2 training step; the loss is seg_loop.pixel_losses' (which imports Ray) without its statistics."""
+    """A phase-2 training step with phase 2's loss (``ops.segmentation_loss``, as seg_loop.pixel_losses calls it)."""
     torch.manual_seed(0)
     model = Segmenter(
         sizes.num_classes + 1, backbone=sizes.backbone, img_size=sizes.seg_size, fused_attn=fused_attn, **sizes.arch
@@ -170,10 +170,7 @@ def seg_step(sizes: Sizes, device, batch: int, amp, fused_attn=True, fused_sgd=F
     def step():
         with autocast_for(device, amp):
             logits = forward(images)  # [B, K, S, S]
-        pixel_loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        valid = targets != IGNORE_INDEX  # [B, S, S]
-        loss_map = ops.gradient_clipping_loss(pixel_loss, valid, 1.2, sizes.clip_patch_size)  # [B, S, S]
-        loss = loss_map.sum() / valid.sum().clamp(min=1)
+        loss, _, _ = ops.segmentation_loss(logits, targets, 1.2, sizes.clip_patch_size, ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

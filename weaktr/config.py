@@ -40,6 +40,14 @@ class SyntheticConfig:
     min_visible_fraction: float = 0.06  # smaller (mostly hidden) objects are dropped, label and all
     seed: int = 0
 
+    def spec(self, **changes: Any):
+        """The generator's ``weaktr.data.synthetic.SyntheticSpec`` for these settings (``changes`` on top): the
+        one place the section maps onto it."""
+        from weaktr.data.synthetic import SyntheticSpec  # weaktr.data needs webdataset; the config does not
+
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "enabled"}
+        return SyntheticSpec(**{**settings, **changes})
+
 
 @dataclass
 class DataConfig:

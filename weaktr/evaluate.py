@@ -22,7 +22,6 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from weaktr.checkpoint import CheckpointMismatch, check_compatible, load_checkpoint
 from weaktr.config import Config, EvalConfig, from_dict, to_dict
 from weaktr.crf import CRFParams, crf_refine_prediction
 from weaktr.data.shards import DataError, Manifest, Sample
@@ -30,6 +29,7 @@ from weaktr.data.stream import iter_samples
 from weaktr.data.transforms import normalize_image
 from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import predict_probs
+from weaktr.models.build import load_model
 from weaktr.models.segmenter import Segmenter
 from weaktr.runtime import autocast
 
@@ -42,21 +42,9 @@ REPORT_NAME = "eval_report.json"
 def load_segmenter(
     path: str | Path, device: str | torch.device = "cpu", classes: Optional[Sequence[str]] = None
 ) -> tuple[Segmenter, dict]:
-    """A phase-2 model rebuilt from its checkpoint (weights-only loading), in eval mode, and the checkpoint.
-
-    Refuses a checkpoint of another kind and, when ``classes`` is given, one trained on other classes.
-    """
-    ckpt = load_checkpoint(path)
-    if ckpt["kind"] != "seg":
-        raise CheckpointMismatch(
-            f"{path} is a '{ckpt['kind']}' checkpoint; this needs a phase-2 segmentation ('seg') checkpoint "
-            f"from ray_jobs/train_seg.py"
-        )
-    if classes is not None:
-        check_compatible(ckpt, kind="seg", classes=classes, source=f"checkpoint {path}")
-    model = Segmenter(**ckpt["arch"])  # arch holds no weight source: nothing is downloaded
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    """A phase-2 model and its checkpoint, in eval mode on ``device`` (``load_model``); with ``classes``, refused
+    unless trained on them."""
+    return load_model(path, "seg", classes, device)
 
 
 @torch.no_grad()
@@ -134,10 +122,12 @@ def _decode_shard(row: dict) -> list[dict]:
 class SegEvalActor:
     """An actor-pool stage: loads the model once, then maps batches of samples to per-image confusion counts."""
 
-    def __init__(self, checkpoint: str, classes: Sequence[str], config: dict, crf_variants: Sequence[bool]):
+    def __init__(self, model_ref: list, config: dict, crf_variants: Sequence[bool]):
+        from weaktr.launch import take_model  # Ray: only inside the actor
+
         cfg: Config = from_dict(config)
         device = "cuda" if cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.model, _ = load_segmenter(checkpoint, device, classes)
+        self.model = take_model("seg", model_ref, device)
         self.eval_cfg, self.amp, self.crf_variants = cfg.eval, cfg.seg_train.amp, list(crf_variants)
 
     def __call__(self, batch: dict) -> dict:
@@ -163,14 +153,16 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
     """One report per entry of ``crf_variants`` (without / with the dense CRF), from a single inference pass."""
     import ray
 
-    from weaktr.launch import actor_pool, progress, quiet_ray_data
+    from weaktr.launch import actor_pool, progress, put_model, quiet_ray_data
 
     quiet_ray_data()
     started = time.perf_counter()
     checkpoint = str(Path(checkpoint).expanduser().resolve())
     manifest = Manifest.load(Path(cfg.data.root).expanduser().resolve())
-    # Fail here, on the driver, with a clear message rather than inside every actor.
-    load_segmenter(checkpoint, "cpu", manifest.classes)
+    # Loaded and checked here, on the driver (a clear message rather than one from every actor), and shared with
+    # the actors through the object store.
+    model, _ = load_segmenter(checkpoint, "cpu", manifest.classes)
+    model_ref = put_model(model)
     shards = manifest.shard_paths(cfg.eval.split)
     num_classes = manifest.num_classes + 1
 
@@ -181,8 +173,7 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
     num_cpus = 1 if cfg.eval.gpus_per_actor == 0 else None  # GPU actors: Ray Data's default
     ds = ds.map_batches(
         SegEvalActor,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "classes": manifest.classes, "config": to_dict(cfg),
-                               "crf_variants": list(crf_variants)},
+        fn_constructor_kwargs={"model_ref": model_ref, "config": to_dict(cfg), "crf_variants": list(crf_variants)},
         batch_size=1,  # images differ in size; one image per call keeps batches rectangular
         batch_format="numpy",
         compute=actor_pool("eval.actors", cfg.eval.actors, num_cpus or 0, cfg.eval.gpus_per_actor),

@@ -27,15 +27,10 @@ def prepare_data(cfg: Config) -> Manifest:
     # Only a synthetic dataset may be (re)generated in place: never overwrite a converted one.
     is_other_dataset = manifest_path.exists() and "synthetic_spec" not in Manifest.load(manifest_path).meta
     if cfg.data.synthetic.enabled and not is_other_dataset:
-        from weaktr.data.synthetic import SyntheticSpec, write_synthetic
+        from weaktr.data.synthetic import write_synthetic
 
-        s = cfg.data.synthetic
         # write_synthetic reuses the shards when they were made from the same spec.
-        spec = SyntheticSpec(
-            num_classes=s.num_classes, num_train=s.num_train, num_val=s.num_val,
-            min_size=s.min_size, max_size=s.max_size, max_objects=s.max_objects,
-            min_visible_fraction=s.min_visible_fraction, seed=s.seed,
-        )
+        spec = cfg.data.synthetic.spec()
         return write_synthetic(root, spec)
     return Manifest.load(manifest_path)
 
@@ -158,3 +153,20 @@ def print_training_result(result, config_path: Path, score: str, shown: Sequence
     print(f"final epoch {metrics.get('epoch')}: {figures}")
     best = result.get_best_checkpoint(score, "max") if result.best_checkpoints else result.checkpoint
     print(f"best checkpoint (by {score}): {best.path if best else None}")
+
+
+def put_model(model) -> list:
+    """A model's arch and weights in Ray's object store, for actor pools (``take_model`` in each actor): the driver
+    loads and checks a checkpoint once, and actors on any node get it without reading the checkpoint's storage.
+    Wrapped in a list so that Ray Data hands the reference to actor constructors unresolved."""
+    return [ray.put({"arch": model.arch, "model": model.state_dict()})]
+
+
+def take_model(kind: str, model_ref: list, device):
+    """The model ``put_model`` shared, rebuilt in this actor on ``device``, in eval mode."""
+    from weaktr.models.build import MODELS
+
+    state = ray.get(model_ref[0])
+    model = MODELS[kind](**state["arch"])
+    model.load_state_dict(state["model"])
+    return model.eval().to(device)

@@ -87,6 +87,28 @@ def gradient_clipping_loss(pixel_loss: Tensor, valid: Tensor, start_value: float
     return torch.where(mean_loss > start_value, loss, clipped)
 
 
+def segmentation_loss(
+    logits: Tensor, target: Tensor, start_value: float, patch_size: int, *, clip: bool = True,
+    count_ignored: bool = True, ignore_index: int = 255,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Phase 2's training loss for logits [B, K, H, W] and labels [B, H, W] (``ignore_index`` ignored).
+
+    Per-pixel cross-entropy l (0 where ignored), through ``gradient_clipping_loss`` with ``clip``; the loss is the
+    mean of the map. With ``count_ignored`` (the official decoder.GradientClipping + engine.py) ignored pixels take
+    part as loss 0 in the clipping statistics and the mean; otherwise both run over labelled pixels only.
+    Returns (loss, l [B, H, W], the map l' [B, H, W]); sync-free.
+    """
+    pixel_loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")  # [B, H, W]
+    labelled = target != ignore_index  # [B, H, W]
+    # cross_entropy gives 0 at ignored pixels: counting them is treating every pixel as valid.
+    counted = torch.ones_like(labelled) if count_ignored else labelled
+    if clip:
+        loss_map = gradient_clipping_loss(pixel_loss, counted, start_value, patch_size)  # [B, H, W]
+    else:
+        loss_map = torch.where(counted, pixel_loss, pixel_loss.new_zeros(()))
+    return loss_map.sum() / counted.sum().clamp(min=1), pixel_loss, loss_map
+
+
 def _region_thresholds(loss: Tensor, valid: Tensor, mean_loss: Tensor, patch_size: int) -> Tensor:
     """tau per pixel [H, W]: max(region mean over valid pixels of the whole batch, mu), mu for empty regions."""
     B, H, W = loss.shape

@@ -37,7 +37,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
     """Generate pseudo-labels for ``cfg.pseudo.split`` of the dataset at ``cfg.data.root`` (see the module
     docstring). Needs a connected Ray (``ray.init``). Returns the report (report.json) plus a "run" entry saying
     how many shards were processed / skipped."""
-    import ray
+    from weaktr.launch import put_model  # imports Ray
 
     started = time.perf_counter()
     p = cfg.pseudo
@@ -97,7 +97,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
             sweep_thresholds=thresholds, crf=asdict(p.crf),
         )
         offsets = np.concatenate([[0], np.cumsum(split.shard_sizes)]).tolist()
-        model_ref = ray.put({"arch": model.arch, "model": model.state_dict()})
+        model_ref = put_model(model)
         dataset = _build_dataset(
             [{"shard_id": i, "path": shard_paths[i], "offset": offsets[i]} for i in todo], settings, model_ref, p
         )
@@ -126,7 +126,7 @@ def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
     )
     dataset = dataset.map_batches(
         CamStage, fn_constructor_kwargs={
-            "model_ref": [model_ref], "settings": settings, "use_gpu": p.cam_gpus_per_actor > 0,
+            "model_ref": model_ref, "settings": settings, "use_gpu": p.cam_gpus_per_actor > 0,
             "num_threads": max(1, int(p.cam_cpus_per_actor)),
         },
         batch_size=1, batch_format="numpy",

@@ -17,11 +17,11 @@ import webdataset as wds
 from PIL import Image
 
 from weaktr import ops
-from weaktr.checkpoint import CheckpointMismatch, check_compatible, load_checkpoint
 from weaktr.crf import CRFParams, crf_refine_labels
 from weaktr.data.shards import IMAGE_EXTENSIONS, SampleDecodeError, decode_sample
 from weaktr.data.voc import voc_palette
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
+from weaktr.models.build import load_model
 from weaktr.models.cam import WeakTrCAM
 from weaktr.models.inference import multiscale_cams
 
@@ -32,28 +32,8 @@ from weaktr.models.inference import multiscale_cams
 
 
 def load_cam_model(checkpoint_path: str | os.PathLike, classes: Sequence[str]) -> tuple[WeakTrCAM, dict]:
-    """Rebuild the phase-1 model of a checkpoint (weights-only load), in eval mode on the CPU.
-
-    Refuses (CheckpointMismatch) a checkpoint that is not a phase-1 ("cam") one, was trained on other classes or
-    whose architecture / weights do not fit, naming what differs. Returns (model, checkpoint payload).
-    """
-    payload = load_checkpoint(checkpoint_path)
-    source = f"checkpoint {checkpoint_path}"
-    check_compatible(payload, kind="cam", classes=classes, source=source)
-    arch = dict(payload["arch"])
-    if arch.get("num_classes") != len(classes):
-        raise CheckpointMismatch(
-            f"{source} has a {arch.get('num_classes')}-class head but the dataset has {len(classes)} classes"
-        )
-    try:
-        model = WeakTrCAM(**arch)
-    except (TypeError, ValueError) as exn:
-        raise CheckpointMismatch(f"{source}: cannot rebuild the model from its arch {arch}: {exn}") from exn
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exn:
-        raise CheckpointMismatch(f"{source}: weights do not fit its architecture: {exn}") from exn
-    return model.eval(), payload
+    """The phase-1 model of a checkpoint trained on ``classes``, in eval mode on the CPU (``load_model``)."""
+    return load_model(checkpoint_path, "cam", classes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -223,17 +203,14 @@ class CamStage:
     COLUMNS = _ROW_META + ("labels", "image", "mask", "cam_label", "cam_cm", "sweep", "cams", "overlay")
 
     def __init__(self, model_ref: list, settings: StageSettings, use_gpu: bool = False, num_threads: int = 1):
-        import ray
+        from weaktr.launch import take_model  # Ray: only inside the actor
 
-        state = ray.get(model_ref[0])  # wrapped in a list: Ray Data passes it through unresolved
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("pseudo.cam_gpus_per_actor > 0 but this CAM actor sees no CUDA device")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, num_threads))
-        self.model = WeakTrCAM(**state["arch"])
-        self.model.load_state_dict(state["model"])
-        self.model.eval().to(self.device)
+        self.model = take_model("cam", model_ref, self.device)
         self.patch_size = self.model.patch_size[0]
         self.settings = settings
 

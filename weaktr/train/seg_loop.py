@@ -18,7 +18,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
 
@@ -31,7 +30,7 @@ from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import predict_probs
 from weaktr.models.build import build_segmenter
 from weaktr.models.segmenter import Segmenter
-from weaktr.ops import gradient_clipping_loss
+from weaktr.ops import segmentation_loss
 from weaktr.runtime import autocast, fused_optimizer_kwargs, unwrap
 from weaktr.train.common import (
     all_gather, check_failures_across_ranks, epoch_metrics, make_trainer, report_epoch, start_training, start_worker,
@@ -58,29 +57,22 @@ def require_pseudo_labels(manifest: Manifest, split: str) -> None:
 
 
 def pixel_losses(logits: torch.Tensor, target: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, dict]:
-    """The training loss and its statistics for logits [B, K, H, W] and pseudo-labels [B, H, W] (255 ignored).
-
-    loss = mean of l', l' the gradient-clipped per-pixel cross-entropy (or the plain one without clipping). With
-    ``seg_train.count_ignored_pixels`` (the official code) ignored pixels take part as loss 0 in the clipping
-    statistics and the mean; otherwise both are over labelled pixels only. Statistics (floats, synchronizing):
-    "ce" = plain mean cross-entropy over labelled pixels, "clipped_fraction" = share of labelled pixels clipped.
-    """
+    """The training loss (``ops.segmentation_loss`` with the ``seg_train`` settings) and its statistics for logits
+    [B, K, H, W] and pseudo-labels [B, H, W] (255 ignored). Statistics (floats, synchronizing): "ce" = plain mean
+    cross-entropy over labelled pixels, "clipped_fraction" = share of labelled pixels whose loss was clipped."""
     st = cfg.seg_train
-    pixel_loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")  # [B, H, W]
+    loss, pixel_loss, loss_map = segmentation_loss(
+        logits, target, st.clip_start_value, st.clip_patch_size, clip=st.clip, count_ignored=st.count_ignored_pixels,
+        ignore_index=IGNORE_INDEX,
+    )
     labelled = target != IGNORE_INDEX  # [B, H, W]
     num_labelled = labelled.sum().clamp(min=1)
-    # cross_entropy gives 0 at ignored pixels: counting them is treating every pixel as valid.
-    counted = torch.ones_like(labelled) if st.count_ignored_pixels else labelled
-    if st.clip:
-        loss_map = gradient_clipping_loss(pixel_loss, counted, st.clip_start_value, st.clip_patch_size)  # [B, H, W]
-    else:
-        loss_map = torch.where(counted, pixel_loss, pixel_loss.new_zeros(()))
     clipped = (loss_map.detach() < pixel_loss.detach()) & labelled  # [B, H, W]
     stats = {
         "ce": (pixel_loss.detach().sum() / num_labelled).item(),
         "clipped_fraction": (clipped.sum() / num_labelled).item(),
     }
-    return loss_map.sum() / counted.sum().clamp(min=1), stats
+    return loss, stats
 
 
 def make_optimizer(model: Segmenter, cfg: Config, steps: int):
