@@ -9,17 +9,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from weaktr.config import job_arg_parser, parse_job_args  # noqa: E402
+from weaktr.config import ConfigError, job_arg_parser, parse_job_args  # noqa: E402
+from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.launch import init_ray, prepare_data, print_training_result, save_resolved_config  # noqa: E402
 from weaktr.train.cam_loop import fit, selection_metric  # noqa: E402
 
 
 def main(argv=None) -> int:
-    _, cfg = parse_job_args(job_arg_parser("Train the phase-1 WeakTr CAM model"), argv)
+    parser = job_arg_parser("Train the phase-1 WeakTr CAM model")
+    _, cfg = parse_job_args(parser, argv)
     prepare_data(cfg)
     config_path = save_resolved_config(cfg)
     init_ray()
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except (ConfigError, DataError) as err:  # e.g. a CAM-mIoU split the dataset lacks, refused before training
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     print_training_result(result, config_path, selection_metric(cfg), ("loss", "val_mAP", "cam_mIoU"))
     return 0
 

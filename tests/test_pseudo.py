@@ -301,3 +301,26 @@ def test_phase1_cam_miou_scores_the_first_masked_samples_of_its_split(tmp_path):
     cfg.train.cam_eval.split = "nope"
     with pytest.raises(DataError, match="train.cam_eval.split.*'nope'"):
         evaluate_cam_miou(model, manifest, cfg, 0, 1, torch.device("cpu"))
+
+
+def test_phase1_cam_eval_ranks_read_disjoint_shares_of_the_first_samples(tmp_path):
+    """Each rank decodes only its shards; together the ranks score exactly the split's first N samples. A split the
+    dataset lacks is refused by fit() on the driver, before any worker trains an epoch."""
+    from weaktr.config import ConfigError, load_config
+    from weaktr.data.shards import DataError
+    from weaktr.launch import prepare_data
+    from weaktr.train.cam_loop import cam_eval_samples, fit
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.root={tmp_path / 'data'}"])
+    manifest = prepare_data(cfg)
+    first = [s.key for s in iter_samples(manifest.shard_paths("train"))]
+    for limit in (0, 100, 20):  # shards hold 64 samples: 20 lie in one shard, so one rank reads them all
+        shares = [[s.key for s in cam_eval_samples(manifest, "train", limit, rank, 2)] for rank in (0, 1)]
+        assert not set(shares[0]) & set(shares[1]) and (all(shares) or limit == 20)
+        assert sorted(shares[0] + shares[1]) == sorted(first[:limit] if limit else first)
+    cfg.train.cam_eval.split = "nope"
+    with pytest.raises(DataError, match="train.cam_eval.split.*'nope'"):
+        fit(cfg)
+    cfg.train.cam_eval.split, cfg.train.cam_eval.sweep = "train", "0.6:0.4:0.1"
+    with pytest.raises(ConfigError, match="train.cam_eval.sweep"):
+        fit(cfg)

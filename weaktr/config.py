@@ -112,7 +112,7 @@ class CamEvalConfig:
     epoch, background threshold searched, `checkpoint_best_mIoU.pth` kept). The best checkpoint is chosen by it."""
 
     split: Optional[str] = "train"  # a split with ground-truth masks; None: off (checkpoints chosen by val_mAP)
-    samples: int = 200  # the split's first N samples with masks (0: all of them)
+    samples: int = 200  # the split's first N samples (0: all of them); those without a mask are skipped
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
     sweep: str = "0.40:0.60:0.01"  # background thresholds searched in the same pass (official: 40..60 %)

@@ -164,9 +164,7 @@ def put_model(model) -> list:
 
 def take_model(kind: str, model_ref: list, device):
     """The model ``put_model`` shared, rebuilt in this actor on ``device``, in eval mode."""
-    from weaktr.models.build import MODELS
+    from weaktr.models.build import rebuild
 
     state = ray.get(model_ref[0])
-    model = MODELS[kind](**state["arch"])
-    model.load_state_dict(state["model"])
-    return model.eval().to(device)
+    return rebuild(kind, state["arch"], state["model"]).to(device)

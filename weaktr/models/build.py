@@ -56,11 +56,16 @@ def load_model(
     check_compatible(payload, kind=kind, classes=payload["classes"] if classes is None else classes, source=source)
     arch = dict(payload["arch"])
     try:
-        model = MODELS[kind](**arch)
-    except (TypeError, ValueError) as exn:
+        model = rebuild(kind, arch, payload["model"])
+    except (TypeError, ValueError) as exn:  # the constructor's
         raise CheckpointMismatch(f"{source}: cannot rebuild the model from its arch {arch}: {exn}") from exn
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exn:
+    except RuntimeError as exn:  # load_state_dict's
         raise CheckpointMismatch(f"{source}: weights do not fit its architecture: {exn}") from exn
-    return model.to(device).eval(), payload
+    return model.to(device), payload
+
+
+def rebuild(kind: str, arch: dict, weights: dict) -> torch.nn.Module:
+    """The ``kind`` model of a checkpoint's ``arch`` with ``weights``, in eval mode on the CPU."""
+    model = MODELS[kind](**arch)
+    model.load_state_dict(weights)
+    return model.eval()

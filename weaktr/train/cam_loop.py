@@ -16,7 +16,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from weaktr.config import Config
+from weaktr.config import Config, ConfigError
 from weaktr.data.shards import DataError, Manifest
 from weaktr.data.stream import iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import (
@@ -181,9 +181,10 @@ def evaluate_map(model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, w
 def evaluate_cam_miou(
     model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, world_size: int, device
 ) -> tuple[float, float]:
-    """(CAM mIoU, its background threshold) on the first ``train.cam_eval.samples`` samples with masks of
-    ``train.cam_eval.split``, the threshold searched over ``cam_eval.sweep`` in the same pass (the official
-    main.py after every epoch). Sample i is scored by rank i mod world_size; (NaN, NaN) when ``split`` is None."""
+    """(CAM mIoU, its background threshold) on the first ``train.cam_eval.samples`` samples of
+    ``train.cam_eval.split`` (those without a mask skipped), the threshold searched over ``cam_eval.sweep`` in the
+    same pass (the official main.py after every epoch). Each rank reads and scores only its share of the shards
+    (``cam_eval_samples``); (NaN, NaN) when ``split`` is None."""
     ce = cfg.train.cam_eval
     if ce.split is None:
         return float("nan"), float("nan")
@@ -198,9 +199,8 @@ def evaluate_cam_miou(
             sweep.update(normalize_cams(cam.cpu(), sample.labels), sample.labels, sample.mask)
         batch.clear()
 
-    for index, sample in enumerate(cam_eval_samples(manifest, ce.split, ce.samples)):
-        if index % world_size == rank:
-            batch.append(sample)
+    for sample in cam_eval_samples(manifest, ce.split, ce.samples, rank, world_size):
+        batch.append(sample)
         if len(batch) == ce.batch_size:
             flush()
     if batch:
@@ -213,19 +213,26 @@ def evaluate_cam_miou(
     return miou, threshold
 
 
-def cam_eval_samples(manifest: Manifest, split: str, limit: int):
-    """The first ``limit`` samples with a ground-truth mask of ``split`` (all of them for 0), in shard order."""
+def cam_eval_samples(manifest: Manifest, split: str, limit: int, rank: int = 0, world_size: int = 1):
+    """This rank's share of the first ``limit`` samples of ``split`` (all of them for 0) that have a mask: the
+    shards holding those samples are dealt round-robin to the ranks, so no rank decodes another's samples."""
+    check_cam_eval_split(manifest, split)
+    sizes = manifest.splits[split].shard_sizes
+    starts = np.cumsum([0, *sizes[:-1]])  # index in the split of each shard's first sample
+    needed = [i for i, start in enumerate(starts) if not limit or start < limit]
+    shards = manifest.shard_paths(split)
+    for i in needed[rank::world_size]:
+        for position, sample in enumerate(iter_samples([shards[i]]), start=int(starts[i])):
+            if limit and position >= limit:
+                break
+            if sample.mask is not None:
+                yield sample
+
+
+def check_cam_eval_split(manifest: Manifest, split: str) -> None:
     if split not in manifest.splits:
         raise DataError(f"train.cam_eval.split: dataset {manifest.root} has no split {split!r} "
                         f"(it has {sorted(manifest.splits)})")
-    count = 0
-    for sample in iter_samples(manifest.shard_paths(split)):
-        if sample.mask is None:
-            continue
-        yield sample
-        count += 1
-        if count == limit:
-            return
 
 
 def selection_metric(cfg: Config) -> str:
@@ -238,6 +245,13 @@ def fit(cfg: Config, name: Optional[str] = None):
 
     The Ray Train run is ``name`` (default ``run.name``) under ``run.storage_path``; rerunning a finished or
     interrupted run of that name continues it."""
+    ce = cfg.train.cam_eval
+    if ce.split is not None:  # refused here, before any worker starts, not after the first epoch's training
+        try:
+            parse_sweep(ce.sweep, key="train.cam_eval.sweep")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        check_cam_eval_split(Manifest.load(Path(cfg.data.root).expanduser() / "manifest.json"), ce.split)
     trainer = make_trainer(
         train_loop_per_worker, cfg, cfg.train, name=name or cfg.run.name, score_attribute=selection_metric(cfg)
     )
