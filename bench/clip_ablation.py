@@ -26,20 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from weaktr.config import Config, from_dict, load_config, to_dict  # noqa: E402
 from weaktr.data.shards import Manifest, write_dataset  # noqa: E402
 from weaktr.data.stream import iter_samples, steps_per_epoch  # noqa: E402
-from weaktr.data.synthetic import write_synthetic  # noqa: E402
+from weaktr.data.synthetic import noisy_pseudo_label, write_synthetic  # noqa: E402
 from weaktr.evaluate import evaluate_samples  # noqa: E402
 from weaktr.metrics import ConfusionMatrix  # noqa: E402
 from weaktr.models.build import build_segmenter as build_model  # noqa: E402
 from weaktr.train.seg_loop import make_optimizer, make_train_loader, train_one_epoch  # noqa: E402
 
-IGNORE = 255
 # Applied on top of --config (before any --set), pinned here so the ablation does not move when the demo config
 # does: a 3-class problem and a 64-wide, 2-deep ViT on 64 px crops, so that a from-scratch Segmenter learns enough
 # in ~600 single-threaded steps for label noise to matter. (Measured: a 96-wide, 4-deep model on 6 classes stays
@@ -54,33 +52,6 @@ ABLATION_SETTINGS = [
 
 
 # --------------------------------------------------------------------------- label noise
-
-
-def dilate(region: np.ndarray, pixels: int) -> np.ndarray:
-    """Binary dilation of a bool map [H, W] by a (2*pixels+1)-square."""
-    grown = F.max_pool2d(torch.from_numpy(region).float()[None, None], 2 * pixels + 1, stride=1, padding=pixels)
-    return grown[0, 0].numpy() > 0
-
-
-def noisy_pseudo_label(
-    mask: np.ndarray, num_classes: int, rng: np.random.Generator, flip: float, dilate_prob: float, dilate_px: int
-) -> np.ndarray:
-    """A pseudo-label made from a ground-truth mask (dataset ids, 255 ignored) with object-level noise.
-
-    Each object (the pixels of one foreground class) is, independently, dilated by ``dilate_px`` with probability
-    ``dilate_prob`` (over background and ignored pixels only, as a CAM spills into the background) and given a
-    random other foreground class with probability ``flip``. The ignore band of the ground truth stays ignored.
-    """
-    pseudo = mask.copy()
-    for cls in sorted(set(np.unique(mask).tolist()) - {0, IGNORE}):
-        region = mask == cls
-        if rng.random() < dilate_prob:
-            region = dilate(region, dilate_px) & ((mask == 0) | (mask == IGNORE) | region)
-        new_id = cls
-        if num_classes > 1 and rng.random() < flip:
-            new_id = int(rng.choice([c for c in range(1, num_classes + 1) if c != cls]))
-        pseudo[region & (mask != IGNORE)] = new_id
-    return pseudo
 
 
 def write_noisy_dataset(gt: Manifest, out_dir: Path, args) -> tuple[Manifest, float]:

@@ -39,6 +39,11 @@ class SyntheticConfig:
     max_objects: int = 3
     min_visible_fraction: float = 0.06  # smaller (mostly hidden) objects are dropped, label and all
     seed: int = 0
+    # > 0: the training split also carries noisy pseudo-labels made from its masks (phase-2 data without a phase-1
+    # model): each object dilated by pseudo_dilate_px with probability pseudo_dilate, relabelled with pseudo_flip.
+    pseudo_flip: float = 0.0
+    pseudo_dilate: float = 0.0
+    pseudo_dilate_px: int = 6
 
     def spec(self, **changes: Any):
         """The generator's ``weaktr.data.synthetic.SyntheticSpec`` for these settings (``changes`` on top): the
@@ -98,6 +103,7 @@ class RunnerConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction packs several workers (or Tune trials) on one GPU
     amp: bool = True  # bf16 autocast, GPU only
     compile: bool = False  # torch.compile the model (pays off on GPU once its compile time is amortized)
     fused_optimizer: bool = True  # fused optimizer kernels (torch's fused=True), GPU only; same updates up to rounding
@@ -247,6 +253,25 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A Ray Tune sweep (``ray_jobs/tune_sweep.py``, ``weaktr.sweep``): each trial is one full phase-1 (``cam``) or
+    phase-2 (``seg``) training run of this config with the ``space`` values set. A trial's workers and resources
+    are the phase's runner section (``train`` / ``seg_train``: num_workers, cpus_per_worker, use_gpu,
+    gpus_per_worker)."""
+
+    phase: str = "cam"  # "cam": objective cam_mIoU (val_mAP when train.cam_eval.split is null); "seg": val_mIoU
+    # Dotted config key -> one distribution: {choice: [a, b]}, {grid: [a, b]}, {uniform: [lo, hi]},
+    # {loguniform: [lo, hi]}, {randint: [lo, hi]} (hi excluded), {quniform: [lo, hi, q]}.
+    space: dict = field(default_factory=dict)
+    num_samples: int = 4  # trials drawn (with a grid: repeats of the whole grid)
+    max_concurrent_trials: int = 2  # Tune cannot see the trials' Ray Train workers: this bounds how many run at once
+    time_budget_s: Optional[float] = None  # wall-clock budget of the whole sweep; None: none
+    scheduler: str = "asha"  # "asha": early stopping; "fifo": every trial runs all its epochs
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 2  # ASHA: about 1/reduction_factor of the trials reaching a rung go on
+
+
+@dataclass
 class RunConfig:
     name: str = "weaktr"
     storage_path: str = "runs"  # Ray Train storage (local dir or cloud URI)
@@ -263,6 +288,7 @@ class Config:
     seg_model: SegModelConfig = field(default_factory=SegModelConfig)
     seg_train: SegTrainConfig = field(default_factory=SegTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -300,6 +326,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, path)
+    if tp is dict:  # a free-form mapping (tune.space), checked by its user
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"config key '{path}': expected a mapping, got {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{path}': expected a list, got {value!r}")
@@ -358,7 +388,24 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[st
         _merge(data, loaded, "")
     for assignment in overrides:
         apply_override(data, assignment)
-    cfg = from_dict(data, cls)
+    return _checked(from_dict(data, cls))
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys set (``{"train.lr": 3e-4}``), checked as a loaded config is."""
+    data = to_dict(cfg)
+    for key, value in values.items():
+        node = data
+        *sections, leaf = key.split(".")
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"unknown config key '{key}'")
+        node[leaf] = value
+    return _checked(from_dict(data))
+
+
+def _checked(cfg: Any) -> Any:
     if isinstance(cfg, Config):  # a global batch that does not split over the workers: say so now
         per_worker_batch(cfg.train.batch_size, cfg.train.num_workers, "train")
         per_worker_batch(cfg.seg_train.batch_size, cfg.seg_train.num_workers, "seg_train")

@@ -61,10 +61,13 @@ def init_ray() -> None:
         address_file = get_ray_address_file(None)
         recorded = Path(address_file).read_text().strip() if os.path.exists(address_file) else ""
         if recorded and not _answers(recorded):
+            # Removed, not just skipped: Ray's own state API reads it too, and Ray Train's placement-group cleaner
+            # (which frees the CPUs of a run whose controller was killed, e.g. a trial Tune stopped) then times out
+            # on the dead head, leaking those CPUs for the rest of the job.
+            Path(address_file).unlink(missing_ok=True)
             print(
-                f"weaktr: {address_file} names the Ray head {recorded}, which does not answer (stopped or "
-                "killed); starting a local Ray instead. `ray stop` or deleting that file removes the stale "
-                "address.", file=sys.stderr, flush=True,
+                f"weaktr: {address_file} named the Ray head {recorded}, which does not answer (stopped or "
+                "killed); removed it and starting a local Ray instead.", file=sys.stderr, flush=True,
             )
             address = "local"  # a fresh local Ray; None would join the recorded address
     ray.init(address=address, log_to_driver=True)

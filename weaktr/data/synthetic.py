@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from weaktr.data.shards import MANIFEST_NAME, Manifest, ManifestError, Sample, write_dataset
@@ -46,6 +48,15 @@ class SyntheticSpec:
     # An object needs this share of the image in non-band pixels (else it is dropped, label and all): at 2%
     # one label in fifteen was an object under 5% of the image, about one 16 px patch of a 64 px crop.
     min_visible_fraction: float = 0.06
+    # Noisy pseudo-labels on the training split (a ``pseudo`` map beside the exact mask): phase-2 data without a
+    # phase-1 model (the clipping sweep configs/tune_clip.yaml, bench/clip_ablation.py). See noisy_pseudo_label.
+    pseudo_flip: float = 0.0
+    pseudo_dilate: float = 0.0
+    pseudo_dilate_px: int = 6
+
+    @property
+    def has_pseudo(self) -> bool:
+        return self.pseudo_flip > 0 or self.pseudo_dilate > 0
 
     def __post_init__(self):
         if not 1 <= self.num_classes <= len(CLASS_NAMES):
@@ -53,7 +64,8 @@ class SyntheticSpec:
         if not 32 <= self.min_size <= self.max_size:
             raise ValueError(f"need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
         if self.max_objects < 1 or self.num_train < 0 or self.num_val < 0 or self.samples_per_shard < 1 \
-                or not 0 < self.min_visible_fraction < 0.5:
+                or not 0 < self.min_visible_fraction < 0.5 or not 0 <= self.pseudo_flip <= 1 \
+                or not 0 <= self.pseudo_dilate <= 1 or self.pseudo_dilate_px < 1:
             raise ValueError(f"invalid synthetic spec: {self}")
 
 
@@ -225,10 +237,45 @@ def generate_sample(rng: np.random.Generator, spec: SyntheticSpec, index: int) -
     )
 
 
-def iter_synthetic(spec: SyntheticSpec, start: int, count: int) -> Iterator[Sample]:
-    """Samples ``start .. start+count-1``; sample i only depends on (spec, i)."""
+def iter_synthetic(spec: SyntheticSpec, start: int, count: int, with_pseudo: bool = False) -> Iterator[Sample]:
+    """Samples ``start .. start+count-1``; sample i only depends on (spec, i). ``with_pseudo``: each also carries
+    a noisy pseudo-label (drawn after the sample, so images and masks are the same either way)."""
     for index in range(start, start + count):
-        yield generate_sample(np.random.default_rng([spec.seed, index]), spec, index)
+        rng = np.random.default_rng([spec.seed, index])
+        sample = generate_sample(rng, spec, index)
+        if with_pseudo:
+            sample.pseudo = noisy_pseudo_label(
+                sample.mask, spec.num_classes, rng, spec.pseudo_flip, spec.pseudo_dilate, spec.pseudo_dilate_px
+            )
+        yield sample
+
+
+def dilate(region: np.ndarray, pixels: int) -> np.ndarray:
+    """Binary dilation of a bool map [H, W] by a (2*pixels+1)-square."""
+    grown = F.max_pool2d(torch.from_numpy(region).float()[None, None], 2 * pixels + 1, stride=1, padding=pixels)
+    return grown[0, 0].numpy() > 0
+
+
+def noisy_pseudo_label(
+    mask: np.ndarray, num_classes: int, rng: np.random.Generator, flip: float, dilate_prob: float, dilate_px: int
+) -> np.ndarray:
+    """A pseudo-label made from a ground-truth mask (dataset ids, 255 ignored) with the two errors CAM
+    pseudo-labels make, object by object.
+
+    Each object (the pixels of one foreground class) is, independently, dilated by ``dilate_px`` with probability
+    ``dilate_prob`` (over background and ignored pixels only, as a CAM spills into the background) and given a
+    random other foreground class with probability ``flip``. The ignore band of the ground truth stays ignored.
+    """
+    pseudo = mask.copy()
+    for cls in sorted(set(np.unique(mask).tolist()) - {0, IGNORE}):
+        region = mask == cls
+        if rng.random() < dilate_prob:
+            region = dilate(region, dilate_px) & ((mask == 0) | (mask == IGNORE) | region)
+        new_id = cls
+        if num_classes > 1 and rng.random() < flip:
+            new_id = int(rng.choice([c for c in range(1, num_classes + 1) if c != cls]))
+        pseudo[region & (mask != IGNORE)] = new_id
+    return pseudo
 
 
 def write_synthetic(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) -> Manifest:
@@ -246,7 +293,7 @@ def write_synthetic(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticS
     except ManifestError:
         pass  # nothing (usable) there yet
     splits = {
-        "train": iter_synthetic(spec, 0, spec.num_train),
+        "train": iter_synthetic(spec, 0, spec.num_train, with_pseudo=spec.has_pseudo),
         "val": iter_synthetic(spec, spec.num_train, spec.num_val),
     }
     return write_dataset(

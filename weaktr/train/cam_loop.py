@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -240,7 +240,7 @@ def selection_metric(cfg: Config) -> str:
     return "cam_mIoU" if cfg.train.cam_eval.split is not None else "val_mAP"
 
 
-def fit(cfg: Config, name: Optional[str] = None):
+def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
     """Run phase-1 training on the connected Ray cluster; returns Ray Train's ``Result``.
 
     The Ray Train run is ``name`` (default ``run.name``) under ``run.storage_path``; rerunning a finished or
@@ -253,6 +253,7 @@ def fit(cfg: Config, name: Optional[str] = None):
             raise ConfigError(str(err)) from None
         check_cam_eval_split(Manifest.load(Path(cfg.data.root).expanduser() / "manifest.json"), ce.split)
     trainer = make_trainer(
-        train_loop_per_worker, cfg, cfg.train, name=name or cfg.run.name, score_attribute=selection_metric(cfg)
+        train_loop_per_worker, cfg, cfg.train, name=name or cfg.run.name, score_attribute=selection_metric(cfg),
+        callbacks=callbacks,
     )
     return trainer.fit()

@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def make_trainer(
-    loop: Callable[[dict], None], cfg: Config, runner, *, name: str, score_attribute: str
+    loop: Callable[[dict], None], cfg: Config, runner, *, name: str, score_attribute: str, callbacks: Sequence = ()
 ) -> TorchTrainer:
     """A TorchTrainer running ``loop`` on ``cfg`` with the workers, resources, failure and checkpoint settings of
     ``runner`` (``cfg.train`` or ``cfg.seg_train``), storing under ``run.storage_path``/``name`` and ranking the
-    kept checkpoints by ``score_attribute`` (higher is better)."""
+    kept checkpoints by ``score_attribute`` (higher is better). ``callbacks``: Ray Train callbacks (a Tune trial
+    passes the one that forwards each report to Tune, ``weaktr.sweep``)."""
     storage_path = cfg.run.storage_path
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
@@ -40,7 +41,9 @@ def make_trainer(
         scaling_config=ScalingConfig(
             num_workers=runner.num_workers,
             use_gpu=runner.use_gpu,
-            resources_per_worker={"CPU": runner.cpus_per_worker, **({"GPU": 1} if runner.use_gpu else {})},
+            resources_per_worker={
+                "CPU": runner.cpus_per_worker, **({"GPU": runner.gpus_per_worker} if runner.use_gpu else {})
+            },
         ),
         run_config=RunConfig(
             name=name,
@@ -51,6 +54,7 @@ def make_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=runner.max_failures),
+            callbacks=list(callbacks),
             # Ray Train's INFO logs (a dump of every rank's report each epoch) go to its log files only;
             # the console gets the loops' one line per epoch.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -132,12 +136,12 @@ def start_training(model: torch.nn.Module, optimizer, scheduler, cfg: Config, ru
 
 def epoch_metrics(epoch: int, losses: dict[str, float], *, steps: int, world_size: int, batch_size: int,
                   elapsed: float, optimizer, failures: FailureTracker, device: torch.device) -> dict:
-    """What every epoch reports: ``losses`` (this rank's per-step sums) as means over all ranks' steps (every rank
+    """What every epoch reports: the epoch (0-based) and the epochs done (Tune's ASHA counts those), ``losses`` (this rank's per-step sums) as means over all ranks' steps (every rank
     runs ``steps``), the lr, images/s over all ranks (``batch_size`` per rank and step), the run's decode failures
     and the epoch's seconds."""
     totals = all_reduce_sum([*losses.values(), steps * batch_size], device)
     means = {name: total / (steps * world_size) for name, total in zip(losses, totals)}
-    return {"epoch": epoch, **means, "lr": optimizer.param_groups[0]["lr"], "images_per_s": totals[-1] / elapsed,
+    return {"epoch": epoch, "epochs_done": epoch + 1, **means, "lr": optimizer.param_groups[0]["lr"], "images_per_s": totals[-1] / elapsed,
             "samples_failed": failures.failed, "epoch_seconds": elapsed}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -207,7 +207,7 @@ def evaluate_miou(
     return merged
 
 
-def fit(cfg: Config, name: Optional[str] = None):
+def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
     """Run phase-2 training on the connected Ray cluster; returns Ray Train's ``Result``.
 
     Paths are resolved here (workers may run elsewhere) and the training data is checked for pseudo-labels
@@ -220,7 +220,8 @@ def fit(cfg: Config, name: Optional[str] = None):
         cfg.seg_train.resume_from = str(Path(cfg.seg_train.resume_from).expanduser().resolve())
     require_pseudo_labels(Manifest.load(cfg.seg_train.data_root), cfg.data.train_split)
     trainer = make_trainer(
-        train_loop_per_worker, cfg, cfg.seg_train, name=name or seg_run_name(cfg), score_attribute="val_mIoU"
+        train_loop_per_worker, cfg, cfg.seg_train, name=name or seg_run_name(cfg), score_attribute="val_mIoU",
+        callbacks=callbacks,
     )
     return trainer.fit()
 

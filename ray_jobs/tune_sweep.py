@@ -1,0 +1,62 @@
+"""Sweep config keys with Ray Tune: each trial a full phase-1 or phase-2 training run (``tune`` section).
+
+    python ray_jobs/tune_sweep.py --config configs/tune_fusion.yaml [--set tune.num_samples=8 ...] [--resume]
+    ray job submit --working-dir . -- python ray_jobs/tune_sweep.py --config configs/tune_clip.yaml
+
+Writes ``<run.storage_path>/<run.name>/``: trials.csv, best_config.yaml (for train_cam.py / train_seg.py as it is),
+objective.png and Tune's experiment; ``--resume`` continues an interrupted sweep without rerunning finished trials.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from weaktr.config import ConfigError, job_arg_parser, parse_job_args, save_config  # noqa: E402
+from weaktr.data.shards import DataError  # noqa: E402
+from weaktr.launch import init_ray, prepare_data  # noqa: E402
+from weaktr.sweep import (  # noqa: E402
+    check_sweep, resolve_paths, run_sweep, saved_config_differences, summary_table, sweep_dir, sweep_started,
+    trial_rows,
+    write_results,
+)
+
+SAVED_CONFIG = "sweep_config.yaml"
+
+
+def main(argv=None) -> int:
+    parser = job_arg_parser("Sweep config keys with Ray Tune (the config's tune section)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep of this run.name; finished trials are not rerun")
+    args, cfg = parse_job_args(parser, argv)
+    try:
+        check_sweep(cfg)  # a bad search space fails here, before Ray or any trial starts
+        resolve_paths(cfg)
+        saved = sweep_dir(cfg) / SAVED_CONFIG
+        if args.resume:
+            if not sweep_started(cfg):
+                raise ConfigError(f"--resume: no sweep to continue at {sweep_dir(cfg)}")
+            changed = saved_config_differences(cfg, saved) if saved.exists() else []
+            if changed:
+                raise ConfigError(f"--resume: the config differs from the one the sweep started with ({saved}) "
+                                  f"at {', '.join(changed[:5])}")
+        elif sweep_started(cfg):
+            raise ConfigError(f"a sweep named {cfg.run.name!r} already exists at {sweep_dir(cfg)}: pass --resume "
+                              f"to continue it, or set another run.name")
+        prepare_data(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    save_config(cfg, saved)
+    init_ray()
+    results = run_sweep(cfg, resume=args.resume)
+    rows = trial_rows(cfg, results)
+    paths = write_results(cfg, rows)
+    print(f"\n{len(rows)} trials, best first:\n{summary_table(cfg, rows)}\n")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
