@@ -77,6 +77,9 @@ def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | Non
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """The session's shared 4-CPU Ray head; yields (gcs_address, dashboard_url)."""
+    from weaktr.launch import remove_stale_address_file
+
+    remove_stale_address_file()  # else Ray Train's placement-group cleaner, inside this head, reads a dead address
     with ray_head_process(4, log_dir=tmp_path_factory.mktemp("ray")) as (address, dashboard, _):
         _wait_for_job_agent(dashboard)
         try:

@@ -55,22 +55,29 @@ def init_ray() -> None:
                 f"RAY_ADDRESS={address} does not answer: is the Ray head running (`ray status --address "
                 f"{address}`)? Unset RAY_ADDRESS to run on a local Ray instead."
             )
-    else:
-        from ray._common.utils import get_ray_address_file  # where `ray start` records its address
-
-        address_file = get_ray_address_file(None)
-        recorded = Path(address_file).read_text().strip() if os.path.exists(address_file) else ""
-        if recorded and not _answers(recorded):
-            # Removed, not just skipped: Ray's own state API reads it too, and Ray Train's placement-group cleaner
-            # (which frees the CPUs of a run whose controller was killed, e.g. a trial Tune stopped) then times out
-            # on the dead head, leaking those CPUs for the rest of the job.
-            Path(address_file).unlink(missing_ok=True)
-            print(
-                f"weaktr: {address_file} named the Ray head {recorded}, which does not answer (stopped or "
-                "killed); removed it and starting a local Ray instead.", file=sys.stderr, flush=True,
-            )
-            address = "local"  # a fresh local Ray; None would join the recorded address
+    elif remove_stale_address_file():
+        address = "local"  # a fresh local Ray; None would join the recorded address
     ray.init(address=address, log_to_driver=True)
+
+
+def remove_stale_address_file() -> bool:
+    """Remove the address ``ray start`` recorded on this machine when that head no longer answers; True if so.
+
+    Removed, not just skipped: a plain ``ray.init()`` would wait on it forever, Ray's state API reads it too, and
+    Ray Train's placement-group cleaner (which frees the CPUs of a run whose controller was killed, e.g. a trial
+    Tune stopped) then times out on the dead head, leaking those CPUs for the rest of the job."""
+    from ray._common.utils import get_ray_address_file  # where `ray start` records its address
+
+    address_file = get_ray_address_file(None)
+    recorded = Path(address_file).read_text().strip() if os.path.exists(address_file) else ""
+    if not recorded or _answers(recorded):
+        return False
+    Path(address_file).unlink(missing_ok=True)
+    print(
+        f"weaktr: {address_file} named the Ray head {recorded}, which does not answer (stopped or killed); "
+        "removed it (a plain ray.init() would wait on it forever).", file=sys.stderr, flush=True,
+    )
+    return True
 
 
 def _answers(address: str, timeout: float = 5.0) -> bool:

@@ -1,0 +1,208 @@
+"""Ray Tune sweeps (weaktr.sweep, ray_jobs/tune_sweep.py): the search space is checked before anything starts, ASHA
+stops trials early, --resume skips finished trials, and the best trial's config trains as it is."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from weaktr.config import ConfigError, load_config, save_config, with_values
+from weaktr.data.synthetic import SyntheticSpec, iter_synthetic
+from weaktr.sweep import check_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "ray_jobs"))
+
+import tune_sweep  # noqa: E402
+
+
+def sweep_config(*overrides: str):
+    return load_config(ROOT / "configs" / "tune_fusion.yaml", overrides)
+
+
+# --------------------------------------------------------------------------- the search space, without Ray
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"model.no_such_key": {"choice": [1, 2]}}, "'tune.space.model.no_such_key': unknown config key"),
+    ({"train.lr": {"lognormal": [1e-4, 1e-3]}}, "'tune.space.train.lr': unknown distribution 'lognormal'"),
+    ({"train.lr": {"uniform": [1e-3, 1e-4]}}, "'tune.space.train.lr': uniform needs low < high"),
+    ({"train.lr": {"loguniform": [0, 1e-3]}}, "'tune.space.train.lr': loguniform needs low > 0"),
+    ({"train.lr": {"quniform": [1e-4, 1e-3]}}, "'tune.space.train.lr': quniform takes [low, high, q]"),
+    ({"train.lr": {"choice": []}}, "'tune.space.train.lr': choice takes a non-empty list"),
+    ({"model.reduction": {"uniform": [1, 8]}}, "'tune.space.model.reduction': uniform draws floats"),
+    ({"model.reduction": {"choice": [2, "four"]}}, "'tune.space.model.reduction': value 'four'"),
+    ({"train.batch_size": {"choice": [32, 0]}}, "'tune.space.train.batch_size': value 0"),
+    ({"seg_train.lr": {"choice": [1e-4]}}, "a 'cam' sweep trains with the sections"),
+    ({"train.cam_eval": {"choice": [None]}}, "'train.cam_eval' is a section or a list"),
+    ({"train.lr": [1e-4, 1e-3]}, "expected one distribution"),
+])
+def test_a_bad_search_space_names_its_key(space, message):
+    cfg = sweep_config()
+    cfg.tune.space = space
+    with pytest.raises(ConfigError) as err:
+        check_sweep(cfg)
+    assert message in str(err.value)
+
+
+def test_the_example_sweeps_check_and_yaml_numbers_without_a_dot_are_read_as_numbers():
+    assert check_sweep(load_config(ROOT / "configs" / "tune_clip.yaml"))["seg_train.clip_patch_size"] == (
+        "choice", [16, 32, 64])
+    cfg = sweep_config()
+    cfg.tune.space = yaml.safe_load("train.lr: {loguniform: [3e-4, 3e-3]}")  # YAML 1.1: two strings
+    assert check_sweep(cfg) == {"train.lr": ("loguniform", [3e-4, 3e-3])}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("tune.phase=detect", "'tune.phase'"), ("tune.scheduler=pbt", "'tune.scheduler'"),
+    ("tune.grace_period=99", "'tune.grace_period'"), ("tune.reduction_factor=1", "'tune.reduction_factor'"),
+    ("tune.space={}", "'tune.space': empty"),
+])
+def test_bad_scheduling_settings_name_their_key(setting, message):
+    with pytest.raises(ConfigError) as err:
+        check_sweep(sweep_config(setting))
+    assert message in str(err.value)
+
+
+def test_with_values_sets_dotted_keys_and_checks_them():
+    cfg = with_values(sweep_config(), {"train.lr": 2e-3, "model.pool": "avg"})
+    assert (cfg.train.lr, cfg.model.pool) == (2e-3, "avg")
+    with pytest.raises(ConfigError, match="'train.nope'"):
+        with_values(cfg, {"train.nope": 1})
+
+
+def test_the_job_refuses_a_bad_space_before_anything_starts(tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "ray_jobs/tune_sweep.py", "--config", "configs/tune_fusion.yaml",
+         "--set", f"run.storage_path={tmp_path}", "--set", "tune.space={model.heads: {choice: [1, 2]}}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'tune.space.model.heads': unknown config key" in lines[0], proc.stderr
+    assert not any(tmp_path.iterdir())  # no sweep directory, no data, no Ray
+    assert time.monotonic() - started < 60
+
+
+def test_noisy_pseudo_labels_leave_images_and_masks_as_they_were():
+    clean = list(iter_synthetic(SyntheticSpec(num_classes=3), 0, 6))
+    noisy = list(iter_synthetic(SyntheticSpec(num_classes=3, pseudo_flip=0.5, pseudo_dilate=1.0), 0, 6,
+                                with_pseudo=True))
+    changed = 0
+    for a, b in zip(clean, noisy):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and a.pseudo is None
+        assert np.array_equal(b.pseudo == 255, b.mask == 255)  # the ignore band stays ignored
+        changed += int((b.pseudo != b.mask).sum())
+    assert changed > 0
+
+
+# --------------------------------------------------------------------------- on Ray
+
+
+def tiny_sweep(tmp_path: Path, name: str, *overrides: str) -> Path:
+    """A 2-trial phase-1 sweep on the smoke dataset, written as a config file. The space is built so that ASHA must
+    stop the second trial: both train the same model from the same seed, but the second scores its CAMs only at
+    background threshold 1.0 (every pixel background), one of the thresholds the first searches, so its CAM mIoU
+    can only be lower (equal only if all-background were the best labelling the first found)."""
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"run.name={name}", f"run.storage_path={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
+        "train.num_workers=1", "train.batch_size=16", "train.checkpoints_to_keep=1",
+        "tune.phase=cam", "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.grace_period=1",
+        "tune.space={train.cam_eval.sweep: {grid: ['0.1:1.0:0.1', '1.0:1.0:0.1']}}", *overrides,
+    ])
+    path = tmp_path / f"{name}.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def read_trials(tmp_path: Path, name: str) -> list[dict]:
+    with open(tmp_path / "runs" / name / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_asha_stops_the_worse_trial_and_the_best_config_trains_as_it_is(ray_session, tmp_path):
+    import train_cam
+
+    config = tiny_sweep(tmp_path, "asha")
+    assert tune_sweep.main(["--config", str(config)]) == 0
+    trials = read_trials(tmp_path, "asha")
+    by_sweep = {row["train.cam_eval.sweep"]: row for row in trials}
+    good, bad = by_sweep["0.1:1.0:0.1"], by_sweep["1.0:1.0:0.1"]
+    assert (good["status"], good["epochs_run"]) == ("completed", "2")
+    assert (bad["status"], bad["epochs_run"]) == ("stopped early", "1")
+    assert float(bad["cam_mIoU"]) < float(good["cam_mIoU"])
+    assert float(bad["cam_bg_threshold"]) == 1.0
+    assert trials[0] == good  # best first
+    sweep = tmp_path / "runs" / "asha"
+    assert (sweep / "objective.png").stat().st_size > 0
+
+    best = yaml.safe_load((sweep / "best_config.yaml").read_text())
+    assert best["train"]["cam_eval"]["sweep"] == "0.1:1.0:0.1" and best["run"]["name"] == "asha-best"
+    assert train_cam.main(["--config", str(sweep / "best_config.yaml")]) == 0
+    assert (sweep.parent / "asha-best").is_dir()
+
+
+def test_resume_continues_an_interrupted_sweep_without_rerunning_finished_trials(ray_session, tmp_path):
+    config = tiny_sweep(tmp_path, "resume", "tune.scheduler=fifo", "train.epochs=3")
+    sweep = tmp_path / "runs" / "resume"
+    env = {**os.environ, "RAY_ADDRESS": ray_session[0], "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    job = subprocess.Popen(
+        [sys.executable, "ray_jobs/tune_sweep.py", "--config", str(config)], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:  # interrupted once the first trial has finished and the second has trained an epoch
+        deadline = time.monotonic() + 240
+        while not (_finished_trials(sweep) == 1 and _reports(sweep, "00001") >= 1):
+            assert job.poll() is None and time.monotonic() < deadline, "the sweep ended or stalled"
+            time.sleep(1)
+        time.sleep(2)  # the experiment state is saved every second
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    first_reports = _reports(sweep, "00000")
+    assert first_reports == 3
+
+    assert tune_sweep.main(["--config", str(config)]) == 2  # a plain rerun is refused: it would mix two sweeps
+    assert tune_sweep.main(["--config", str(config), "--resume"]) == 0
+    rows = {row["train.cam_eval.sweep"]: row for row in read_trials(tmp_path, "resume")}
+    assert [row["status"] for row in rows.values()] == ["completed", "completed"]
+    assert _reports(sweep, "00000") == first_reports  # not rerun
+    # The interrupted trial continued from its Ray Train checkpoint rather than from scratch: no epoch twice.
+    epochs = [json.loads(line)["epochs_done"] for line in _result_lines(sweep, "00001")]
+    assert epochs[-1] == 3 and len(set(epochs)) == len(epochs), epochs
+
+
+def _trial_dir(sweep: Path, suffix: str):
+    return next((p for p in sweep.glob(f"run_trial_*_{suffix}_*") if p.is_dir()), None)
+
+
+def _result_lines(sweep: Path, suffix: str) -> list[str]:
+    directory = _trial_dir(sweep, suffix)
+    result = directory / "result.json" if directory else None
+    return result.read_text().splitlines() if result and result.exists() else []
+
+
+def _reports(sweep: Path, suffix: str) -> int:
+    return len(_result_lines(sweep, suffix))
+
+
+def _finished_trials(sweep: Path) -> int:
+    states = sorted(sweep.glob("experiment_state-*.json"))
+    if not states:
+        return 0
+    try:
+        text = states[-1].read_text()
+    except OSError:
+        return 0
+    return text.count("TERMINATED")
