@@ -126,6 +126,11 @@ def start_training(model: torch.nn.Module, optimizer, scheduler, cfg: Config, ru
     start_epoch = 0 if state is None else resume(
         state, model, optimizer, scheduler, kind=kind, classes=classes, steps=steps
     )
+    if history and start_epoch >= runner.epochs:
+        # Nothing left to train (a finished run started again): report its last epoch once more, without a
+        # checkpoint, for whoever follows the reports. A Tune sweep killed after an epoch's checkpoint but before
+        # Tune recorded that epoch resumes its trial here, and would otherwise never see how the trial ended.
+        ray.train.report(history[-1])
     model = ray.train.torch.prepare_model(model)
     if runner.compile:
         model = torch.compile(model)
