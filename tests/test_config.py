@@ -69,8 +69,6 @@ def test_job_exits_2_with_one_line(args, needle):
 
 def test_shipped_configs_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        if path.name.startswith("tune"):
-            continue
         assert isinstance(load_config(path), Config), path
 
 
