@@ -18,7 +18,7 @@ import yaml
 
 from weaktr.config import ConfigError, load_config, save_config, with_values
 from weaktr.data.synthetic import SyntheticSpec, iter_synthetic
-from weaktr.sweep import check_sweep
+from weaktr.sweep import check_sweep, objective
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ray_jobs"))
@@ -72,6 +72,23 @@ def test_bad_scheduling_settings_name_their_key(setting, message):
     with pytest.raises(ConfigError) as err:
         check_sweep(sweep_config(setting))
     assert message in str(err.value)
+
+
+def test_the_objective_is_what_each_phase_reports_every_epoch():
+    assert objective(sweep_config()) == "cam_mIoU"
+    assert objective(sweep_config("train.cam_eval.split=null")) == "val_mAP"  # a dataset without masks
+    assert objective(load_config(ROOT / "configs" / "tune_clip.yaml")) == "val_mIoU"
+
+
+def test_a_trial_asks_for_fractional_gpus_per_worker():
+    # Two half-GPU workers per GPU: eight single-worker phase-1 trials fill a 4-GPU node.
+    from weaktr.train.cam_loop import train_loop_per_worker
+    from weaktr.train.common import make_trainer
+
+    cfg = sweep_config("train.use_gpu=true", "train.gpus_per_worker=0.5", "train.cpus_per_worker=4")
+    trainer = make_trainer(train_loop_per_worker, cfg, cfg.train, name="x", score_attribute="cam_mIoU")
+    assert trainer.scaling_config.num_workers == 1
+    assert trainer.scaling_config.resources_per_worker == {"CPU": 4, "GPU": 0.5}
 
 
 def test_with_values_sets_dotted_keys_and_checks_them():

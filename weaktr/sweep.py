@@ -259,7 +259,8 @@ def run_sweep(cfg: Config, resume: bool = False):
 
 def trial_rows(cfg: Config, results) -> list[dict]:
     """One row per trial of a ``ResultGrid``: the swept values, the best objective over its epochs (and the CAM
-    background threshold of that epoch in phase 1), the epochs it ran and how it ended."""
+    background threshold of that epoch in phase 1), the epochs it ran and how it ended: completed, stopped early
+    (by ASHA), unfinished (the sweep was interrupted: ``--resume`` continues it) or the error."""
     metric, epochs = objective(cfg), runner(cfg).epochs
     rows = []
     for result in results:
@@ -277,6 +278,8 @@ def trial_rows(cfg: Config, results) -> list[dict]:
         row["epochs_run"] = done
         if result.error is not None:
             row["status"] = f"error: {str(result.error).strip().splitlines()[-1][:120]}"
+        elif not (result.metrics or {}).get("done", False):  # Tune marks a trial's last result when it ends
+            row["status"] = "unfinished"  # the sweep ended first (e.g. interrupted): --resume continues it
         elif done >= epochs:
             row["status"] = "completed"
         else:

@@ -141,13 +141,13 @@ def start_training(model: torch.nn.Module, optimizer, scheduler, cfg: Config, ru
 
 def epoch_metrics(epoch: int, losses: dict[str, float], *, steps: int, world_size: int, batch_size: int,
                   elapsed: float, optimizer, failures: FailureTracker, device: torch.device) -> dict:
-    """What every epoch reports: the epoch (0-based) and the epochs done (Tune's ASHA counts those), ``losses`` (this rank's per-step sums) as means over all ranks' steps (every rank
-    runs ``steps``), the lr, images/s over all ranks (``batch_size`` per rank and step), the run's decode failures
-    and the epoch's seconds."""
+    """What every epoch reports: the epoch (0-based) and the epochs done (what Tune's ASHA counts), ``losses``
+    (this rank's per-step sums) as means over all ranks' steps (every rank runs ``steps``), the lr, images/s over
+    all ranks (``batch_size`` per rank and step), the run's decode failures and the epoch's seconds."""
     totals = all_reduce_sum([*losses.values(), steps * batch_size], device)
     means = {name: total / (steps * world_size) for name, total in zip(losses, totals)}
-    return {"epoch": epoch, "epochs_done": epoch + 1, **means, "lr": optimizer.param_groups[0]["lr"], "images_per_s": totals[-1] / elapsed,
-            "samples_failed": failures.failed, "epoch_seconds": elapsed}
+    return {"epoch": epoch, "epochs_done": epoch + 1, **means, "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": totals[-1] / elapsed, "samples_failed": failures.failed, "epoch_seconds": elapsed}
 
 
 def report_epoch(
