@@ -220,6 +220,7 @@ def run_sweep(cfg: Config, resume: bool = False):
     and other directories."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     t = cfg.tune
     directory = sweep_dir(cfg)
@@ -244,6 +245,7 @@ def run_sweep(cfg: Config, resume: bool = False):
         param_space=tune_space(check_sweep(cfg)),
         tune_config=tune.TuneConfig(
             metric=objective(cfg), mode="max", scheduler=scheduler, num_samples=t.num_samples,
+            search_alg=BasicVariantGenerator(random_state=cfg.run.seed),  # the same draws for the same seed
             max_concurrent_trials=t.max_concurrent_trials, time_budget_s=t.time_budget_s,
         ),
         run_config=tune.RunConfig(
