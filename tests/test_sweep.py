@@ -178,6 +178,9 @@ def test_asha_stops_a_trial_resume_skips_finished_ones_and_the_best_config_train
     assert tune_sweep.main(["--config", str(config)]) == 2  # a plain rerun is refused: it would mix two sweeps
     assert tune_sweep.main(["--config", str(config), "--resume"]) == 0
     assert (_reports(sweep, "00000"), _reports(sweep, "00001")) == (2, 1)  # the ended trials were not rerun
+    # One trial at a time (tune.max_concurrent_trials: 1, on a head with 4 CPUs): each began after the last ended.
+    for earlier, later in (("00000", "00001"), ("00001", "00002")):
+        assert _timestamps(sweep, later)[0] >= _timestamps(sweep, earlier)[-1]
     # The interrupted trial continued from its Ray Train checkpoint rather than from scratch (its epochs never go
     # back; the last one may be reported twice when the kill came between its checkpoint and Tune's record of it).
     epochs = [json.loads(line)["epochs_done"] for line in _result_lines(sweep, "00002")]
@@ -206,6 +209,10 @@ def _result_lines(sweep: Path, suffix: str) -> list[str]:
     directory = _trial_dir(sweep, suffix)
     result = directory / "result.json" if directory else None
     return result.read_text().splitlines() if result and result.exists() else []
+
+
+def _timestamps(sweep: Path, suffix: str) -> list[int]:
+    return [json.loads(line)["timestamp"] for line in _result_lines(sweep, suffix)]
 
 
 def _reports(sweep: Path, suffix: str) -> int:

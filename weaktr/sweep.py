@@ -245,8 +245,10 @@ def run_sweep(cfg: Config, resume: bool = False):
         param_space=tune_space(check_sweep(cfg)),
         tune_config=tune.TuneConfig(
             metric=objective(cfg), mode="max", scheduler=scheduler, num_samples=t.num_samples,
-            search_alg=BasicVariantGenerator(random_state=cfg.run.seed),  # the same draws for the same seed
-            max_concurrent_trials=t.max_concurrent_trials, time_budget_s=t.time_budget_s,
+            # Tune's default searcher, given here for its seed (the same draws for the same run.seed); with a
+            # searcher given, TuneConfig's max_concurrent_trials is ignored, so the searcher takes it.
+            search_alg=BasicVariantGenerator(random_state=cfg.run.seed, max_concurrent=t.max_concurrent_trials),
+            time_budget_s=t.time_budget_s,
         ),
         run_config=tune.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1,
