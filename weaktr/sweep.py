@@ -319,6 +319,7 @@ def plot_objective(cfg: Config, rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     metric, keys = objective(cfg), list(cfg.tune.space)
     figure, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
@@ -335,6 +336,7 @@ def plot_objective(cfg: Config, rows: list[dict], path: Path) -> None:
             axis.scatter([x], [row[metric]], color="C0", facecolors="C0" if completed else "none")
         if name == "loguniform":
             axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(NullFormatter())  # labels on the decades only: no overlapping ticks
         axis.set_xlabel(key)
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
