@@ -15,13 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from weaktr.config import ConfigError, job_arg_parser, parse_job_args, save_config  # noqa: E402
 from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.launch import init_ray, prepare_data  # noqa: E402
-from weaktr.sweep import (  # noqa: E402
-    check_sweep, resolve_paths, run_sweep, saved_config_differences, summary_table, sweep_dir, sweep_started,
-    trial_rows,
-    write_results,
-)
-
-SAVED_CONFIG = "sweep_config.yaml"
+from weaktr.sweep import prepare_sweep, run_sweep, summary_table, trial_rows, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,19 +24,7 @@ def main(argv=None) -> int:
                         help="continue the interrupted sweep of this run.name; finished trials are not rerun")
     args, cfg = parse_job_args(parser, argv)
     try:
-        check_sweep(cfg)  # a bad search space fails here, before Ray or any trial starts
-        resolve_paths(cfg)
-        saved = sweep_dir(cfg) / SAVED_CONFIG
-        if args.resume:
-            if not sweep_started(cfg):
-                raise ConfigError(f"--resume: no sweep to continue at {sweep_dir(cfg)}")
-            changed = saved_config_differences(cfg, saved) if saved.exists() else []
-            if changed:
-                raise ConfigError(f"--resume: the config differs from the one the sweep started with ({saved}) "
-                                  f"at {', '.join(changed[:5])}")
-        elif sweep_started(cfg):
-            raise ConfigError(f"a sweep named {cfg.run.name!r} already exists at {sweep_dir(cfg)}: pass --resume "
-                              f"to continue it, or set another run.name")
+        saved = prepare_sweep(cfg, resume=args.resume)  # a bad search space fails here, before Ray or any trial
         prepare_data(cfg)
     except (ConfigError, DataError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)

@@ -34,6 +34,7 @@ PHASE_SECTIONS = {"cam": ("data", "model", "train"), "seg": ("data", "seg_model"
 # their own) and, as a Ray reservation cannot be empty, the memory such a Python process takes.
 DRIVER_MEMORY = 256 * 2**20
 RESULT_FILES = ("trials.csv", "best_config.yaml", "objective.png")
+SAVED_CONFIG = "sweep_config.yaml"  # the config a sweep started with, beside its results
 
 
 # --------------------------------------------------------------------------- the search space (no Ray)
@@ -211,6 +212,26 @@ def sweep_started(cfg: Config) -> bool:
     from ray import tune
 
     return tune.Tuner.can_restore(str(sweep_dir(cfg)))
+
+
+def prepare_sweep(cfg: Config, resume: bool) -> Path:
+    """Check the sweep (``check_sweep``), make its paths absolute, and check that ``resume`` matches what is on
+    disk: a new sweep must not land on an existing one, a resumed one must exist and have the config it started
+    with. Returns where that config is kept (``SAVED_CONFIG``); ConfigError otherwise, before Ray starts."""
+    check_sweep(cfg)
+    resolve_paths(cfg)
+    saved = sweep_dir(cfg) / SAVED_CONFIG
+    if resume:
+        if not sweep_started(cfg):
+            raise ConfigError(f"--resume: no sweep to continue at {sweep_dir(cfg)}")
+        changed = saved_config_differences(cfg, saved) if saved.exists() else []
+        if changed:
+            raise ConfigError(f"--resume: the config differs from the one the sweep started with ({saved}) at "
+                              f"{', '.join(changed[:5])}")
+    elif sweep_started(cfg):
+        raise ConfigError(f"a sweep named {cfg.run.name!r} already exists at {sweep_dir(cfg)}: pass --resume to "
+                          f"continue it, or set another run.name")
+    return saved
 
 
 def run_sweep(cfg: Config, resume: bool = False):
