@@ -10,14 +10,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from weaktr.config import ConfigError, job_arg_parser, parse_job_args  # noqa: E402
-from weaktr.data.shards import DataError  # noqa: E402
-from weaktr.launch import init_ray, prepare_data, print_training_result, save_resolved_config  # noqa: E402
-from weaktr.train.cam_loop import fit, selection_metric  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = job_arg_parser("Train the phase-1 WeakTr CAM model")
     _, cfg = parse_job_args(parser, argv)
+    # Imported once the config is known to be good: a bad one is refused at once, not after Ray and torch load.
+    from weaktr.data.shards import DataError
+    from weaktr.launch import init_ray, prepare_data, print_training_result, save_resolved_config
+    from weaktr.train.cam_loop import fit, selection_metric
+
     prepare_data(cfg)
     config_path = save_resolved_config(cfg)
     init_ray()
