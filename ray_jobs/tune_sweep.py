@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     results = run_sweep(cfg, resume=args.resume)
     rows = trial_rows(cfg, results)
     paths = write_results(cfg, rows)
-    print(f"\n{len(rows)} trials, best first:\n{summary_table(cfg, rows)}\n")
+    print(f"\n{len(rows)} trials, best first:\n{summary_table(rows)}\n")
     for path in paths.values():
         print(f"wrote {path}")
     return 0

@@ -363,13 +363,19 @@ def apply_override(data: dict, assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{assignment}': expected KEY=VALUE")
-    parts = key.strip().split(".")
+    _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None, f"override '{assignment}'")
+
+
+def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
+    """``data[a][b][c] = value`` for ``key`` "a.b.c", creating missing sections (``from_dict`` then names an
+    unknown key); ``where`` names the setting in the error for a path through a value."""
+    *sections, leaf = key.split(".")
     node = data
-    for part in parts[:-1]:
+    for part in sections:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{assignment}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            raise ConfigError(f"{where}: '{part}' is not a section")
+    node[leaf] = value
 
 
 def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = (), cls: type = Config) -> Any:
@@ -395,13 +401,7 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     """A copy of ``cfg`` with dotted keys set (``{"train.lr": 3e-4}``), checked as a loaded config is."""
     data = to_dict(cfg)
     for key, value in values.items():
-        node = data
-        *sections, leaf = key.split(".")
-        for section in sections:
-            node = node.get(section) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            raise ConfigError(f"unknown config key '{key}'")
-        node[leaf] = value
+        _set_dotted(data, key, value, f"config key '{key}'")
     return _checked(from_dict(data))
 
 

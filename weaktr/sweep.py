@@ -21,7 +21,7 @@ import dataclasses
 import math
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -137,7 +137,7 @@ def _field_type(key: str) -> type:
     """The type of the config field at a dotted ``key`` (ConfigError unless it names a single setting)."""
     cls: Any = Config
     parts = key.split(".")
-    for depth, part in enumerate(parts):
+    for part in parts:
         if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
             raise ConfigError(f"config key 'tune.space.{key}': unknown config key '{key}'")
         cls = typing.get_type_hints(cls)[part]
@@ -367,11 +367,11 @@ def plot_objective(cfg: Config, rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def summary_table(cfg: Config, rows: list[dict], limit: Optional[int] = None) -> str:
+def summary_table(rows: list[dict]) -> str:
     """The trials as a Markdown table, best first."""
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows[:limit]:
+    for row in rows:
         lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
     return "\n".join(lines)
 
