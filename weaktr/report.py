@@ -96,6 +96,13 @@ def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [e for e, _ in points], [v for _, v in points]
 
 
+def _percent(axes, history: list[dict], key: str, title: str, ylabel: str, **style) -> None:
+    """Plot the fraction ``key`` of each epoch as a percentage."""
+    epochs, values = _series(history, key)
+    axes.plot(epochs, [100 * v for v in values], **style)
+    axes.set(title=title, xlabel="epoch", ylabel=ylabel)
+
+
 def _phase1_figure(history: list[dict]):
     figure, (losses, score, cam) = plt.subplots(1, 3, figsize=(14, 3.6))
     for key, label in (("loss", "total"), ("loss_cls", "class tokens"), ("loss_coarse", "coarse CAM"),
@@ -105,9 +112,8 @@ def _phase1_figure(history: list[dict]):
     losses.legend()
     score.plot(*_series(history, "val_mAP"), marker=".", color="tab:green")
     score.set(title="validation mAP", xlabel="epoch", ylabel="mAP", ylim=(0, 1))
-    epochs, miou = _series(history, "cam_mIoU")
-    cam.plot(epochs, [100 * m for m in miou], marker=".", color="tab:purple")
-    cam.set(title="CAM mIoU (best background threshold)", xlabel="epoch", ylabel="mIoU (%)")
+    _percent(cam, history, "cam_mIoU", "CAM mIoU (best background threshold)", "mIoU (%)", marker=".",
+             color="tab:purple")
     for axes in (losses, score, cam):
         axes.grid(alpha=0.3)
     return figure
@@ -119,12 +125,9 @@ def _phase2_figure(history: list[dict]):
     losses.plot(*_series(history, "ce"), marker=".", label="cross-entropy, all pixels")
     losses.set(title="training loss on pseudo-labels", xlabel="epoch", ylabel="loss")
     losses.legend()
-    epochs, fraction = _series(history, "clipped_fraction")
-    clipped.plot(epochs, [100 * f for f in fraction], marker=".", color="tab:red")
-    clipped.set(title="pixels dropped by gradient clipping", xlabel="epoch", ylabel="% of labelled pixels")
-    epochs, miou = _series(history, "val_mIoU")
-    score.plot(epochs, [100 * m for m in miou], marker="o", color="tab:green")
-    score.set(title="validation mIoU", xlabel="epoch", ylabel="mIoU (%)")
+    _percent(clipped, history, "clipped_fraction", "pixels dropped by gradient clipping", "% of labelled pixels",
+             marker=".", color="tab:red")
+    _percent(score, history, "val_mIoU", "validation mIoU", "mIoU (%)", marker="o", color="tab:green")
     for axes in (losses, clipped, score):
         axes.grid(alpha=0.3)
     return figure

@@ -3,6 +3,7 @@ loaded from a weaktr checkpoint (``load_model``: the one loader for pseudo-label
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional, Sequence
 
@@ -19,26 +20,14 @@ NEEDED_FOR = {"cam": "a phase-1 CAM ('cam') checkpoint from ray_jobs/train_cam.p
 
 
 def build_cam_model(cfg: Config, num_classes: int) -> WeakTrCAM:
-    """The phase-1 model of ``cfg.model`` for ``num_classes`` classes."""
-    m = cfg.model
-    return WeakTrCAM(
-        num_classes,
-        backbone=m.backbone, pretrained=m.pretrained, weights_path=m.weights_path, img_size=m.img_size,
-        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path_rate,
-        reduction=m.reduction, feat_reduction=m.feat_reduction, pool=m.pool, fused_attn=m.fused_attn,
-    )
+    """The phase-1 model of ``cfg.model`` for ``num_classes`` classes (its fields are WeakTrCAM's arguments)."""
+    return WeakTrCAM(num_classes, **dataclasses.asdict(cfg.model))
 
 
 def build_segmenter(cfg: Config, num_classes: int) -> Segmenter:
-    """A Segmenter for ``num_classes`` foreground classes (+ background)."""
-    m = cfg.seg_model
-    return Segmenter(
-        num_classes + 1,
-        backbone=m.backbone, pretrained=m.pretrained, weights_path=m.weights_path, img_size=m.img_size,
-        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path_rate,
-        d_model=m.d_model, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, dropout=m.dropout,
-        fused_attn=m.fused_attn, encoder_norm_eps=m.encoder_norm_eps,
-    )
+    """A Segmenter of ``cfg.seg_model`` (its fields are Segmenter's arguments) for ``num_classes`` foreground
+    classes (+ background)."""
+    return Segmenter(num_classes + 1, **dataclasses.asdict(cfg.seg_model))
 
 
 def load_model(

@@ -24,7 +24,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from weaktr import ops
-from weaktr.models.vit import create_backbone, resize_patch_pos_embed
+from weaktr.models.vit import architecture, backbone_shape, create_backbone, resize_patch_pos_embed
 
 
 class CamOutput(NamedTuple):
@@ -92,33 +92,12 @@ class WeakTrCAM(nn.Module):
         pool: str = "max",
         fused_attn: bool = True,
     ):
+        arch = architecture(locals())
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        # Everything that shapes the model (not where its weights came from), for checkpoints to record and check.
-        self.arch = dict(
-            num_classes=num_classes,
-            backbone=backbone,
-            img_size=img_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            drop_path_rate=drop_path_rate,
-            reduction=reduction,
-            feat_reduction=feat_reduction,
-            pool=pool,
-            fused_attn=fused_attn,
-        )
-        vit = create_backbone(
-            backbone,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            img_size=img_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            drop_path_rate=drop_path_rate,
-        )
+        self.arch = arch
+        vit = create_backbone(backbone, pretrained=pretrained, weights_path=weights_path, **backbone_shape(arch))
         _check_backbone(vit, backbone)
         self.num_classes = num_classes
         self.fused_attn = fused_attn

@@ -21,7 +21,7 @@ from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
-from weaktr.models.vit import create_backbone
+from weaktr.models.vit import architecture, backbone_shape, create_backbone
 
 
 class MaskTransformer(nn.Module):
@@ -113,41 +113,18 @@ class Segmenter(nn.Module):
         fused_attn: bool = True,
         encoder_norm_eps: float | None = None,
     ):
+        arch = architecture(locals())
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes (background included) must be >= 2, got {num_classes}")
         if decoder_depth < 1:
             raise ValueError(f"decoder_depth must be >= 1, got {decoder_depth}")
-        # Everything that shapes the model (not where its weights came from), for checkpoints to record and check;
-        # Segmenter(**arch) rebuilds the same architecture.
-        self.arch = dict(
-            num_classes=num_classes,
-            backbone=backbone,
-            img_size=img_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            drop_path_rate=drop_path_rate,
-            d_model=d_model,
-            decoder_depth=decoder_depth,
-            decoder_heads=decoder_heads,
-            dropout=dropout,
-            fused_attn=fused_attn,
-            encoder_norm_eps=encoder_norm_eps,
-        )
+        self.arch = arch
         # The official Segmenter's own ViT uses LayerNorm's default eps 1e-5 where timm's DeiT uses 1e-6.
         norm = {} if encoder_norm_eps is None else {"norm_layer": functools.partial(nn.LayerNorm, eps=encoder_norm_eps)}
         self.encoder = create_backbone(
-            backbone,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            img_size=img_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            drop_path_rate=drop_path_rate,
-            dynamic_img_size=True,
-            **norm,
+            backbone, pretrained=pretrained, weights_path=weights_path, **backbone_shape(arch),
+            dynamic_img_size=True, **norm,
         )
         _check_encoder(self.encoder, backbone)
         self.num_classes = num_classes

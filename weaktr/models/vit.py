@@ -11,6 +11,21 @@ from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
 
+# The create_backbone arguments that shape the encoder (the rest say where its weights come from).
+BACKBONE_SHAPE = ("img_size", "embed_dim", "depth", "num_heads", "drop_path_rate")
+WEIGHT_SOURCES = ("pretrained", "weights_path")
+
+
+def architecture(constructor_locals: dict[str, Any]) -> dict[str, Any]:
+    """A model's constructor arguments except its weight source: what checkpoints record and check, and what
+    ``Model(**arch)`` rebuilds. Call it as ``architecture(locals())`` first thing in ``__init__``."""
+    return {k: v for k, v in constructor_locals.items() if k not in ("self", "__class__", *WEIGHT_SOURCES)}
+
+
+def backbone_shape(arch: dict[str, Any]) -> dict[str, Any]:
+    """The create_backbone keyword arguments held in a model's ``arch``."""
+    return {k: arch[k] for k in BACKBONE_SHAPE}
+
 
 def create_backbone(
     name: str = "deit_small_patch16_224",
