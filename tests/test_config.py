@@ -33,11 +33,21 @@ def test_saved_config_round_trips(tmp_path):
         (["model.pretrained=maybe"], "config key 'model.pretrained': expected bool"),
         (["train=3"], "train: expected a mapping"),
         (["train.lr"], "expected KEY=VALUE"),
+        (["pseudo.attention_type=patch"], "config key 'pseudo.attention_type': expected one of 'fused', 'patchcam'"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_config(None, overrides)
+
+
+def test_attention_type_choices_are_the_ops_ones():
+    import typing
+
+    from weaktr import ops
+    from weaktr.config import PseudoConfig
+
+    assert typing.get_args(typing.get_type_hints(PseudoConfig)["attention_type"]) == ops.ATTENTION_TYPES
 
 
 def test_bad_file_errors(tmp_path):

@@ -42,16 +42,19 @@ def test_fuse_attention_rejects_bad_shapes():
 # ---------------------------------------------------------------- refine_cam
 
 
-def _refine_cam_loop(coarse_cam, fused):
-    """G_c = PA . vec(CA_c * relu(M_c)), one image and one class at a time."""
+def _refine_cam_loop(coarse_cam, fused, attention_type="fused", refine=True):
+    """G_c = PA . vec(CA_c * relu(M_c)), one image and one class at a time; the official readouts
+    (engine.py: cams = CA * M, M or CA by --attention-type, then PA @ cams with --patch-attn-refine)."""
     B, C, h, w = coarse_cam.shape
     out = torch.zeros(B, C, h, w, dtype=torch.float64)
     for b in range(B):
         patch_attn = fused[b, C:, C:].double()  # [N, N]
         for c in range(C):
             cross_attn = fused[b, c, C:].double().reshape(h, w)
-            v = (cross_attn * coarse_cam[b, c].double().clamp(min=0)).reshape(-1)  # vec(), row-major over (h, w)
-            out[b, c] = (patch_attn @ v).reshape(h, w)
+            activation = coarse_cam[b, c].double().clamp(min=0)
+            cam = {"fused": cross_attn * activation, "patchcam": activation, "cross": cross_attn}[attention_type]
+            v = cam.reshape(-1)  # vec(), row-major over (h, w)
+            out[b, c] = (patch_attn @ v if refine else v).reshape(h, w)
     return out
 
 
@@ -62,6 +65,24 @@ def test_refine_cam_matches_loop(B, C, h, w):
     fused = torch.rand(B, T, T, generator=g).softmax(-1)
     coarse_cam = torch.randn(B, C, h, w, generator=g)  # negative values: relu must matter
     assert_close(ops.refine_cam(coarse_cam, fused), _refine_cam_loop(coarse_cam, fused).float())
+
+
+@pytest.mark.parametrize("attention_type", ops.ATTENTION_TYPES)
+@pytest.mark.parametrize("refine", [True, False])
+def test_attention_cam_matches_loop(attention_type, refine):
+    g = _generator(7)
+    B, C, h, w = 2, 3, 4, 5
+    fused = torch.rand(B, C + h * w, C + h * w, generator=g).softmax(-1)
+    coarse_cam = torch.randn(B, C, h, w, generator=g)
+    want = _refine_cam_loop(coarse_cam, fused, attention_type, refine).float()
+    assert_close(ops.attention_cam(coarse_cam, fused, attention_type, refine), want)
+    if (attention_type, refine) == ("fused", True):
+        assert_close(ops.refine_cam(coarse_cam, fused), want)
+
+
+def test_attention_cam_rejects_unknown_type():
+    with pytest.raises(ValueError, match="attention_type"):
+        ops.attention_cam(torch.rand(1, 2, 2, 2), torch.rand(1, 6, 6), "patch")
 
 
 def test_refine_cam_ignores_negative_coarse_activations():

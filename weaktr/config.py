@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -176,6 +176,11 @@ class PseudoConfig:
     scales: list[float] = field(default_factory=lambda: [1.0, 1.2])
     flip: bool = True
     bg_threshold: float = 0.43
+    # The CAM read off the phase-1 model (the official --attention-type / --[no-]patch-attn-refine): "fused"
+    # CA * relu(M), "patchcam" relu(M), "cross" CA, each refined by the patch attention PA when patch_attn_refine.
+    # ("fused", true) is the paper's fine CAM G. Phase 1's CAM mIoU (checkpoint choice) scores the same readout.
+    attention_type: Literal["fused", "patchcam", "cross"] = "fused"  # ops.ATTENTION_TYPES
+    patch_attn_refine: bool = True
     crf: CRFParams = field(default_factory=CRFParams)  # dense CRF kernels (SPEC: VOC; COCO in coco14.yaml)
     batch_size: int = 16  # images per CAM-inference batch
     cam_actors: int = 1
@@ -326,6 +331,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, path)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"config key '{path}': expected one of {', '.join(map(repr, choices))}, got {value!r}")
     if tp is dict:  # a free-form mapping (tune.space), checked by its user
         if isinstance(value, dict):
             return dict(value)

@@ -28,6 +28,9 @@ def fuse_attention(attn: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("bl,blst->bst", weights.to(attn.dtype), attn) / attn.shape[1]
 
 
+ATTENTION_TYPES = ("fused", "patchcam", "cross")  # the official --attention-type choices
+
+
 def refine_cam(coarse_cam: Tensor, fused: Tensor) -> Tensor:
     """Fine CAM: G_c = PA . vec(CA_c * relu(M_c)).
 
@@ -35,6 +38,18 @@ def refine_cam(coarse_cam: Tensor, fused: Tensor) -> Tensor:
     CA = A_bar[class rows, patch cols] (how much each class token attends to each patch),
     PA = A_bar[patch rows, patch cols]; G[b, c, n] = sum_m PA[b, n, m] * CA[b, c, m] * relu(M)[b, c, m].
     """
+    return attention_cam(coarse_cam, fused, "fused", refine=True)
+
+
+def attention_cam(coarse_cam: Tensor, fused: Tensor, attention_type: str = "fused", refine: bool = True) -> Tensor:
+    """The CAM read off the model as the official CAM generation offers it (``--attention-type``,
+    ``--[no-]patch-attn-refine``): ``fused`` CA_c * relu(M_c), ``patchcam`` relu(M_c) alone, ``cross`` CA_c alone;
+    each multiplied by PA when ``refine``. ("fused", True) is the fine CAM G of the paper and the default.
+
+    coarse_cam M [B, C, h, w]; fused A_bar [B, T, T] with T = C + h*w -> [B, C, h, w].
+    """
+    if attention_type not in ATTENTION_TYPES:
+        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
     if coarse_cam.ndim != 4:
         raise ValueError(f"coarse_cam must be [B, C, h, w], got shape {tuple(coarse_cam.shape)}")
     B, C, h, w = coarse_cam.shape
@@ -46,10 +61,12 @@ def refine_cam(coarse_cam: Tensor, fused: Tensor) -> Tensor:
         )
     cross_attn = fused[:, :C, C:]  # [B, C, N]
     patch_attn = fused[:, C:, C:]  # [B, N, N]
-    cams = cross_attn * F.relu(coarse_cam).flatten(2).to(fused.dtype)  # [B, C, N]
-    # Row-vector form of PA @ v: (PA @ v_c)^T = v_c^T @ PA^T for every class at once.
-    fine = cams @ patch_attn.transpose(1, 2)  # [B, C, N]
-    return fine.reshape(B, C, h, w)
+    activation = F.relu(coarse_cam).flatten(2).to(fused.dtype)  # [B, C, N]
+    cams = {"fused": cross_attn * activation, "patchcam": activation, "cross": cross_attn}[attention_type]
+    if refine:
+        # Row-vector form of PA @ v: (PA @ v_c)^T = v_c^T @ PA^T for every class at once.
+        cams = cams @ patch_attn.transpose(1, 2)  # [B, C, N]
+    return cams.reshape(B, C, h, w)
 
 
 def gradient_clipping_loss(pixel_loss: Tensor, valid: Tensor, start_value: float, patch_size: int) -> Tensor:

@@ -33,6 +33,7 @@ class CamOutput(NamedTuple):
     fine_logits: Tensor  # [B, C] y_fine = avgpool(G)
     coarse_cam: Tensor  # [B, C, h, w] M
     fine_cam: Tensor  # [B, C, h, w] G, the CAM used for pseudo-labels
+    fused_attn: Tensor  # [B, T, T] A_bar: with coarse_cam, every CAM readout (ops.attention_cam)
 
 
 class AdaptiveAttentionFusion(nn.Module):
@@ -169,7 +170,7 @@ class WeakTrCAM(nn.Module):
         fused = ops.fuse_attention(attn, weights)  # [B, T, T]
         fine_cam = ops.refine_cam(coarse_cam.detach(), fused)  # [B, C, h, w]; trains only the AAF
         fine_logits = fine_cam.mean((2, 3))
-        return CamOutput(cls_logits, coarse_logits, fine_logits, coarse_cam, fine_cam)
+        return CamOutput(cls_logits, coarse_logits, fine_logits, coarse_cam, fine_cam, fused)
 
     def loss(self, out: CamOutput, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         """MLSM(y_cls) + MLSM(y_coarse) + MLSM(y_fine) against multi-hot labels [B, C]."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from weaktr import ops
 from weaktr.runtime import autocast
 
 
@@ -120,10 +121,11 @@ def predict_probs(
 
 @torch.inference_mode()
 def cam_pass(
-    model: nn.Module, inputs: Sequence[Sequence[Tensor]], sizes: Sequence[tuple[int, int]], flip: bool = True
+    model: nn.Module, inputs: Sequence[Sequence[Tensor]], sizes: Sequence[tuple[int, int]], flip: bool = True,
+    attention_type: str = "fused", refine: bool = True,
 ) -> list[Tensor]:
-    """Fine CAMs G summed over scales (and flips): one float32 [C, H_i, W_i] per image, at `sizes[i]`, on the
-    model's device (absent classes are not zeroed here).
+    """Fine CAMs G (or another readout: `read_cam`) summed over scales (and flips): one float32 [C, H_i, W_i] per
+    image, at `sizes[i]`, on the model's device (absent classes are not zeroed here).
 
     inputs[s][i] is image i prepared for scale s: normalized [3, h, w], h and w multiples of the patch size (any
     device). Batched: per scale, the images with the same input shape and all their flips go through ONE forward
@@ -141,7 +143,7 @@ def cam_pass(
             batch = torch.stack([scaled[i] for i in members]).to(device)  # [n, 3, h, w]
             if flip:
                 batch = torch.cat([batch, batch.flip(-1)])  # [2n, 3, h, w]
-            cams = model(batch).fine_cam  # [n or 2n, C, h/p, w/p]
+            cams = read_cam(model(batch), attention_type, refine)  # [n or 2n, C, h/p, w/p]
             for j, i in enumerate(members):
                 cam = _upsample(cams[j], sizes[i])  # [C, H, W]
                 if flip:
@@ -150,9 +152,16 @@ def cam_pass(
     return totals
 
 
+def read_cam(out, attention_type: str = "fused", refine: bool = True) -> Tensor:
+    """The CAM [B, C, h, w] of a WeakTrCAM output: the fine CAM G by default, or another of the official CAM
+    generation's readouts (``ops.attention_cam``; ``pseudo.attention_type`` / ``pseudo.patch_attn_refine``)."""
+    return ops.attention_cam(out.coarse_cam, out.fused_attn, attention_type, refine)
+
+
 @torch.inference_mode()
 def cam_pass_reference(
-    model: nn.Module, inputs: Sequence[Sequence[Tensor]], sizes: Sequence[tuple[int, int]], flip: bool = True
+    model: nn.Module, inputs: Sequence[Sequence[Tensor]], sizes: Sequence[tuple[int, int]], flip: bool = True,
+    attention_type: str = "fused", refine: bool = True,
 ) -> list[Tensor]:
     """`cam_pass` the way the WeakTr reference code runs it: one image at a time, one forward per scale (the image
     and its flip). The equivalence and benchmark baseline of `cam_pass`."""
@@ -164,7 +173,7 @@ def cam_pass_reference(
             x = scaled[i][None].to(device)  # [1, 3, h, w]
             if flip:
                 x = torch.cat([x, x.flip(-1)])  # [2, 3, h, w]
-            cams = model(x).fine_cam  # [1 or 2, C, h/p, w/p]
+            cams = read_cam(model(x), attention_type, refine)  # [1 or 2, C, h/p, w/p]
             cam = _upsample(cams[0], size)
             if flip:
                 cam = cam + _upsample(cams[1], size).flip(-1)
@@ -199,10 +208,13 @@ def multiscale_cams(
     flip: bool = True,
     patch_size: int = 16,
     reference: bool = False,
+    attention_type: str = "fused",
+    refine: bool = True,
 ) -> list[Tensor]:
     """Multi-scale (+ flip) fine CAMs G of uint8 [H, W, 3] images, each float32 [C, H, W] at its original size,
     on the model's device: per scale, resize, crop to multiples of `patch_size`, run the model, upsample G
-    bilinearly, un-flip, and sum over scales and flips (absent classes are not zeroed here).
+    bilinearly, un-flip, and sum over scales and flips (absent classes are not zeroed here). `attention_type` and
+    `refine` choose another readout than G (`read_cam`).
 
     Batched (`cam_pass`): per scale, the images with the same input grid and all their flips go through ONE
     forward pass; bf16 autocast on GPU. With `reference`, the WeakTr reference loop instead (`cam_pass_reference`:
@@ -213,9 +225,9 @@ def multiscale_cams(
     sizes = [image.shape[:2] for image in images]
     inputs = _scaled_inputs(images, scales, patch_size)
     if reference:
-        return cam_pass_reference(model, inputs, sizes, flip)
+        return cam_pass_reference(model, inputs, sizes, flip, attention_type, refine)
     with autocast(device, enabled=True):
-        return cam_pass(model, inputs, sizes, flip)
+        return cam_pass(model, inputs, sizes, flip, attention_type, refine)
 
 
 def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:

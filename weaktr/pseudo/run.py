@@ -92,7 +92,8 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
     print(f"pseudo-labels: {len(split.shards)} shards of '{p.split}', {skipped} already done, {len(todo)} to process")
     if todo:
         settings = StageSettings(
-            num_classes=manifest.num_classes, scales=list(p.scales), flip=p.flip, bg_threshold=p.bg_threshold,
+            num_classes=manifest.num_classes, scales=list(p.scales), flip=p.flip, attention_type=p.attention_type,
+            patch_attn_refine=p.patch_attn_refine, bg_threshold=p.bg_threshold,
             chunk_size=p.batch_size, overlay_samples=p.overlay_samples, save_cams=p.save_cams,
             sweep_thresholds=thresholds, crf=asdict(p.crf),
         )

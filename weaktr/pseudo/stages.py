@@ -103,6 +103,8 @@ class StageSettings:
     num_classes: int
     scales: list[float]
     flip: bool
+    attention_type: str  # the CAM readout (ops.attention_cam)
+    patch_attn_refine: bool
     bg_threshold: float
     chunk_size: int
     overlay_samples: int
@@ -230,7 +232,10 @@ class CamStage:
     def _process(self, samples: list[dict]) -> list[dict]:
         s = self.settings
         images = [_decode_rgb(sample["image"]) for sample in samples]
-        cams = multiscale_cams(self.model, images, s.scales, s.flip, self.patch_size)  # [C, H, W] each
+        cams = multiscale_cams(
+            self.model, images, s.scales, s.flip, self.patch_size, attention_type=s.attention_type,
+            refine=s.patch_attn_refine,
+        )  # [C, H, W] each
         rows = []
         for sample, image, cam in zip(samples, images, cams):
             present = sample["labels"]

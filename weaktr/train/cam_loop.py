@@ -183,8 +183,9 @@ def evaluate_cam_miou(
 ) -> tuple[float, float]:
     """(CAM mIoU, its background threshold) on the first ``train.cam_eval.samples`` samples of
     ``train.cam_eval.split`` (those without a mask skipped), the threshold searched over ``cam_eval.sweep`` in the
-    same pass (the official main.py after every epoch). Each rank reads and scores only its share of the shards
-    (``cam_eval_samples``); (NaN, NaN) when ``split`` is None."""
+    same pass (the official main.py after every epoch), on the CAM readout the pseudo-labels will use
+    (``pseudo.attention_type``, ``pseudo.patch_attn_refine``). Each rank reads and scores only its share of the
+    shards (``cam_eval_samples``); (NaN, NaN) when ``split`` is None."""
     ce = cfg.train.cam_eval
     if ce.split is None:
         return float("nan"), float("nan")
@@ -194,7 +195,10 @@ def evaluate_cam_miou(
     batch: list = []
 
     def flush():
-        cams = multiscale_cams(model, [s.image for s in batch], ce.scales, ce.flip, patch_size)  # [C, H, W] each
+        cams = multiscale_cams(
+            model, [s.image for s in batch], ce.scales, ce.flip, patch_size,
+            attention_type=cfg.pseudo.attention_type, refine=cfg.pseudo.patch_attn_refine,
+        )  # [C, H, W] each
         for sample, cam in zip(batch, cams):
             sweep.update(normalize_cams(cam.cpu(), sample.labels), sample.labels, sample.mask)
         batch.clear()
