@@ -33,8 +33,9 @@ def full_run(ray_session, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("pipeline")
     voc_root, aug_list = write_voc_layout(tmp_path)
     convert_voc(voc_root, tmp_path / "voc12", aug_list=aug_list, samples_per_shard=8)
+    # bg_threshold null: the pseudo-labels take the threshold phase 1's CAM-mIoU sweep chose for its checkpoint.
     overrides = [*TINY_ON_CPU, "run.name=pipe", f"run.storage_path={tmp_path / 'runs'}",
-                 f"data.root={tmp_path / 'voc12'}"]
+                 f"data.root={tmp_path / 'voc12'}", "pseudo.bg_threshold=null"]
     command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
                "--working-dir", str(ROOT), "--", sys.executable, "ray_jobs/pipeline.py",
                "--config", "configs/voc12.yaml"]
@@ -62,6 +63,8 @@ def test_the_voc12_recipe_runs_the_whole_chain(full_run):
     cfg, _, records = full_run
     assert cfg.data.train_split == "train_aug"  # phase 1 on train_aug, phase 2 on its pseudo-labels: no "no split"
     check_chain(records, cfg, num_train=16, num_classes=20)
+    chosen = records["phase1"]["metrics"]["best"]["cam_bg_threshold"]
+    assert records["pseudo"]["metrics"]["bg_threshold"] == pytest.approx(chosen)
 
 
 def test_the_report_has_every_section(full_run):
@@ -80,6 +83,7 @@ def test_the_report_has_every_section(full_run):
         assert title in page
     figures = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert len(figures) == 4 and all(base64.b64decode(f)[:4] == b"\x89PNG" for f in figures)
+    assert (run_dir / "samples.png").read_bytes() == base64.b64decode(figures[-1])  # the grid, also on its own
     # The retrained model's figure in the table is the evaluation's.
     assert f"{100 * records['eval']['metrics']['eval']['miou']:.2f}" in page
 

@@ -136,6 +136,25 @@ def test_batched_multiscale_cams_match_the_reference_loop():
     torch.testing.assert_close(mirrored.flip(-1), original, rtol=1e-4, atol=1e-5 * original.abs().max().item())
 
 
+@pytest.mark.parametrize("attention_type, refine", [("patchcam", False), ("cross", True), ("fused", False)])
+def test_multiscale_cams_other_readouts(attention_type, refine):
+    """The pseudo.attention_type / patch_attn_refine readouts reach the CAM pass: each equals the readout of the
+    model's own outputs, upsampled and summed over the flips, and differs from the default fine CAM."""
+    from weaktr.models.inference import _scaled_input, read_cam
+
+    model = tiny_model(seed=2)
+    image = np.random.default_rng(1).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    got = multiscale_cams(model, [image], [1.0], True, 16, reference=True, attention_type=attention_type,
+                          refine=refine)[0]
+    x = _scaled_input(image, 1.0, 16)[None]
+    with torch.no_grad():
+        cams = read_cam(model(torch.cat([x, x.flip(-1)])), attention_type, refine)  # [2, C, 3, 4]
+    up = torch.nn.functional.interpolate(cams, size=(48, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, up[0] + up[1].flip(-1))
+    default = multiscale_cams(model, [image], [1.0], True, 16, reference=True)[0]
+    assert not torch.allclose(got / got.max(), default / default.max(), atol=1e-3)
+
+
 def test_parse_sweep():
     thresholds = parse_sweep("0.30:0.60:0.01")
     assert len(thresholds) == 31 and thresholds[0] == 0.3 and thresholds[-1] == 0.6 and 0.43 in thresholds
@@ -167,6 +186,16 @@ def test_mismatched_checkpoint_is_refused_before_any_work(dataset, tmp_path):
                     classes=dataset.classes, config={}, epoch=0)
     with pytest.raises(CheckpointMismatch, match="weights do not fit"):
         load_cam_model(wrong_arch, dataset.classes)
+
+
+def test_null_threshold_takes_the_checkpoints_and_is_refused_without_one(dataset, checkpoint, tmp_path):
+    from weaktr.pseudo.run import PseudoLabelError, checkpoint_threshold
+
+    cfg = make_config(pseudo_overrides(dataset, tmp_path / "out") | {"pseudo.bg_threshold": None})
+    with pytest.raises(PseudoLabelError, match="pseudo.bg_threshold is null"):  # saved without metrics
+        run_pseudo_labels(cfg, checkpoint)  # refused before Ray is needed
+    assert not (tmp_path / "out").exists()
+    assert checkpoint_threshold({"metrics": {"cam_bg_threshold": 0.26}}, "ckpt") == 0.26
 
 
 def test_pipeline_labels_every_sample_and_reports_quality(reference_run, dataset):

@@ -70,6 +70,45 @@ def test_arch_rebuilds_the_same_architecture(model):
     assert model.arch["num_classes"] == NUM_CLASSES and model.arch["d_model"] == TINY["d_model"]
 
 
+def test_encoder_starts_from_a_phase1_checkpoint(tmp_path):
+    """seg_model.weights_path = a weaktr phase-1 checkpoint (seg_train.init_encoder_from_phase1): the patch
+    embedding and blocks are phase 1's, the class token and its position the mean of its C class tokens', the final
+    norm (phase 1 has none) stays at its initialization; a mismatched width is refused."""
+    from weaktr.checkpoint import save_checkpoint
+    from weaktr.models.cam import WeakTrCAM
+
+    torch.manual_seed(1)
+    cam = WeakTrCAM(3, embed_dim=64, depth=2, num_heads=2, img_size=64)
+    save_checkpoint(tmp_path / "cam", kind="cam", model_state=cam.state_dict(), arch=cam.arch,
+                    classes=["a", "b", "c"], config={}, epoch=0)
+    seg = tiny_segmenter(weights_path=tmp_path / "cam")
+    encoder = seg.encoder.state_dict()
+    for name, value in cam.state_dict().items():
+        if name.startswith(("patch_embed.", "blocks.")):
+            torch.testing.assert_close(encoder[name], value, msg=name)
+    torch.testing.assert_close(encoder["cls_token"], cam.cls_tokens.detach().mean(1, keepdim=True))
+    torch.testing.assert_close(encoder["pos_embed"][:, 1:], cam.patch_pos_embed.detach())
+    assert torch.equal(encoder["norm.weight"], torch.ones(64)) and torch.equal(encoder["norm.bias"], torch.zeros(64))
+    assert seg(torch.randn(1, 3, 64, 64)).shape == (1, NUM_CLASSES, 64, 64)
+    with pytest.raises((ValueError, RuntimeError)):
+        tiny_segmenter(weights_path=tmp_path / "cam", embed_dim=32, d_model=32)
+
+
+def test_init_from_phase1_excludes_other_weights_and_needs_a_recorded_checkpoint(tmp_path):
+    from weaktr.config import ConfigError, load_config
+    from weaktr.data.shards import DataError, Manifest
+    from weaktr.train.seg_loop import phase1_checkpoint
+
+    with pytest.raises(ConfigError, match="seg_train.init_encoder_from_phase1"):
+        load_config(None, ["seg_train.init_encoder_from_phase1=true", "seg_model.weights_path=/w.pth"])
+    unrecorded = Manifest("d", ["a"], {}, str(tmp_path), {})
+    with pytest.raises(DataError, match="name no phase-1 checkpoint"):
+        phase1_checkpoint(unrecorded)
+    (tmp_path / "ckpt").mkdir()
+    recorded = Manifest("d", ["a"], {}, str(tmp_path), {"pseudo_labels": {"checkpoint": str(tmp_path / "ckpt")}})
+    assert phase1_checkpoint(recorded) == str(tmp_path / "ckpt")
+
+
 def test_decoder_width_and_heads_follow_arguments():
     model = tiny_segmenter(d_model=128, decoder_heads=4, decoder_depth=3)
     assert model.decoder.proj_dec.weight.shape == (128, TINY["embed_dim"])

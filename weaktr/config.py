@@ -175,7 +175,9 @@ class PseudoConfig:
     out_dir: str = "outputs/pseudo"  # a new dataset: manifest + shards with pseudo-labels, PNGs, report
     scales: list[float] = field(default_factory=lambda: [1.0, 1.2])
     flip: bool = True
-    bg_threshold: float = 0.43
+    # The background score t of the CAM labels; null: the t that phase 1's CAM-mIoU sweep (train.cam_eval) chose
+    # for the checkpoint (the official way: sweep t on train, then use it).
+    bg_threshold: Optional[float] = 0.43
     # The CAM read off the phase-1 model (the official --attention-type / --[no-]patch-attn-refine): "fused"
     # CA * relu(M), "patchcam" relu(M), "cross" CA, each refined by the patch attention PA when patch_attn_refine.
     # ("fused", true) is the paper's fine CAM G. Phase 1's CAM mIoU (checkpoint choice) scores the same readout.
@@ -210,6 +212,10 @@ class SegTrainConfig(RunnerConfig):
     """Phase 2 training on pseudo-labels with the gradient-clipping loss."""
 
     data_root: Optional[str] = None  # the pseudo-label dataset; None: pseudo.out_dir
+    # Start the encoder from the phase-1 checkpoint that made the pseudo-labels (named in their manifest): where
+    # no pretrained weights exist (the synthetic benchmark), the one encoder trained on the data; excludes
+    # seg_model.pretrained / weights_path.
+    init_encoder_from_phase1: bool = False
     epochs: int = 100
     batch_size: int = 4  # global: split evenly over num_workers (the official world batch size)
     opt: str = "sgd"  # or "adamw"
@@ -419,6 +425,11 @@ def _checked(cfg: Any) -> Any:
     if isinstance(cfg, Config):  # a global batch that does not split over the workers: say so now
         per_worker_batch(cfg.train.batch_size, cfg.train.num_workers, "train")
         per_worker_batch(cfg.seg_train.batch_size, cfg.seg_train.num_workers, "seg_train")
+        if cfg.seg_train.init_encoder_from_phase1 and (cfg.seg_model.pretrained or cfg.seg_model.weights_path):
+            raise ConfigError(
+                "config key 'seg_train.init_encoder_from_phase1': the encoder starts from phase 1, so "
+                "seg_model.pretrained and seg_model.weights_path must be unset"
+            )
     return cfg
 
 

@@ -131,7 +131,7 @@ RUNNERS: dict[str, Callable[[Config, Path, dict], StageResult]] = {
 }
 # What a stage that starts over clears first (paths under the run directory); the data stage clears nothing.
 STAGE_DIRS = {"phase1": ("phase1",), "pseudo": ("pseudo",), "phase2": ("phase2",), "eval": ("eval", "eval_crf"),
-              "report": ("report.html", "report.json")}
+              "report": ("report.html", "report.json", "samples.png")}
 
 
 # ----------------------------------------------------------------------------------------------- orchestration

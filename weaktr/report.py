@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 from weaktr.config import Config, to_dict  # noqa: E402
 
 SAMPLE_ROWS = 6  # images in the sample grid
+SAMPLES_PNG = "samples.png"  # the grid alone, beside report.html
 
 
 def miou_table(records: dict) -> list[dict]:
@@ -44,7 +45,8 @@ def miou_table(records: dict) -> list[dict]:
 
 
 def write_html_report(cfg: Config, directory: Path, records: dict) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.json`` into ``directory``; returns their paths."""
+    """Write ``report.html`` and ``report.json`` into ``directory`` (and the sample grid alone as ``samples.png``);
+    returns the first two's paths."""
     from weaktr.pipeline import headline
 
     classes = ["background", *records["data"]["metrics"]["classes"]]
@@ -68,13 +70,16 @@ def write_html_report(cfg: Config, directory: Path, records: dict) -> tuple[Path
 
     figures = {
         "Phase 1: CAM training": _png(_phase1_figure(data["curves"]["phase1"])),
-        "Phase 2: retraining with gradient clipping": _png(_phase2_figure(data["curves"]["phase2"])),
+        f"Phase 2: retraining {'with gradient clipping' if cfg.seg_train.clip else 'on plain cross-entropy'}":
+            _png(_phase2_figure(data["curves"]["phase2"])),
     }
     if sweep.get("curve"):
         figures["Background threshold"] = _png(_sweep_figure(sweep, records["pseudo"]["metrics"]["bg_threshold"]))
     grid = _sample_grid(cfg, directory, records, classes)
     if grid is not None:
-        figures["Samples"] = _png(grid)
+        samples = _png_bytes(grid)
+        (directory / SAMPLES_PNG).write_bytes(samples)
+        figures["Samples"] = base64.b64encode(samples).decode("ascii")
     html_path = directory / "report.html"
     html_path.write_text(_html(cfg, data, classes, figures))
     return html_path, json_path
@@ -83,11 +88,15 @@ def write_html_report(cfg: Config, directory: Path, records: dict) -> tuple[Path
 # ----------------------------------------------------------------------------------------------- figures
 
 
-def _png(figure) -> str:
+def _png_bytes(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def _png(figure) -> str:
+    return base64.b64encode(_png_bytes(figure)).decode("ascii")
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import timm
+import torch
 import torch.nn.functional as F
 from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -70,22 +71,42 @@ def load_backbone_weights(model: VisionTransformer, weights_path: str | os.PathL
     The file is a state dict, possibly nested under "model" / "state_dict" (DeiT releases, timm training
     checkpoints), possibly with DDP "module." prefixes; it is read with torch.load(weights_only=True). The
     classifier head is dropped, and timm's checkpoint filter converts foreign layouts and resamples the
-    positional embedding to the model's grid.
+    positional embedding to the model's grid. A weaktr phase-1 checkpoint (its directory or checkpoint.pt) also
+    loads: see ``vit_state_from_phase1``.
     """
     path = os.fspath(weights_path)
+    if os.path.isdir(path):  # a weaktr checkpoint directory
+        path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     state_dict = load_state_dict(path, use_ema=False, weights_only=True)
+    from_phase1 = "cls_tokens" in state_dict
+    if from_phase1:
+        state_dict = vit_state_from_phase1(state_dict)
     classifier = model.pretrained_cfg.get("classifier", "head")
     heads = (f"{classifier}.", "head.", "head_dist.")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
     state_dict = checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if from_phase1:  # phase 1 has no final norm: the encoder keeps its freshly initialized one
+        missing = [key for key in missing if not key.startswith("norm.")]
     if missing or unexpected:
         raise ValueError(
             f"weights in {path} do not fit the backbone {model.pretrained_cfg.get('architecture', '')}: "
             f"missing keys {missing}, unexpected keys {unexpected}"
         )
+
+
+def vit_state_from_phase1(cam_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A WeakTrCAM state dict as a one-class-token timm ViT's: patch embedding and blocks as they are; the class
+    token and its position the mean of the C class tokens' (the way WeakTrCAM copies one token into C, undone);
+    the classifier heads (coarse CAM, AAF) dropped. The phase-2 encoder can then start from phase 1, the benchmark's
+    stand-in for ImageNet weights when nothing can be downloaded (``seg_train.init_encoder_from_phase1``)."""
+    state = {k: v for k, v in cam_state.items() if k.startswith(("patch_embed.", "norm_pre.", "blocks."))}
+    state["cls_token"] = cam_state["cls_tokens"].mean(1, keepdim=True)  # [1, 1, D]
+    cls_pos = cam_state["cls_pos_embed"].mean(1, keepdim=True)  # [1, 1, D]
+    state["pos_embed"] = torch.cat([cls_pos, cam_state["patch_pos_embed"]], dim=1)  # [1, 1 + h0*w0, D]
+    return state
 
 
 def resize_patch_pos_embed(

@@ -33,6 +33,18 @@ class PseudoLabelError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def checkpoint_threshold(payload: dict, checkpoint: str | os.PathLike) -> float:
+    """The background threshold phase 1's CAM-mIoU sweep chose at the checkpoint's epoch (``pseudo.bg_threshold:
+    null``)."""
+    threshold = payload.get("metrics", {}).get("cam_bg_threshold", float("nan"))
+    if not threshold == threshold:  # NaN or missing: phase 1 did not score CAMs (train.cam_eval.split: null)
+        raise PseudoLabelError(
+            f"pseudo.bg_threshold is null, but checkpoint {checkpoint} records no background threshold (phase 1 "
+            "ran without train.cam_eval.split); set pseudo.bg_threshold"
+        )
+    return float(threshold)
+
+
 def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
     """Generate pseudo-labels for ``cfg.pseudo.split`` of the dataset at ``cfg.data.root`` (see the module
     docstring). Needs a connected Ray (``ray.init``). Returns the report (report.json) plus a "run" entry saying
@@ -54,6 +66,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{len(missing)} shard(s) of split '{p.split}' do not exist, first: {missing[0]}")
     # Refuse a checkpoint of another dataset / architecture before any work.
     model, payload = load_cam_model(checkpoint, manifest.classes)
+    bg_threshold = p.bg_threshold if p.bg_threshold is not None else checkpoint_threshold(payload, checkpoint)
     try:
         thresholds = parse_sweep(p.sweep_bg, key="pseudo.sweep_bg")
     except ValueError as err:
@@ -71,9 +84,10 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         "shards": split.shards,
         "settings": {
             name: getattr(p, name)
-            for name in ("scales", "flip", "bg_threshold", "batch_size", "save_cams", "overlay_samples", "sweep_bg")
+            for name in ("scales", "flip", "attention_type", "patch_attn_refine", "batch_size", "save_cams",
+                         "overlay_samples", "sweep_bg")
         }
-        | {"crf": asdict(p.crf)},
+        | {"bg_threshold": bg_threshold, "crf": asdict(p.crf)},
     }
     if p.overwrite:
         _clear_outputs(out_dir, split.shards)
@@ -93,7 +107,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
     if todo:
         settings = StageSettings(
             num_classes=manifest.num_classes, scales=list(p.scales), flip=p.flip, attention_type=p.attention_type,
-            patch_attn_refine=p.patch_attn_refine, bg_threshold=p.bg_threshold,
+            patch_attn_refine=p.patch_attn_refine, bg_threshold=bg_threshold,
             chunk_size=p.batch_size, overlay_samples=p.overlay_samples, save_cams=p.save_cams,
             sweep_thresholds=thresholds, crf=asdict(p.crf),
         )
@@ -104,7 +118,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         )
         _consume(dataset, out_dir, split, shard_paths, settings, sum(split.shard_sizes[i] for i in todo))
 
-    report = _finalize(out_dir, manifest, p.split, thresholds, str(checkpoint), p.bg_threshold)
+    report = _finalize(out_dir, manifest, p.split, thresholds, str(checkpoint), bg_threshold)
     report["run"] = {
         "shards": len(split.shards), "shards_skipped": skipped, "shards_processed": len(todo),
         "seconds": round(time.perf_counter() - started, 2),

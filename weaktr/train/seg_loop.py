@@ -56,6 +56,17 @@ def require_pseudo_labels(manifest: Manifest, split: str) -> None:
         )
 
 
+def phase1_checkpoint(pseudo_labels: Manifest) -> str:
+    """The phase-1 checkpoint that made a pseudo-label dataset (recorded in its manifest by the pseudo-label job)."""
+    checkpoint = pseudo_labels.meta.get("pseudo_labels", {}).get("checkpoint")
+    if not checkpoint or not Path(checkpoint).exists():
+        raise DataError(
+            f"seg_train.init_encoder_from_phase1: the pseudo-labels at {pseudo_labels.root} name no phase-1 "
+            f"checkpoint that exists here ({checkpoint!r}); set seg_model.weights_path to one instead"
+        )
+    return str(checkpoint)
+
+
 def pixel_losses(logits: torch.Tensor, target: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, dict]:
     """The training loss (``ops.segmentation_loss`` with the ``seg_train`` settings) and its statistics for logits
     [B, K, H, W] and pseudo-labels [B, H, W] (255 ignored). Statistics (floats, synchronizing): "ce" = plain mean
@@ -218,7 +229,10 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if cfg.seg_train.resume_from:
         cfg.seg_train.resume_from = str(Path(cfg.seg_train.resume_from).expanduser().resolve())
-    require_pseudo_labels(Manifest.load(cfg.seg_train.data_root), cfg.data.train_split)
+    pseudo_labels = Manifest.load(cfg.seg_train.data_root)
+    require_pseudo_labels(pseudo_labels, cfg.data.train_split)
+    if cfg.seg_train.init_encoder_from_phase1:
+        cfg.seg_model.weights_path = phase1_checkpoint(pseudo_labels)
     trainer = make_trainer(
         train_loop_per_worker, cfg, cfg.seg_train, name=name or seg_run_name(cfg), score_attribute="val_mIoU",
         callbacks=callbacks,
