@@ -120,16 +120,17 @@ def bench_crf(args) -> list[tuple[str, str]]:
     import ray.data
 
     from weaktr.crf import CRFParams, crf_refine_labels
-    from weaktr.pseudo.stages import CrfStage, StageSettings, _decode_label_png, _decode_rgb
+    from weaktr.data.images import load_rgb
+    from weaktr.pseudo.stages import CrfStage, StageSettings, _decode_label_png
 
     rows = _crf_rows(args.images, args.height, args.width)
-    sizes = {(_decode_rgb(r["image"]).shape[:2]) for r in rows[:4]}
+    sizes = {(load_rgb(r["image"]).shape[:2]) for r in rows[:4]}
 
     # One process, no Ray: what one CRF actor can do at most.
     start = time.perf_counter()
     subset = rows[: max(4, args.images // 4)]
     for row in subset:
-        image, cam_label = _decode_rgb(row["image"]), _decode_label_png(row["cam_label"])
+        image, cam_label = load_rgb(row["image"]), _decode_label_png(row["cam_label"])
         crf_refine_labels(image, cam_label, json.loads(row["labels"]), CRFParams())
     single = len(subset) / (time.perf_counter() - start)
 

@@ -106,14 +106,30 @@ def test_voc_converter_cls_labels_override(voc_root, tmp_path):
     assert labels == {"2007_000001": [4, 5], "2007_000002": [0]}
 
 
-def test_voc_converter_errors_name_the_file(voc_root, tmp_path):
+def failures(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+
+
+def test_voc_converter_skips_bad_items_with_their_reason(voc_root, tmp_path, capsys):
     root, _ = voc_root
-    (root / "ImageSets/Segmentation/train.txt").write_text("2007_000001\n2007_999999\n")
-    with pytest.raises(FileNotFoundError, match="2007_999999"):
-        convert_voc(root, tmp_path / "out", splits=("train",))
-    with pytest.raises(FileNotFoundError, match="test.txt"):
-        convert_voc(root, tmp_path / "out", splits=("test",))
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    (root / "JPEGImages" / "2007_000003.jpg").write_bytes(b"")  # zero bytes
+    np.save(root / "SegmentationClass" / "x.npy", np.zeros(1))
+    mask = np.zeros((7, 9), np.uint8)
+    mask[2:4, 2:4] = 3
+    save_palette_png(root / "SegmentationClass" / "2007_000004.png", mask)  # not the image's size
+    (root / "ImageSets/Segmentation/val.txt").write_text("2007_000003\n2007_000004\n2007_999999\n")
+    manifest = convert_voc(root, tmp_path / "out")
+    assert set(read_split(manifest, "train")) == {"2007_000001", "2007_000002"} and "val" in manifest.splits
+    assert manifest.splits["val"].num_samples == 0 and manifest.meta["skipped"] == {"train": 0, "val": 3}
+    reasons = {f["source"]: f["reason"] for f in failures(tmp_path / "out")}
+    assert set(reasons) == {"2007_000003", "2007_000004", "2007_999999"}
+    assert "UnidentifiedImageError" in reasons["2007_000003"] and "is (7, 9)" in reasons["2007_000004"]
+    assert "listed but missing" in reasons["2007_999999"]
+    printed = capsys.readouterr().out  # the summary the converter prints
+    assert "voc12/val: 0 samples in 0 shards (0.0 MiB), 3 skipped" in printed and "failures.jsonl" in printed
+    with pytest.raises(FileNotFoundError, match="test.txt"):  # a missing split list is the user's mistake: stop
+        convert_voc(root, tmp_path / "out2", splits=("test",))
+    assert not (tmp_path / "out2" / "manifest.json").exists()
 
 
 # --------------------------------------------------------------------------- COCO
@@ -191,8 +207,17 @@ def test_coco_rle_must_cover_the_image(coco_root, tmp_path):
     data = json.loads(path.read_text())
     data["annotations"][1]["segmentation"]["counts"] = [5, 5]
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="RLE covers 10 pixels"):
-        convert_coco(tmp_path / "out", coco2014_splits(coco_root))
+    data["annotations"].append({"id": 9, "image_id": 1, "category_id": 77, "iscrowd": 0, "area": 1.0,
+                                "bbox": [0, 0, 1, 1], "segmentation": [[0, 0, 1, 0, 0, 1]]})
+    data["annotations"].append({"id": 10, "image_id": 555, "category_id": 1, "iscrowd": 0, "area": 1.0,
+                                "bbox": [0, 0, 1, 1], "segmentation": [[0, 0, 1, 0, 0, 1]]})
+    path.write_text(json.dumps(data))
+    manifest = convert_coco(tmp_path / "out", coco2014_splits(coco_root))
+    assert manifest.splits["train"].num_samples == 0 and manifest.splits["val"].num_samples == 2
+    reasons = {f["source"]: f["reason"] for f in failures(tmp_path / "out") if f["split"] == "train"}
+    assert "RLE covers 10 pixels" in reasons["COCO_train2014_000000000000.jpg"]
+    assert "category ids [77]" in reasons["COCO_train2014_000000000001.jpg"]
+    assert "image_id 555" in reasons["annotation 10"]
 
 
 # --------------------------------------------------------------------------- folder
@@ -241,15 +266,57 @@ def test_folder_converter_json_with_val_split(image_folder, tmp_path):
     assert read_label_file(labels) == {"a.png": ["cat"], "b.jpg": ["dog"], "f.png": ["cat", "dog"], "g.png": ["dog"]}
 
 
-def test_folder_converter_errors(image_folder, tmp_path):
-    folder, _, _ = image_folder
+def test_folder_converter_skips_what_a_users_folder_holds(image_folder, tmp_path):
+    """Each bad entry is skipped with its reason in failures.jsonl and counted; everything else converts, and no
+    partial shard or temporary file is left behind."""
+    folder, masks, _ = image_folder
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+    whole = (folder / "b.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # a truncated JPEG
+    Image.fromarray(np.zeros((5, 5), np.uint8), mode="L").save(masks / "f.png")  # f.png is 20 x 24
     labels = tmp_path / "labels.csv"
-    labels.write_text("a.png,cat\nb.jpg,dog\n")
-    with pytest.raises(ValueError, match=r"\['dog'\] are not in classes"):
-        convert_folder(folder, labels, tmp_path / "out", classes=["cat"])
-    labels.write_text("a.png,cat\nmissing.png,dog\n")
-    with pytest.raises(FileNotFoundError, match="missing.png"):
-        convert_folder(folder, labels, tmp_path / "out")
-    labels.write_text("a.png,cat\nb.jpg,\n")
-    with pytest.raises(ValueError, match="without a class.*b.jpg"):
-        convert_folder(folder, labels, tmp_path / "out")
+    labels.write_text("a.png,cat\nzero.png,cat\nnoise.jpg,cat\ncut.jpg,cat\nmissing.png,dog\ng.png,\n"
+                      "e.bmp,horse\nf.png,dog\nb.jpg,dog\n")
+    manifest = convert_folder(folder, labels, tmp_path / "out", mask_dir=masks, classes=["cat", "dog"])
+    assert set(read_split(manifest, "train")) == {"a", "b"}
+    reasons = {f["source"]: f["reason"] for f in failures(tmp_path / "out")}
+    assert set(reasons) == {"zero.png", "noise.jpg", "cut.jpg", "missing.png", "g.png", "e.bmp", "f.png"}
+    assert "truncated" in reasons["cut.jpg"].lower() and "UnidentifiedImageError" in reasons["noise.jpg"]
+    assert "not found" in reasons["missing.png"] and "no class" in reasons["g.png"]
+    assert "['horse'] are not in classes" in reasons["e.bmp"] and "is (5, 5)" in reasons["f.png"]
+    assert manifest.meta["skipped"] == {"train": 7}
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp" in p.name]
+
+
+def test_converters_store_exif_rotated_photos_upright(image_folder, tmp_path):
+    """A phone photo whose EXIF says "rotate 90" is stored upright (as `weaktr predict` and every reader sees it),
+    so a mask drawn on the upright photo lines up; an unrotated JPEG keeps its bytes."""
+    from weaktr.data.images import load_rgb
+
+    folder, masks, _ = image_folder
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:, :10] = 255  # white on the left as stored; EXIF orientation 6 shows it rotated 90° clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(folder / "phone.jpg", exif=exif, quality=95)
+    upright = load_rgb(folder / "phone.jpg")
+    assert upright.shape == (30, 20, 3) and upright[:10].mean() > 200  # white on top once rotated
+    Image.fromarray(np.ones((30, 20), np.uint8), mode="L").save(masks / "phone.png")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("phone.jpg,cat\nb.jpg,dog\n")
+    manifest = convert_folder(folder, labels, tmp_path / "out", mask_dir=masks)
+    samples = read_split(manifest, "train")
+    np.testing.assert_array_equal(samples["phone"].image, upright)
+    assert samples["phone"].mask.shape == (30, 20)
+    raw = {key: member for key, member in _shard_members(manifest)}
+    assert raw["b.jpg"] == (folder / "b.jpg").read_bytes() and "phone.png" in raw  # re-encoded upright
+
+
+def _shard_members(manifest: Manifest):
+    import tarfile
+
+    for path in manifest.shard_paths("train"):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                yield member.name, tar.extractfile(member).read()

@@ -160,7 +160,7 @@ def test_manifest_save_is_atomic_and_roundtrips(tmp_path):
     manifest = write_dataset(tmp_path, "toy", ["a", "b", "c", "d", "e"], {"train": random_samples(3)}, meta={"k": 1})
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
     loaded = Manifest.load(tmp_path)
-    assert loaded.to_dict() == manifest.to_dict() and loaded.meta == {"k": 1}
+    assert loaded.to_dict() == manifest.to_dict() and loaded.meta == {"k": 1, "skipped": {"train": 0}}
 
 
 # --------------------------------------------------------------------------- rank splitting

@@ -24,22 +24,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from weaktr.data.images import load_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 OVERLAY_ALPHA = 0.5
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """uint8 [H, W, 3] RGB of any image file, EXIF orientation applied."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)  # rotate/flip as the camera recorded it
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            # Composite transparency over white instead of exposing whatever colour hides under alpha 0.
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        return np.array(image.convert("RGB"))  # writable: torch and pydensecrf want to own the buffer
 
 
 def collect_images(inputs: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[str]]:

@@ -23,8 +23,10 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from weaktr.data.shards import Manifest, Sample, write_dataset
-from weaktr.data.voc import read_image
+from weaktr.data.shards import (
+    Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
+)
+from weaktr.data.images import read_image
 
 log = logging.getLogger(__name__)
 IGNORE = 255
@@ -137,33 +139,46 @@ def _load_annotations(annotation_path: str) -> dict:
 
 def _coco_samples(
     image_dir: str, annotation_path: str, classes: list[str], with_masks: bool, loaded: dict, official_ids: bool
-) -> Iterator[Sample]:
+) -> Iterator[Sample | Skipped]:
     """One split's samples; its JSON is loaded only when the split is written (one at a time)."""
     coco = loaded.pop(annotation_path, None) or _load_annotations(annotation_path)
     category_index, names = category_table(coco, annotation_path, official_ids)
     if names != classes:
         raise ValueError(f"{annotation_path}: categories differ from the first split's")
+    image_ids = {info["id"] for info in coco["images"]}
     by_image = defaultdict(list)
     for ann in coco.get("annotations", []):
-        by_image[ann["image_id"]].append(ann)
-    skipped = 0
-    for info in sorted(coco["images"], key=lambda i: i["id"]):
-        annotations = by_image.get(info["id"], [])
-        labels = sorted({category_index[a["category_id"]] for a in annotations})
-        if not labels:
-            skipped += 1
+        if ann.get("image_id") not in image_ids:
+            yield Skipped(f"annotation {ann.get('id')}", f"image_id {ann.get('image_id')} is not in 'images'")
             continue
+        by_image[ann["image_id"]].append(ann)
+    unannotated = 0
+
+    def read(info: dict) -> Sample:
+        annotations = by_image[info["id"]]
+        unknown = sorted({a["category_id"] for a in annotations} - set(category_index))
+        if unknown:  # the image's mask would be missing those objects: not a sample to train or score on
+            raise Unusable(f"annotations with category ids {unknown}, not in 'categories'")
         path = os.path.join(image_dir, info["file_name"])
         if not os.path.exists(path):
-            raise FileNotFoundError(f"COCO image {info['id']} listed in {annotation_path} but missing: {path}")
+            raise Unusable(f"listed in {annotation_path} but missing: {path}")
         image, data = read_image(path)
         if image.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(f"{path}: image is {image.shape[:2]}, annotations say {(info['height'], info['width'])}")
+            raise Unusable(f"image is {image.shape[:2]}, annotations say {(info['height'], info['width'])}")
+        labels = sorted({category_index[a["category_id"]] for a in annotations})
         mask = rasterize(annotations, info["height"], info["width"], category_index) if with_masks else None
         key = os.path.splitext(os.path.basename(info["file_name"]))[0].replace(".", "_")
-        yield Sample(key=key, image=image, labels=labels, mask=mask, image_bytes=data)
-    if skipped:
-        log.info("%s: skipped %d images without annotations", annotation_path, skipped)
+        return Sample(key=key, image=image, labels=labels, mask=mask, image_bytes=data)
+
+    annotated = []
+    for info in sorted(coco["images"], key=lambda i: i["id"]):
+        if by_image.get(info["id"]):
+            annotated.append(info)
+        else:
+            unannotated += 1  # COCO's images without objects: nothing to learn from, not a failure
+    yield from read_each(annotated, read, source=lambda info: info.get("file_name", f"image {info.get('id')}"))
+    if unannotated:
+        log.info("%s: left out %d images without annotations", annotation_path, unannotated)
 
 
 def convert_coco(
@@ -195,7 +210,9 @@ def convert_coco(
         split: _coco_samples(image_dir, annotation_path, classes, with_masks, loaded, official_ids)
         for split, (image_dir, annotation_path) in splits.items()
     }
-    return write_dataset(
+    manifest = write_dataset(
         out_dir, name, classes, split_samples, meta={"source": "coco"},
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="jpg",
     )
+    print(conversion_summary(manifest))
+    return manifest

@@ -22,8 +22,11 @@ import random
 import re
 from typing import Iterator, Optional, Sequence
 
-from weaktr.data.shards import Manifest, Sample, write_dataset
-from weaktr.data.voc import read_image, read_label_png
+from weaktr.data.shards import (
+    Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
+)
+from weaktr.data.images import read_image
+from weaktr.data.voc import read_label_png
 
 _HEADER_NAMES = {"filename", "file", "image", "path", "name"}
 
@@ -67,28 +70,30 @@ def key_for(filename: str) -> str:
 
 def _folder_samples(
     image_dir: str, files: Sequence[str], table: dict[str, list[str]], classes: list[str], mask_dir: Optional[str]
-) -> Iterator[Sample]:
+) -> Iterator[Sample | Skipped]:
     index = {name: i for i, name in enumerate(classes)}
-    for filename in files:
+
+    def read(filename: str) -> Sample:
+        names = table[filename]
+        if not names:
+            raise Unusable("no class in the label file")
+        unknown = sorted(set(names) - set(index))
+        if unknown:
+            raise Unusable(f"class names {unknown} are not in classes {classes}")
         path = os.path.join(image_dir, filename)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"image {filename!r} from the label file not found: {path}")
-        image, data = read_image(path)
+            raise Unusable(f"in the label file but not found: {path}")
+        image, data = read_image(path)  # data None: stored re-encoded as PNG
         mask = None
         if mask_dir is not None:
             mask_path = os.path.join(mask_dir, os.path.splitext(filename)[0] + ".png")
             if os.path.exists(mask_path):
                 mask = read_label_png(mask_path, len(classes))
                 if mask.shape != image.shape[:2]:
-                    raise ValueError(f"{mask_path}: mask is {mask.shape}, image is {image.shape[:2]}")
-        is_stored_format = data[:2] == b"\xff\xd8" or data[:8] == b"\x89PNG\r\n\x1a\n"
-        yield Sample(
-            key=key_for(filename),
-            image=image,
-            labels=sorted({index[name] for name in table[filename]}),
-            mask=mask,
-            image_bytes=data if is_stored_format else None,  # other formats are re-encoded as PNG
-        )
+                    raise Unusable(f"mask {mask_path} is {mask.shape}, the image is {image.shape[:2]}")
+        return Sample(key_for(filename), image, sorted({index[name] for name in names}), mask, image_bytes=data)
+
+    return read_each(files, read, source=lambda filename: filename)
 
 
 def convert_folder(
@@ -112,14 +117,10 @@ def convert_folder(
     table = read_label_file(label_file)
     if not table:
         raise ValueError(f"{label_file}: no labelled images")
-    found = sorted({n for names in table.values() for n in names})
-    classes = list(classes) if classes is not None else found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise ValueError(f"{label_file}: class names {unknown} are not in classes {classes}")
-    unlabelled = [f for f, names in table.items() if not names]
-    if unlabelled:
-        raise ValueError(f"{label_file}: {len(unlabelled)} image(s) without a class, first: {unlabelled[0]!r}")
+    # Entries naming a class outside ``classes`` or none at all are skipped (failures.jsonl), not fatal.
+    classes = list(classes) if classes is not None else sorted({n for names in table.values() for n in names})
+    if not classes:
+        raise ValueError(f"{label_file}: no class names")
     keys: dict[str, str] = {}
     for filename in table:
         other = keys.setdefault(key_for(filename), filename)
@@ -137,7 +138,9 @@ def convert_folder(
     split_samples = {
         split: _folder_samples(image_dir, names, table, classes, mask_dir) for split, names in split_files.items()
     }
-    return write_dataset(
+    manifest = write_dataset(
         out_dir, name, classes, split_samples, meta={"source": "folder"},
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="png",
     )
+    print(conversion_summary(manifest))
+    return manifest

@@ -15,16 +15,20 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from weaktr.data.images import load_rgb
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+FAILURES_NAME = "failures.jsonl"  # beside the manifest: one {"split", "source", "reason"} per skipped item
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 LABEL_MAPS = ("mask", "pseudo")  # optional per-pixel maps a sample may carry
 
@@ -59,6 +63,33 @@ class Sample:
     # The original encoded file (jpg/png). When set, writers store these bytes as-is instead of
     # re-encoding `image`: converters keep VOC/COCO JPEGs bit-exact and skip a slow re-encode.
     image_bytes: Optional[bytes] = field(default=None, repr=False)
+
+
+class Skipped(NamedTuple):
+    """A source item a converter could not turn into a sample; ``write_dataset`` lists it in failures.jsonl."""
+
+    source: str  # what the user would look for: a file name, an image or annotation id
+    reason: str
+
+
+class Unusable(ValueError):
+    """A source item that reads but cannot be a sample (no label, unknown class, mask of another size, ...)."""
+
+
+# What reading one source item may raise: missing or unreadable files (OSError, PIL's UnidentifiedImageError), bad
+# contents (ValueError, SyntaxError from some broken PNGs, PIL's decompression-bomb guard), a missing entry.
+ITEM_ERRORS = (OSError, ValueError, KeyError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_each(items: Iterable[T], read: Callable[[T], Sample], source: Callable[[T], str]) -> Iterator[Sample | Skipped]:
+    """``read(item)`` for every item, or a ``Skipped`` naming ``source(item)`` and the reason it could not be read:
+    one bad file costs one sample, never the conversion."""
+    for item in items:
+        try:
+            yield read(item)
+        except ITEM_ERRORS as err:
+            reason = str(err) if isinstance(err, Unusable) else f"{type(err).__name__}: {err}"
+            yield Skipped(source(item), reason)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -230,8 +261,7 @@ def decode_sample(raw: dict, label_maps: Sequence[str] = LABEL_MAPS) -> Sample:
     if "labels.json" not in raw:
         raise SampleDecodeError(f"{where}: no labels.json")
     try:
-        with Image.open(io.BytesIO(raw[image_ext])) as img:
-            image = np.array(img.convert("RGB"))  # writable, unlike np.asarray
+        image = load_rgb(raw[image_ext])
     except Exception as exn:  # PIL raises several types for bad bytes
         raise SampleDecodeError(f"{where}: cannot decode {image_ext}: {exn}") from exn
     try:
@@ -260,7 +290,7 @@ def decode_sample(raw: dict, label_maps: Sequence[str] = LABEL_MAPS) -> Sample:
 
 
 def write_split(
-    samples: Iterable[Sample],
+    samples: Iterable[Sample | Skipped],
     out_dir: str | os.PathLike,
     split: str,
     *,
@@ -268,20 +298,24 @@ def write_split(
     max_shard_bytes: int = 256 * 2**20,
     image_format: str = "png",
     num_classes: Optional[int] = None,
+    skipped: Optional[list[Skipped]] = None,
 ) -> SplitInfo:
-    """Stream ``samples`` into ``{out_dir}/{split}-NNNNNN.tar`` shards.
+    """Stream ``samples`` into ``{out_dir}/{split}-NNNNNN.tar`` shards; ``Skipped`` items go to ``skipped``.
 
     A shard closes when it holds ``samples_per_shard`` samples or its payload reaches
     ``max_shard_bytes`` (so a shard exceeds that by at most one sample plus tar headers).
     Old shards of the same split are removed first. ``num_classes`` validates the labels.
+    Shards are written under ``.tmp`` names and renamed once the split is complete: an interrupted
+    conversion leaves no file that looks like a finished shard.
     """
     out_dir = os.fspath(out_dir)
     if not split or any(ch in split for ch in "./\\%"):
         raise ValueError(f"split name {split!r} must be non-empty without '.', '/', '\\' or '%'")
     os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(out_dir), f"{split}-*.tar")):
-        os.remove(stale)
-    pattern = os.path.join(out_dir.replace("%", "%%"), f"{split}-%06d.tar")
+    for suffix in (".tar", ".tar.tmp"):
+        for stale in glob.glob(os.path.join(glob.escape(out_dir), f"{split}-*{suffix}")):
+            os.remove(stale)
+    pattern = os.path.join(out_dir.replace("%", "%%"), f"{split}-%06d.tar.tmp")
     counts: dict[str, int] = {}  # shard path -> samples, in writing order
     seen_keys: set[str] = set()
     # encoder=False: values are already bytes; fixed mtime makes re-runs byte-identical.
@@ -290,6 +324,11 @@ def write_split(
     )
     try:
         for sample in samples:
+            if isinstance(sample, Skipped):
+                if skipped is None:
+                    raise ValueError(f"split '{split}': {sample.source}: {sample.reason}")
+                skipped.append(sample)
+                continue
             if sample.key in seen_keys:
                 raise ValueError(f"split '{split}': duplicate sample key {sample.key!r}")
             seen_keys.add(sample.key)
@@ -302,7 +341,10 @@ def write_split(
         writer.close()
     if last not in counts:  # ShardWriter opens its first shard eagerly; drop it if nothing went in
         os.remove(last)
-    return SplitInfo([os.path.basename(p) for p in counts], sum(counts.values()), list(counts.values()))
+    for tmp in counts:
+        os.replace(tmp, tmp.removesuffix(".tmp"))
+    names = [os.path.basename(tmp.removesuffix(".tmp")) for tmp in counts]
+    return SplitInfo(names, sum(counts.values()), list(counts.values()))
 
 
 def write_dataset(
@@ -315,18 +357,41 @@ def write_dataset(
     **writer_options: Any,
 ) -> Manifest:
     """Write every split's shards, then ``manifest.json`` last (atomically): a dataset directory
-    either has a manifest describing complete shards or none at all."""
+    either has a manifest describing complete shards or none at all. Items a converter could not read
+    (``Skipped``) are listed in ``failures.jsonl`` and counted per split in the manifest's ``meta.skipped``."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # the old manifest would describe shards we are about to replace
-    infos = {}
+    infos, failures, skipped_counts = {}, [], {}
     for split, samples in splits.items():
-        infos[split] = write_split(samples, out_dir, split, num_classes=len(classes), **writer_options)
-        log.info("wrote %s/%s: %d samples in %d shards", name, split, infos[split].num_samples, len(infos[split].shards))
-    manifest = Manifest(name, list(classes), infos, os.path.abspath(out_dir), dict(meta or {}))
+        skipped: list[Skipped] = []
+        infos[split] = write_split(samples, out_dir, split, num_classes=len(classes), skipped=skipped,
+                                   **writer_options)
+        failures += [{"split": split, "source": s.source, "reason": s.reason} for s in skipped]
+        skipped_counts[split] = len(skipped)
+        log.info("wrote %s/%s: %d samples in %d shards, %d skipped", name, split, infos[split].num_samples,
+                 len(infos[split].shards), len(skipped))
+    failures_path = os.path.join(out_dir, FAILURES_NAME)
+    with open(f"{failures_path}.tmp", "w") as f:
+        f.writelines(json.dumps(failure) + "\n" for failure in failures)
+    os.replace(f"{failures_path}.tmp", failures_path)
+    manifest = Manifest(name, list(classes), infos, os.path.abspath(out_dir), dict(meta or {}) | {"skipped": skipped_counts})
     manifest.save()
     return manifest
+
+
+def conversion_summary(manifest: Manifest) -> str:
+    """What a converter wrote: per split the samples, shards and bytes, and what it skipped (failures.jsonl)."""
+    lines = []
+    for split, info in manifest.splits.items():
+        size = sum(os.path.getsize(p) for p in manifest.shard_paths(split))
+        skipped = manifest.meta.get("skipped", {}).get(split, 0)
+        lines.append(f"{manifest.name}/{split}: {info.num_samples} samples in {len(info.shards)} shards "
+                     f"({size / 2**20:.1f} MiB), {skipped} skipped")
+    if any(manifest.meta.get("skipped", {}).values()):
+        lines.append(f"skipped items and reasons: {os.path.join(manifest.root, FAILURES_NAME)}")
+    return "\n".join(lines)
 
 

@@ -20,7 +20,10 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from weaktr.data.shards import Manifest, Sample, write_dataset
+from weaktr.data.images import read_image
+from weaktr.data.shards import (
+    Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,38 +100,31 @@ def labels_from_mask(mask: np.ndarray) -> list[int]:
     return [int(i) - 1 for i in np.unique(mask) if i not in (0, IGNORE)]
 
 
-def read_image(path: str) -> tuple[np.ndarray, bytes]:
-    """Decoded RGB pixels (validates the file) and the original bytes (stored as-is)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB")), data
-
-
 def _voc_samples(
     root: str, ids: Sequence[str], mask_dirs: Sequence[str], cls_labels: Optional[dict[str, list[int]]]
-) -> Iterator[Sample]:
-    for image_id in ids:
+) -> Iterator[Sample | Skipped]:
+    def read(image_id: str) -> Sample:
         image_path = os.path.join(root, "JPEGImages", f"{image_id}.jpg")
         if not os.path.exists(image_path):
-            raise FileNotFoundError(f"VOC image {image_id!r} listed but missing: {image_path}")
+            raise Unusable(f"listed but missing: {image_path}")
         image, data = read_image(image_path)
         mask_path = next((p for d in mask_dirs if os.path.exists(p := os.path.join(d, f"{image_id}.png"))), None)
         mask = read_label_png(mask_path, len(VOC_CLASSES)) if mask_path else None
         if mask is not None and mask.shape != image.shape[:2]:
-            raise ValueError(f"{mask_path}: mask is {mask.shape}, image {image_path} is {image.shape[:2]}")
+            raise Unusable(f"mask {mask_path} is {mask.shape}, the image is {image.shape[:2]}")
         if cls_labels is not None:
             if image_id not in cls_labels:
-                raise KeyError(f"image {image_id!r} has no entry in cls_labels")
+                raise Unusable("no entry in cls_labels")
             labels = cls_labels[image_id]
         elif mask is not None:
             labels = labels_from_mask(mask)
         else:
-            raise FileNotFoundError(f"image {image_id!r}: no mask in {list(mask_dirs)} and no cls_labels to label it")
+            raise Unusable(f"no mask in {list(mask_dirs)} and no cls_labels to label it")
         if not labels:
-            log.warning("VOC image %s has no foreground class; skipped", image_id)
-            continue
-        yield Sample(key=image_id, image=image, labels=labels, mask=mask, image_bytes=data)
+            raise Unusable("no foreground class")
+        return Sample(key=image_id, image=image, labels=labels, mask=mask, image_bytes=data)
+
+    return read_each(ids, read, source=lambda image_id: image_id)
 
 
 def convert_voc(
@@ -158,7 +154,9 @@ def convert_voc(
     if aug_list is not None:
         aug_dir = os.fspath(aug_mask_dir) if aug_mask_dir is not None else os.path.join(root, "SegmentationClassAug")
         split_samples["train_aug"] = _voc_samples(root, read_id_list(aug_list), [aug_dir, seg_dir], labels)
-    return write_dataset(
+    manifest = write_dataset(
         out_dir, name, VOC_CLASSES, split_samples, meta={"source": "voc", "voc_root": os.path.abspath(root)},
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="jpg",
     )
+    print(conversion_summary(manifest))
+    return manifest

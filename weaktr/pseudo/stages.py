@@ -18,6 +18,7 @@ from PIL import Image
 
 from weaktr import ops
 from weaktr.crf import CRFParams, crf_refine_labels
+from weaktr.data.images import load_rgb
 from weaktr.data.shards import IMAGE_EXTENSIONS, SampleDecodeError, decode_sample
 from weaktr.data.voc import voc_palette
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
@@ -53,11 +54,6 @@ def _png(array: np.ndarray, palette: bool = False) -> bytes:
 def _decode_label_png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         return np.array(image, dtype=np.uint8)
-
-
-def _decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))  # writable: pydensecrf rejects read-only buffers
 
 
 def _sparse(counts: np.ndarray) -> bytes:
@@ -231,7 +227,7 @@ class CamStage:
 
     def _process(self, samples: list[dict]) -> list[dict]:
         s = self.settings
-        images = [_decode_rgb(sample["image"]) for sample in samples]
+        images = [load_rgb(sample["image"]) for sample in samples]
         cams = multiscale_cams(
             self.model, images, s.scales, s.flip, self.patch_size, attention_type=s.attention_type,
             refine=s.patch_attn_refine,
@@ -274,7 +270,7 @@ class CrfStage:
         for i in range(len(batch["kind"])):
             row = {name: batch[name][i] for name in _ROW_META + ("cam_cm", "sweep", "cams", "overlay")}
             if row["kind"] == "sample":
-                image = _decode_rgb(batch["image"][i])
+                image = load_rgb(batch["image"][i])
                 cam_label = _decode_label_png(batch["cam_label"][i])
                 pseudo = crf_refine_labels(image, cam_label, json.loads(batch["labels"][i]), self.params)
                 row["pseudo"], row["pseudo_color"] = _png(pseudo), _png(pseudo, palette=True)
