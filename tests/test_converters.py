@@ -320,3 +320,24 @@ def _shard_members(manifest: Manifest):
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 yield member.name, tar.extractfile(member).read()
+
+
+def test_convert_command_for_each_layout(voc_root, coco_root, image_folder, tmp_path, capsys):
+    from weaktr.cli import main
+
+    root, _ = voc_root
+    assert main(["convert", "voc", str(root), str(tmp_path / "voc"), "--aug-list", str(tmp_path / "train_aug.txt")]) == 0
+    voc = Manifest.load(tmp_path / "voc")
+    assert {s: i.num_samples for s, i in voc.splits.items()} == {"train": 2, "val": 2, "train_aug": 2}
+    assert main(["convert", "coco", str(coco_root), str(tmp_path / "coco")]) == 0
+    coco = Manifest.load(tmp_path / "coco")
+    assert coco.classes == ["person", "car", "toothbrush"] and coco.splits["val"].num_samples == 2
+    folder, masks, _ = image_folder
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"a.png": "cat", "b.jpg": "dog", "f.png": "cat", "g.png": "dog"}))
+    assert main(["convert", "folder", str(folder), str(labels), str(tmp_path / "folder"), "--val-fraction", "0.5"]) == 0
+    assert Manifest.load(tmp_path / "folder").splits["val"].num_samples == 2
+    printed = capsys.readouterr().out
+    assert "voc12/train_aug: 2 samples in 1 shards" in printed and "folder/val: 2 samples" in printed
+    assert main(["convert", "coco", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+    assert "weaktr convert coco: error: COCO split 'train': not found" in capsys.readouterr().err

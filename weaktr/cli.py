@@ -3,12 +3,19 @@
     weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf]
     weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
     weaktr pipeline --config CFG [--from STAGE] [--set KEY=VALUE ...]
+    weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F]
+    weaktr convert coco COCO_ROOT OUT [--official-ids]
+    weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F]
 
 ``predict`` labels any images with a phase-2 checkpoint: for each it writes ``{name}.png`` (dataset ids as a
 VOC-palette PNG: 0 background, c+1 for class c) and ``{name}_overlay.jpg`` (the colours blended over the image).
 Images of any size and mode are accepted (grayscale, RGBA, CMYK, palette... are converted to RGB) and EXIF
 orientation is applied, so masks line up with the image as viewers show it. Unreadable files are reported and
 skipped; the exit code is then 1.
+
+``convert`` writes a dataset of shards from the standard VOC / COCO layouts or a labelled folder (the
+``weaktr.data`` converters): unreadable items are skipped with their reason in ``OUT/failures.jsonl`` and a summary
+is printed.
 
 ``import-official`` turns a checkpoint of the official WeakTr code into a weaktr checkpoint directory
 (``weaktr.official``): the architecture from the config's ``model`` / ``seg_model`` section, the class names from
@@ -159,6 +166,27 @@ def resolve_classes(spec: Optional[str], cfg) -> list[str]:
     return list(Manifest.load(manifest).classes)
 
 
+def convert_command(args) -> int:
+    """``weaktr convert voc|coco|folder``: the converters print their summary; a whole-dataset problem (a missing
+    folder or split list, an unreadable label file) is one line and exit code 2."""
+    from weaktr.data.coco import coco2014_splits, convert_coco
+    from weaktr.data.folder import convert_folder
+    from weaktr.data.voc import convert_voc
+
+    try:
+        if args.layout == "voc":
+            convert_voc(args.root, args.out, aug_list=args.aug_list, aug_mask_dir=args.aug_mask_dir,
+                        cls_labels=args.cls_labels)
+        elif args.layout == "coco":
+            convert_coco(args.out, coco2014_splits(args.root), official_ids=args.official_ids)
+        else:
+            convert_folder(args.images, args.labels, args.out, mask_dir=args.mask_dir, val_fraction=args.val_fraction)
+    except (OSError, ValueError) as err:
+        print(f"weaktr convert {args.layout}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weaktr", description="WeakTr weakly-supervised semantic segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value (repeatable)")
     imports.set_defaults(func=import_official_command)
+
+    convert = commands.add_parser(
+        "convert", help="convert a dataset (VOC, COCO or a labelled folder) into weaktr shards",
+        description="Write WebDataset shards + manifest.json; unreadable items are skipped and listed in "
+                    "OUT/failures.jsonl. Prints per split the samples, shards, size and items skipped.",
+    )
+    layouts = convert.add_subparsers(dest="layout", required=True)
+    voc = layouts.add_parser("voc", help="PASCAL VOC 2012 (VOCdevkit/VOC2012), optionally with SBD train_aug")
+    voc.add_argument("root", help="the VOC2012 folder (JPEGImages/, SegmentationClass/, ImageSets/)")
+    voc.add_argument("out", help="output dataset directory")
+    voc.add_argument("--aug-list", default=None, help="SBD train_aug id list: adds a 'train_aug' split")
+    voc.add_argument("--aug-mask-dir", default=None, help="its masks (default ROOT/SegmentationClassAug)")
+    voc.add_argument("--cls-labels", default=None, help="cls_labels.npy: image labels instead of the masks'")
+    coco = layouts.add_parser("coco", help="COCO 2014 (train2014/, val2014/, annotations/instances_*2014.json)")
+    coco.add_argument("root", help="the COCO folder")
+    coco.add_argument("out", help="output dataset directory")
+    coco.add_argument("--official-ids", action="store_true",
+                      help="90 classes, one per category id (the official WeakTr layout) instead of 80")
+    folder = layouts.add_parser("folder", help="a folder of images + a CSV/JSON label file")
+    folder.add_argument("images", help="the image folder")
+    folder.add_argument("labels", help="label file: CSV 'filename,class[;class]' or JSON {filename: [classes]}")
+    folder.add_argument("out", help="output dataset directory")
+    folder.add_argument("--mask-dir", default=None, help="optional ground-truth id masks ({name}.png)")
+    folder.add_argument("--val-fraction", type=float, default=0.0, help="share of images for a 'val' split")
+    convert.set_defaults(func=convert_command)
 
     # Listed here for --help; main() hands its arguments to weaktr.pipeline.main, which parses them.
     commands.add_parser("pipeline", add_help=False, help="run the whole pipeline, as ray_jobs/pipeline.py")
