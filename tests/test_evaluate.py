@@ -77,6 +77,10 @@ def test_loading_is_weights_only(setup, tmp_path):
     (tmp_path / "bad" / CHECKPOINT_FILE).write_text('{"a": "json file"}')
     with pytest.raises(CheckpointMismatch, match="is not a weaktr checkpoint"):
         load_segmenter(tmp_path / "bad")
+    whole = (checkpoint / CHECKPOINT_FILE).read_bytes()
+    (tmp_path / "bad" / CHECKPOINT_FILE).write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    with pytest.raises(CheckpointMismatch, match="is not a weaktr checkpoint"):
+        load_segmenter(tmp_path / "bad")
 
 
 def test_crf_and_multiscale_flip_score_every_valid_pixel(setup):
