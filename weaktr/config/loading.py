@@ -1,0 +1,182 @@
+"""Reading a configuration: YAML files, dotted ``--set`` overrides, checks, and a job's command line.
+
+Every job takes ``--config FILE`` and any number of ``--set section.key=value``; an unknown key, a value of the
+wrong type or a missing file is a :class:`ConfigError` naming the key or path, which :func:`parse_job_args` turns
+into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from weaktr.config.schema import Config, ConfigError, per_worker_batch
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a library dataclass's own check (e.g. CRFParams): say which section
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'config'}': {err}") from None
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(value if value is not None else {}, tp, path + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, path)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"config key '{path}': expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    if tp is dict:  # a free-form mapping (tune.space), checked by its user
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"config key '{path}': expected a mapping, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{path}': expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)[:1]
+        items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"config key '{path}': unsupported type {tp}")
+    raise ConfigError(f"config key '{path}': expected {tp.__name__}, got {value!r}")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict in place."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{assignment}': expected KEY=VALUE")
+    _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None, f"override '{assignment}'")
+
+
+def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
+    """``data[a][b][c] = value`` for ``key`` "a.b.c", creating missing sections (``from_dict`` then names an
+    unknown key); ``where`` names the setting in the error for a path through a value."""
+    *sections, leaf = key.split(".")
+    node = data
+    for part in sections:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = (), cls: type = Config) -> Any:
+    """Defaults ← YAML file ← overrides, validated against the dataclasses."""
+    data = to_dict(cls())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        _merge(data, loaded, "")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return _checked(from_dict(data, cls))
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys set (``{"train.lr": 3e-4}``), checked as a loaded config is."""
+    data = to_dict(cfg)
+    for key, value in values.items():
+        _set_dotted(data, key, value, f"config key '{key}'")
+    return _checked(from_dict(data))
+
+
+def _checked(cfg: Any) -> Any:
+    if isinstance(cfg, Config):  # a global batch that does not split over the workers: say so now
+        per_worker_batch(cfg.train.batch_size, cfg.train.num_workers, "train")
+        per_worker_batch(cfg.seg_train.batch_size, cfg.seg_train.num_workers, "seg_train")
+        if cfg.seg_train.init_encoder_from_phase1 and (cfg.seg_model.pretrained or cfg.seg_model.weights_path):
+            raise ConfigError(
+                "config key 'seg_train.init_encoder_from_phase1': the encoder starts from phase 1, so "
+                "seg_model.pretrained and seg_model.weights_path must be unset"
+            )
+    return cfg
+
+
+def _merge(base: dict, update: dict, prefix: str) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, f"{prefix}{key}.")
+        else:
+            base[key] = value
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def job_arg_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    return parser
+
+
+def parse_job_args(parser: argparse.ArgumentParser, argv: Optional[typing.Sequence[str]] = None, cls: type = Config):
+    """Parse a job's command line; a bad config exits with one line and code 2."""
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, cls)
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return args, cfg
