@@ -143,7 +143,8 @@ def table_rows(cfg: Config, per_seed: dict[int, dict], fixed: float) -> list[tup
     for name, *_ in READOUTS:
         rows.append((f"{name}, t = {fixed:g}", split, [per_seed[s]["readouts"][name]["fixed"] for s in seeds]))
         rows.append((f"{name}, best t of a sweep", split, [per_seed[s]["readouts"][name]["best"] for s in seeds]))
-    readout = f"{p.attention_type}{' + PA' if p.patch_attn_refine else ''}"
+    readout = {"fused": "CA * M", "patchcam": "M", "cross": "CA"}[p.attention_type]
+    readout += " refined by PA" if p.patch_attn_refine else ", no PA refinement"
     threshold = "phase 1's t" if p.bg_threshold is None else f"t = {p.bg_threshold:g}"
     rows += [
         (f"CAM labels ({readout}, {threshold})", f"{p.split}, all", [per_seed[s]["cam_labels"] for s in seeds]),

@@ -46,7 +46,7 @@ def test_cam_readouts_score_every_readout_at_the_fixed_and_the_best_threshold(tm
 
 
 def test_table_has_mean_spread_and_every_seed():
-    cfg = load_config(None, ["pseudo.bg_threshold=null", "seg_train.clip=false"])
+    cfg = load_config(None, ["pseudo.bg_threshold=null", "pseudo.patch_attn_refine=false", "seg_train.clip=false"])
     readouts = {name: {"fixed": 0.2, "best": 0.3, "best_t": 0.1} for name, *_ in ablation.READOUTS}
     per_seed = {
         seed: {"readouts": readouts, "cam_labels": 0.50 + 0.02 * seed, "crf_labels": 0.6, "ce_miou": 0.62,
@@ -56,7 +56,7 @@ def test_table_has_mean_spread_and_every_seed():
     rows = ablation.table_rows(cfg, per_seed, fixed=0.43)
     text = ablation.markdown(rows, [0, 1, 2], samples=400)
     cam = next(line for line in text.splitlines() if line.startswith("| CAM labels"))
-    assert "phase 1's t" in cam and "train, all" in cam
+    assert "(CA * M, no PA refinement, phase 1's t)" in cam and "train, all" in cam
     std = np.std([50, 52, 54], ddof=1)
     assert f"52.00 ± {std:.2f}" in cam and "50.00 / 52.00 / 54.00" in cam
     assert "| coarse CAM M, t = 0.43 | train, first 400 images | 20.00 ± 0.00 |" in text
