@@ -22,6 +22,9 @@ def test_cluster_yaml_passes_rays_validation():
 
 
 def test_cluster_yaml_opens_no_port_beyond_ssh():
-    provider = yaml.safe_load((ROOT / "cluster.yaml").read_text())["provider"]
-    rules = provider.get("security_group", {}).get("IpPermissions", [])
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    rules = config["provider"].get("security_group", {}).get("IpPermissions", [])
     assert all(rule.get("FromPort") == rule.get("ToPort") == 22 for rule in rules)
+    # The dashboard / job server listens on the head's loopback (reached through `ray dashboard`'s SSH tunnel).
+    (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in yaml.safe_dump(config)
