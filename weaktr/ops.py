@@ -62,7 +62,12 @@ def attention_cam(coarse_cam: Tensor, fused: Tensor, attention_type: str = "fuse
     cross_attn = fused[:, :C, C:]  # [B, C, N]
     patch_attn = fused[:, C:, C:]  # [B, N, N]
     activation = F.relu(coarse_cam).flatten(2).to(fused.dtype)  # [B, C, N]
-    cams = {"fused": cross_attn * activation, "patchcam": activation, "cross": cross_attn}[attention_type]
+    if attention_type == "fused":
+        cams = cross_attn * activation
+    elif attention_type == "patchcam":
+        cams = activation
+    else:
+        cams = cross_attn
     if refine:
         # Row-vector form of PA @ v: (PA @ v_c)^T = v_c^T @ PA^T for every class at once.
         cams = cams @ patch_attn.transpose(1, 2)  # [B, C, N]

@@ -29,6 +29,7 @@ T = TypeVar("T")
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"  # beside the manifest: one {"split", "source", "reason"} per skipped item
+TMP_SUFFIX = ".tmp"  # files being written: renamed into place when complete, removed by a rerun
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 LABEL_MAPS = ("mask", "pseudo")  # optional per-pixel maps a sample may carry
 
@@ -63,6 +64,15 @@ class Sample:
     # The original encoded file (jpg/png). When set, writers store these bytes as-is instead of
     # re-encoding `image`: converters keep VOC/COCO JPEGs bit-exact and skip a slow re-encode.
     image_bytes: Optional[bytes] = field(default=None, repr=False)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` under a temporary name, then rename: readers see the old file or the whole new one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + TMP_SUFFIX, "wb") as f:
+        f.write(data)
+    os.replace(path + TMP_SUFFIX, path)
 
 
 class Skipped(NamedTuple):
@@ -312,10 +322,10 @@ def write_split(
     if not split or any(ch in split for ch in "./\\%"):
         raise ValueError(f"split name {split!r} must be non-empty without '.', '/', '\\' or '%'")
     os.makedirs(out_dir, exist_ok=True)
-    for suffix in (".tar", ".tar.tmp"):
+    for suffix in (".tar", ".tar" + TMP_SUFFIX):
         for stale in glob.glob(os.path.join(glob.escape(out_dir), f"{split}-*{suffix}")):
             os.remove(stale)
-    pattern = os.path.join(out_dir.replace("%", "%%"), f"{split}-%06d.tar.tmp")
+    pattern = os.path.join(out_dir.replace("%", "%%"), f"{split}-%06d.tar{TMP_SUFFIX}")
     counts: dict[str, int] = {}  # shard path -> samples, in writing order
     seen_keys: set[str] = set()
     # encoder=False: values are already bytes; fixed mtime makes re-runs byte-identical.
@@ -342,8 +352,8 @@ def write_split(
     if last not in counts:  # ShardWriter opens its first shard eagerly; drop it if nothing went in
         os.remove(last)
     for tmp in counts:
-        os.replace(tmp, tmp.removesuffix(".tmp"))
-    names = [os.path.basename(tmp.removesuffix(".tmp")) for tmp in counts]
+        os.replace(tmp, tmp.removesuffix(TMP_SUFFIX))
+    names = [os.path.basename(tmp.removesuffix(TMP_SUFFIX)) for tmp in counts]
     return SplitInfo(names, sum(counts.values()), list(counts.values()))
 
 
@@ -373,10 +383,7 @@ def write_dataset(
         skipped_counts[split] = len(skipped)
         log.info("wrote %s/%s: %d samples in %d shards, %d skipped", name, split, infos[split].num_samples,
                  len(infos[split].shards), len(skipped))
-    failures_path = os.path.join(out_dir, FAILURES_NAME)
-    with open(f"{failures_path}.tmp", "w") as f:
-        f.writelines(json.dumps(failure) + "\n" for failure in failures)
-    os.replace(f"{failures_path}.tmp", failures_path)
+    atomic_write(os.path.join(out_dir, FAILURES_NAME), "".join(json.dumps(f) + "\n" for f in failures).encode())
     manifest = Manifest(name, list(classes), infos, os.path.abspath(out_dir), dict(meta or {}) | {"skipped": skipped_counts})
     manifest.save()
     return manifest

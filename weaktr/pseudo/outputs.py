@@ -13,23 +13,16 @@ from typing import Optional, Sequence
 import numpy as np
 import webdataset as wds
 
+from weaktr.data.shards import TMP_SUFFIX, atomic_write
 from weaktr.pseudo.stages import _add_sparse
 
 STATS_DIR = "stats"
-TMP_SUFFIX = ".tmp"
 TAR_MTIME = 0  # fixed tar member times: reruns write identical bytes
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Driver side: committing shards, merging stats
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _json_bytes(obj) -> bytes:
@@ -73,11 +66,11 @@ def _commit_shard(out_dir: Path, shard: str, src_path: str, result: _ShardResult
     """Write one shard's outputs, each atomically; the stats file goes last and marks the shard done."""
     for index in sorted(result.files):
         f = result.files[index]
-        _atomic_write(out_dir / "pseudo_png" / f"{f['key']}.png", f["pseudo_color"])
+        atomic_write(out_dir / "pseudo_png" / f"{f['key']}.png", f["pseudo_color"])
         if f["cams"]:
-            _atomic_write(out_dir / "cams" / f"{f['key']}.npy", f["cams"])
+            atomic_write(out_dir / "cams" / f"{f['key']}.npy", f["cams"])
         if f["overlay"]:
-            _atomic_write(out_dir / "overlays" / f"{f['key']}.jpg", f["overlay"])
+            atomic_write(out_dir / "overlays" / f"{f['key']}.jpg", f["overlay"])
 
     written = 0
     if result.files:  # the input samples, verbatim, in their order, each with its pseudo-label
@@ -103,7 +96,7 @@ def _commit_shard(out_dir: Path, shard: str, src_path: str, result: _ShardResult
         "crf_confusion": result.crf_cm.tolist(),
         "sweep": None if result.sweep is None else _sparse_dict(result.sweep),
     }
-    _atomic_write(_stats_path(out_dir, shard), _json_bytes(stats))
+    atomic_write(_stats_path(out_dir, shard), _json_bytes(stats))
 
 
 def _sparse_dict(counts: np.ndarray) -> dict:

@@ -15,10 +15,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from weaktr.config import Config
-from weaktr.data.shards import Manifest, SplitInfo
+from weaktr.data.shards import FAILURES_NAME, TMP_SUFFIX, Manifest, SplitInfo, atomic_write
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, parse_sweep
 from weaktr.pseudo.outputs import (
-    STATS_DIR, TMP_SUFFIX, _atomic_write, _checkpoint_file, _clear_outputs, _commit_shard, _file_sha256, _json_bytes,
+    STATS_DIR, _checkpoint_file, _clear_outputs, _commit_shard, _file_sha256, _json_bytes,
     _load_stats, _remove_stale_temps, _ShardResult,
 )
 from weaktr.pseudo.stages import CamStage, CrfStage, StageSettings, load_cam_model, read_shard
@@ -99,7 +99,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
             f"{out_dir} holds outputs made from another checkpoint, dataset or settings ({previous}); "
             "pass --overwrite (pseudo.overwrite=true) to start over, or choose another pseudo.out_dir"
         )
-    _atomic_write(previous, _json_bytes(run_config))
+    atomic_write(previous, _json_bytes(run_config))
 
     todo = [i for i, shard in enumerate(split.shards) if _load_stats(out_dir, shard) is None]
     skipped = len(split.shards) - len(todo)
@@ -206,7 +206,7 @@ def _finalize(
         {"pseudo_labels": {"source": manifest.root, "split": split_name, "checkpoint": checkpoint}},
     )
     out_manifest.save()
-    _atomic_write(out_dir / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
+    atomic_write(out_dir / FAILURES_NAME, "".join(json.dumps(f) + "\n" for f in failures).encode())
 
     names = ["background", *manifest.classes]
     has_gt = cam_cm.matrix.sum() > 0
@@ -224,11 +224,11 @@ def _finalize(
         os.replace(out_dir / f"bg_sweep.csv{TMP_SUFFIX}", out_dir / "bg_sweep.csv")
         plot = io.BytesIO()
         sweep.plot(plot)  # PNG (matplotlib's default format for a file object)
-        _atomic_write(out_dir / "bg_sweep.png", plot.getvalue())
+        atomic_write(out_dir / "bg_sweep.png", plot.getvalue())
         best_t, best_miou = sweep.best()
         curve = [[t, None if math.isnan(m) else m] for t, m in sweep.curve()]
         report["sweep"] = {"best_threshold": best_t, "best_miou": best_miou, "curve": curve}
-    _atomic_write(out_dir / "report.json", _json_bytes(report))
+    atomic_write(out_dir / "report.json", _json_bytes(report))
     print(format_report(report, names, cam_cm, crf_cm))
     return report
 

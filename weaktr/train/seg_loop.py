@@ -231,8 +231,9 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
         cfg.seg_train.resume_from = str(Path(cfg.seg_train.resume_from).expanduser().resolve())
     pseudo_labels = Manifest.load(cfg.seg_train.data_root)
     require_pseudo_labels(pseudo_labels, cfg.data.train_split)
-    if cfg.seg_train.init_encoder_from_phase1:
+    if cfg.seg_train.init_encoder_from_phase1:  # resolved like the paths: workers and checkpoints see the weights
         cfg.seg_model.weights_path = phase1_checkpoint(pseudo_labels)
+        cfg.seg_train.init_encoder_from_phase1 = False  # ... as a plain weights_path, a config that loads again
     trainer = make_trainer(
         train_loop_per_worker, cfg, cfg.seg_train, name=name or seg_run_name(cfg), score_attribute="val_mIoU",
         callbacks=callbacks,
