@@ -16,7 +16,19 @@ setup() {
     if [[ -f "$VENV/.setup-stamp" && "$(cat "$VENV/.setup-stamp")" == "$stamp" ]]; then
         return
     fi
-    [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        # The environment takes 6.2 GB (torch's CUDA build most of it): say so up front rather than let pip fail
+        # half-way with "No space left on device".
+        local free_gb
+        mkdir -p "$(dirname "$VENV")"
+        free_gb=$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 { print int($4 / 1048576) }')
+        if (( free_gb < 7 )); then
+            echo "dev.sh: the environment needs about 7 GB of disk and $(dirname "$VENV") has ${free_gb} GB" \
+                 "free: free some, or set WEAKTR_VENV to a path on a disk with room" >&2
+            exit 1
+        fi
+        python3 -m venv "$VENV"
+    fi
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS" -e ".[test]"
     echo "$stamp" > "$VENV/.setup-stamp"
