@@ -1,10 +1,11 @@
 """Phase 1 -> 2: pseudo-labels from a trained CAM model, as a Ray Data pipeline (weaktr.pseudo).
 
     python ray_jobs/make_pseudo_labels.py --config configs/synthetic.yaml --checkpoint CKPT [--sweep-bg 0.3:0.6:0.01]
+        [--resume | --overwrite]
     ray job submit --working-dir . -- \
         python ray_jobs/make_pseudo_labels.py --config configs/smoke.yaml --checkpoint CKPT
 
-Rerunning resumes: finished input shards are skipped. --overwrite starts over.
+--resume continues an interrupted run (finished input shards are skipped); --overwrite starts over.
 """
 
 import sys
@@ -14,17 +15,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from weaktr.checkpoint import CheckpointMismatch  # noqa: E402
 from weaktr.data.shards import DataError  # noqa: E402
-from weaktr.config import job_arg_parser, parse_job_args  # noqa: E402
-from weaktr.launch import init_ray, prepare_data, save_resolved_config  # noqa: E402
+from weaktr.config import ConfigError, job_arg_parser, parse_job_args  # noqa: E402
+from weaktr.launch import check_resume, init_ray, prepare_data, save_resolved_config  # noqa: E402
 from weaktr.pseudo import PseudoLabelError, run_pseudo_labels  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = job_arg_parser("Generate pseudo-labels (multi-scale CAMs + dense CRF) for a dataset split")
+    parser = job_arg_parser("Generate pseudo-labels (multi-scale CAMs + dense CRF) for a dataset split",
+                            resumes="pseudo-label run at pseudo.out_dir")
     parser.add_argument("--checkpoint", default=None, help="phase-1 checkpoint directory (default: pseudo.checkpoint)")
     parser.add_argument("--sweep-bg", default=None, metavar="START:STOP:STEP",
                         help="also evaluate these background thresholds in the same pass, e.g. 0.30:0.60:0.01")
-    parser.add_argument("--overwrite", action="store_true", help="discard previous outputs instead of resuming")
+    parser.add_argument("--overwrite", action="store_true", help="discard the outputs of an earlier run at pseudo.out_dir and start over")
     args, cfg = parse_job_args(parser, argv)
     if args.sweep_bg is not None:
         cfg.pseudo.sweep_bg = args.sweep_bg
@@ -34,14 +36,20 @@ def main(argv=None) -> int:
     if checkpoint is None:
         parser.error("no checkpoint: pass --checkpoint or set pseudo.checkpoint")
     cfg.pseudo.checkpoint = checkpoint = str(Path(checkpoint).expanduser().resolve())
-    cfg.pseudo.out_dir = str(Path(cfg.pseudo.out_dir).expanduser().resolve())
-
-    prepare_data(cfg)
-    save_resolved_config(cfg, "pseudo_config.yaml")
-    init_ray()
+    out_dir = Path(cfg.pseudo.out_dir).expanduser().resolve()
+    cfg.pseudo.out_dir = str(out_dir)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other")
+    started = out_dir / "run_config.json"  # written when a run starts, before its first shard
     try:
+        if not args.overwrite:
+            check_resume(args.resume, str(out_dir) if started.exists() else None, str(out_dir), "pseudo-label run",
+                         "pass --overwrite to start over, or choose another pseudo.out_dir")
+        prepare_data(cfg)
+        save_resolved_config(cfg, "pseudo_config.yaml")
+        init_ray()
         report = run_pseudo_labels(cfg, checkpoint)
-    except (CheckpointMismatch, PseudoLabelError, DataError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointMismatch, PseudoLabelError, DataError, FileNotFoundError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     run = report["run"]

@@ -13,17 +13,20 @@ from weaktr.config import ConfigError, job_arg_parser, parse_job_args  # noqa: E
 
 
 def main(argv=None) -> int:
-    parser = job_arg_parser("Train the phase-1 WeakTr CAM model")
-    _, cfg = parse_job_args(parser, argv)
+    parser = job_arg_parser("Train the phase-1 WeakTr CAM model", resumes="phase-1 training run")
+    args, cfg = parse_job_args(parser, argv)
     # Imported once the config is known to be good: a bad one is refused at once, not after Ray and torch load.
     from weaktr.data.shards import DataError
-    from weaktr.launch import init_ray, prepare_data, print_training_result, save_resolved_config
+    from weaktr.launch import check_resume, init_ray, prepare_data, print_training_result, save_resolved_config, \
+        training_run
     from weaktr.train.cam_loop import fit, selection_metric
 
-    prepare_data(cfg)
-    config_path = save_resolved_config(cfg)
-    init_ray()
     try:
+        check_resume(args.resume, *training_run(cfg.run.storage_path, cfg.run.name), "phase-1 training run",
+                     "set another run.name")
+        prepare_data(cfg)
+        config_path = save_resolved_config(cfg)
+        init_ray()
         result = fit(cfg)
     except (ConfigError, DataError) as err:  # e.g. a CAM-mIoU split the dataset lacks, refused before training
         print(f"{parser.prog}: error: {err}", file=sys.stderr)

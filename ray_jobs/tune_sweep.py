@@ -19,9 +19,8 @@ from weaktr.sweep import prepare_sweep, run_sweep, summary_table, trial_rows, wr
 
 
 def main(argv=None) -> int:
-    parser = job_arg_parser("Sweep config keys with Ray Tune (the config's tune section)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep of this run.name; finished trials are not rerun")
+    parser = job_arg_parser("Sweep config keys with Ray Tune (the config's tune section)",
+                            resumes="sweep (finished trials are not rerun)")
     args, cfg = parse_job_args(parser, argv)
     try:
         saved = prepare_sweep(cfg, resume=args.resume)  # a bad search space fails here, before Ray or any trial

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from job_helpers import load_job
 from seg_helpers import save_random_checkpoint, tiny_config, write_pseudo_dataset
 
 from weaktr.checkpoint import CHECKPOINT_FILE, CheckpointMismatch
@@ -16,16 +15,7 @@ from weaktr.config import save_config
 from weaktr.data.stream import iter_samples
 from weaktr.evaluate import REPORT_NAME, evaluate_on_ray, evaluate_samples, load_segmenter
 
-
-def _load_job(name: str):
-    path = Path(__file__).resolve().parents[1] / "ray_jobs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"ray_jobs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_job = _load_job("evaluate")
+evaluate_job = load_job("evaluate")
 
 
 @pytest.fixture(scope="module")

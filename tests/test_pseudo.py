@@ -293,7 +293,7 @@ def test_killed_run_resumes_to_identical_outputs(reference_run, dataset, checkpo
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
     (out_dir / "train-000004.tar.tmp").write_bytes(b"half a shard")  # as a crash mid-commit leaves it
 
-    second = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    second = subprocess.run([*command, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"skipped {len(done)} finished shards" in second.stdout
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == before  # not recomputed

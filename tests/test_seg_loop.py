@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from weaktr.data.shards import DataError
 from weaktr.ops import gradient_clipping_loss
 from weaktr.models.build import build_segmenter as build_model
 from weaktr.train.common import resume
-from weaktr.train.seg_loop import fit, make_optimizer, pixel_losses
+from weaktr.train.seg_loop import fit, make_optimizer, pixel_losses, seg_run_name
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +140,18 @@ def test_resume_refuses_other_classes_and_phase_one_checkpoints(tmp_path, datase
     assert optimizer.param_groups[0]["lr"] == pytest.approx(fresh_optimizer.param_groups[0]["lr"])
 
 
-def test_two_worker_training_learns_reports_clipping_and_resumes(ray_session, tmp_path, dataset):
-    data_root, manifest = dataset
-    cfg = tiny_config(tmp_path, data_root)
+@pytest.fixture(scope="module")
+def two_worker_run(ray_session, tmp_path_factory, dataset):
+    cfg = tiny_config(tmp_path_factory.mktemp("seg-run"), dataset[0])
     cfg.seg_train.epochs, cfg.seg_train.eval_every = 3, 2
     cfg.seg_train.checkpoints_to_keep = 3  # Result.metrics_dataframe holds the kept checkpoints' metrics
     cfg.seg_train.clip_start_value = 10.0  # clip from the first step, so clipped_fraction is exercised
-    result = fit(cfg)
+    return copy.deepcopy(cfg), fit(cfg)
+
+
+def test_two_worker_training_learns_reports_clipping_and_resumes(two_worker_run, dataset):
+    _, manifest = dataset
+    cfg, result = copy.deepcopy(two_worker_run[0]), two_worker_run[1]
 
     # Rows follow the kept checkpoints, which Ray Train orders by score (val_mIoU), not by epoch.
     history = result.metrics_dataframe.sort_values("epoch").reset_index(drop=True)
@@ -168,3 +175,20 @@ def test_two_worker_training_learns_reports_clipping_and_resumes(ray_session, tm
     assert list(resumed.metrics_dataframe["epoch"]) == [3]
     assert resumed.metrics["loss"] < history["loss"].iloc[0]
     assert load_checkpoint(resumed.checkpoint.path)["epoch"] == 3
+
+
+def test_a_killed_worker_restarts_the_run_from_its_last_checkpoint(two_worker_run, ray_session):
+    """Phase 2's side of test_train_cam.py's worker-kill test (the tolerance and why: worker_kill.py)."""
+    from worker_kill import KILLED_RUN_TOLERANCE, WorkerKiller
+
+    cfg, uninterrupted = copy.deepcopy(two_worker_run[0]), two_worker_run[1]
+    cfg.run.name, cfg.seg_train.max_failures = "seg-killed", 1
+    cfg.seg_train.checkpoints_to_keep = 10  # every report kept: a repeated epoch would show
+    killer = WorkerKiller(Path(cfg.run.storage_path) / seg_run_name(cfg), ray_session[0])
+    killer.start()
+    result = fit(cfg)
+    killer.join()
+    assert result.error is None and killer.workers_started_after == 2
+    assert sorted(result.metrics_dataframe["epoch"]) == [0, 1, 2]  # each epoch trained and checkpointed once
+    for key in ("loss", "ce", "val_mIoU"):
+        assert result.metrics[key] == pytest.approx(uninterrupted.metrics[key], abs=KILLED_RUN_TOLERANCE), key

@@ -175,7 +175,20 @@ def test_asha_stops_a_trial_resume_skips_finished_ones_and_the_best_config_is_th
     assert (_reports(sweep, "00000"), _reports(sweep, "00001")) == (2, 1)
 
     assert tune_sweep.main(["--config", str(config)]) == 2  # a plain rerun is refused: it would mix two sweeps
-    assert tune_sweep.main(["--config", str(config), "--resume"]) == 0
+    # The resumed sweep runs as a user runs it, in a driver of its own, and may not take forever.
+    resumed = subprocess.Popen(
+        [sys.executable, "ray_jobs/tune_sweep.py", "--config", str(config), "--resume"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        output, _ = resumed.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        stacks = subprocess.run([str(Path(sys.executable).with_name("py-spy")), "dump", "--pid", str(resumed.pid)],
+                                capture_output=True, text=True, timeout=60).stdout
+        os.killpg(resumed.pid, signal.SIGKILL)
+        output, _ = resumed.communicate()
+        pytest.fail(f"the resumed sweep did not end in 300 s; its output:\n{output[-4000:]}\nits stacks:\n{stacks}")
+    assert resumed.returncode == 0, output[-4000:]
     assert (_reports(sweep, "00000"), _reports(sweep, "00001")) == (2, 1)  # the ended trials were not rerun
     # One trial at a time (tune.max_concurrent_trials: 1, on a head with 4 CPUs): each began after the last ended.
     for earlier, later in (("00000", "00001"), ("00001", "00002")):

@@ -91,6 +91,27 @@ def test_checkpoint_holds_weights_config_and_classes(first_run):
     assert ckpt["version"] and ckpt["optimizer"] is not None
 
 
+def test_a_killed_worker_restarts_the_run_from_its_last_checkpoint(first_run, ray_session):
+    """One Ray Train worker process SIGKILLed once the first checkpoint is registered (a preempted node):
+    FailureConfig restarts the worker group, which continues from the last checkpoint and finishes where the
+    uninterrupted run did. A restart from scratch would finish there too, which is why every epoch must have been
+    registered exactly once."""
+    from weaktr.train.cam_loop import fit
+    from worker_kill import KILLED_RUN_TOLERANCE, WorkerKiller
+
+    base_cfg, uninterrupted = first_run
+    cfg = copy.deepcopy(base_cfg)
+    cfg.run.name, cfg.train.max_failures = "killed", 1
+    killer = WorkerKiller(Path(cfg.run.storage_path) / cfg.run.name, ray_session[0])
+    killer.start()
+    result = fit(cfg)
+    killer.join()
+    assert result.error is None and killer.workers_started_after == 2  # both ranks started again
+    assert [m["epoch"] for m in epoch_metrics(result)] == [0, 1, 2]  # each epoch trained and checkpointed once
+    for key in ("loss", "val_mAP", "cam_mIoU"):
+        assert result.metrics[key] == pytest.approx(uninterrupted.metrics[key], abs=KILLED_RUN_TOLERANCE), key
+
+
 def test_resume_continues_from_the_checkpoint(first_run):
     """What a resumed run does first (train.resume_from, or Ray Train restoring a worker): the checkpoint's weights,
     the next epoch, and the lr the schedule has there; a phase-2 checkpoint is refused. (A resumed Ray Train run end

@@ -44,8 +44,10 @@ def save_checkpoint(
     scheduler_state: Optional[dict] = None,
     metrics: Optional[dict] = None,
     history: Optional[Sequence[dict]] = None,
+    rng_states: Optional[Sequence[dict]] = None,
 ) -> Path:
-    """``metrics``: this epoch's; ``history``: every epoch's so far (the run's curves, kept across resumes)."""
+    """``metrics``: this epoch's; ``history``: every epoch's so far (the run's curves, kept across resumes);
+    ``rng_states``: every training rank's (``runtime.rng_state``), which a restarted run takes up."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -60,6 +62,7 @@ def save_checkpoint(
         "scheduler": scheduler_state,
         "metrics": dict(metrics or {}),
         "history": [dict(m) for m in history or []],
+        "rng_states": list(rng_states or []),
     }
     # Write under a temporary name so an interrupted save never leaves a truncated file.
     tmp = directory / (CHECKPOINT_FILE + ".tmp")

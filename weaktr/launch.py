@@ -7,11 +7,11 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import ray
 
-from weaktr.config import Config, save_config
+from weaktr.config import Config, ConfigError, save_config
 from weaktr.data.shards import Manifest
 
 # How long a Ray Data pipeline waits for room for the first actor of a pool (e.g. for the autoscaler).
@@ -98,6 +98,34 @@ def run_dir(cfg: Config) -> Path:
     path = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_resume(resume: bool, found: Optional[str], expected: str, what: str, otherwise: str) -> None:
+    """The rule every job follows: work already done under the run's name is continued only when asked
+    (``--resume``), so a rerun never silently continues a run made with another config, and ``--resume`` with
+    nothing to continue is a mistake too. ``found``: where the earlier work is, None if there is none;
+    ``expected``: where it would be; ``otherwise``: the way to start afresh instead. ConfigError if broken."""
+    if found is not None and not resume:
+        raise ConfigError(f"{what} already exists at {found}: pass --resume to continue it, or {otherwise}")
+    if found is None and resume:
+        raise ConfigError(f"--resume: no {what} to continue at {expected}")
+
+
+def training_run(storage_path: str, name: str) -> tuple[Optional[str], str]:
+    """(where Ray Train's run ``name`` keeps checkpoints, if it has any; where it would) under ``storage_path``
+    (a local path or a URI Ray Train takes, such as ``s3://``)."""
+    if "://" in storage_path:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{name}", allow_not_found=True))
+        found = any(entry.base_name.startswith("checkpoint_") for entry in entries)
+        where = f"{storage_path.rstrip('/')}/{name}"
+    else:
+        directory = Path(storage_path).expanduser().resolve() / name
+        found = any(directory.glob("checkpoint_*"))
+        where = str(directory)
+    return (where if found else None), where
 
 
 def save_resolved_config(cfg: Config, filename: str = "config.yaml") -> Path:

@@ -9,8 +9,8 @@ Everything a run makes lives in its run directory, ``{run.storage_path}/{run.nam
     eval/, eval_crf/       evaluation reports of the retrained model, without and with the dense CRF
     report.html, report.json
 
-Rerunning skips every stage whose record exists and whose outputs are still there. ``from_stage`` reruns that
-stage and all after it; a stage whose outputs were removed reruns, and so does everything after it. A stage rerun
+A resumed run (the job's ``--resume``; ``run_pipeline`` always resumes) skips every stage whose record exists and
+whose outputs are still there. ``from_stage`` reruns that stage and all after it; a stage whose outputs were removed reruns, and so does everything after it. A stage rerun
 because of that starts over (its old outputs are cleared: they came from other inputs); a stage that was only
 interrupted resumes (Ray Train continues its run, the pseudo-label job skips finished shards). The dataset itself
 (``data.root``) is shared by runs and never cleared.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -248,16 +249,24 @@ def _pct(value: Optional[float]) -> str:
 
 def main(argv=None, prog: Optional[str] = None) -> int:
     """``ray_jobs/pipeline.py`` and ``weaktr pipeline``: run or resume the pipeline, print the stage table."""
-    from weaktr.config import job_arg_parser, parse_job_args
-    from weaktr.launch import init_ray
+    from weaktr.config import ConfigError, job_arg_parser, parse_job_args
+    from weaktr.launch import check_resume, init_ray
 
     parser = job_arg_parser("Run the whole WeakTr pipeline: data, phase 1, pseudo-labels, phase 2, evaluation, "
-                            "report. Finished stages are skipped.")
+                            "report.", resumes="pipeline run (finished stages are skipped)")
     if prog:
         parser.prog = prog
     parser.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
-                        help="rerun this stage and every later one")
+                        help="rerun this stage and every later one (of a run that exists)")
     args, cfg = parse_job_args(parser, argv)
+    directory = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+    started = any((directory / "stages").glob("*.json"))
+    try:  # --from on a run that exists asks to redo part of it, which continues it as --resume does
+        check_resume(args.resume or (started and args.from_stage is not None), str(directory) if started else None,
+                     str(directory), "pipeline run", "set another run.name")
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     init_ray()
     started = time.perf_counter()
     records = run_pipeline(cfg, args.from_stage)

@@ -21,6 +21,31 @@ def seed_rngs(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """This process's RNG states (the three ``seed_rngs`` seeds, and CUDA's), in types a weights-only
+    ``torch.load`` reads back: a checkpoint keeps them so a restarted run draws what the uninterrupted one would."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Undo the draws since ``rng_state`` returned ``state``."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on GPU; full precision on CPU, where bf16 is slower and only adds rounding."""
     if enabled and device.type == "cuda":

@@ -161,13 +161,18 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def job_arg_parser(description: str) -> argparse.ArgumentParser:
+def job_arg_parser(description: str, resumes: Optional[str] = None) -> argparse.ArgumentParser:
+    """A job's command line: ``--config``, ``--set`` and, for a job whose work survives it, ``--resume`` (continue
+    the ``resumes`` of this config; without the flag, one that exists is refused: ``launch.check_resume``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="YAML config file")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
     )
+    if resumes:
+        parser.add_argument("--resume", action="store_true",
+                            help=f"continue the {resumes} of this config (interrupted, or to extend it)")
     return parser
 
 

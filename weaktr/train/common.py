@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from weaktr.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from weaktr.config import Config, from_dict, to_dict
 from weaktr.data.stream import FailureTracker
-from weaktr.runtime import seed_rngs, unwrap
+from weaktr.runtime import rng_state, seed_rngs, set_rng_state, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,12 @@ def start_training(model: torch.nn.Module, optimizer, scheduler, cfg: Config, ru
     model = ray.train.torch.prepare_model(model)
     if runner.compile:
         model = torch.compile(model)
+    ctx = ray.train.get_context()
+    saved_rngs = state.get("rng_states") if state is not None else None
+    if saved_rngs and len(saved_rngs) == ctx.get_world_size():
+        # Each rank takes up its draws (augmentations, data-loader seeds, dropout) where the checkpoint left
+        # them: a restarted run trains on what the uninterrupted one would have, not on another seed's draws.
+        set_rng_state(saved_rngs[ctx.get_world_rank()])
     # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
     failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
     return model, start_epoch, history, failures
@@ -155,14 +161,16 @@ def report_epoch(
     history: Sequence[dict], epochs: int, shown: Sequence[str], started: float,
 ) -> None:
     """Report an epoch's metrics from every rank; rank 0 attaches a checkpoint (the plain model's weights, the
-    optimizer and scheduler, the resolved config, this epoch's ``metrics`` and every epoch's ``history``) and prints
-    the epoch's console line (``epoch_line``; ``started``: the epoch's ``time.perf_counter()`` start)."""
+    optimizer and scheduler, every rank's RNG states, the resolved config, this epoch's ``metrics`` and every
+    epoch's ``history``) and prints the epoch's console line (``epoch_line``; ``started``: the epoch's
+    ``time.perf_counter()`` start)."""
+    rng_states = all_gather(rng_state())  # every rank's, before any draw of the next epoch
     if ray.train.get_context().get_world_rank() == 0:
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(
                 directory, kind=kind, model_state=unwrap(model).state_dict(), arch=unwrap(model).arch,
                 classes=classes, config=to_dict(cfg), epoch=metrics["epoch"], optimizer_state=optimizer.state_dict(),
-                scheduler_state=scheduler.state_dict(), metrics=metrics, history=history,
+                scheduler_state=scheduler.state_dict(), metrics=metrics, history=history, rng_states=rng_states,
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         log.info(epoch_line(metrics, epochs, shown, time.perf_counter() - started))
