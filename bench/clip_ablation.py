@@ -96,7 +96,7 @@ def train_arm(config: dict, clip: bool) -> dict:
     started = time.perf_counter()
     history = []
     for epoch in range(cfg.seg_train.epochs):
-        loader = make_train_loader(shards, cfg, epoch=epoch, steps=steps)
+        loader = make_train_loader(shards, cfg, num_classes=manifest.num_classes, epoch=epoch, steps=steps)
         sums = train_one_epoch(model, loader, optimizer, scheduler, cfg, device, epoch=epoch)
         history.append((sums / steps).tolist())  # loss, ce, clipped_fraction
         print(f"[clip {'on' if clip else 'off'}] epoch {epoch}: loss {history[-1][0]:.3f} ce {history[-1][1]:.3f} "

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         num_classes = len(manifest.classes)
         loaders = {
             "phase 1": cam_loop.make_train_loader(shards, cfg, num_classes, epoch=0, steps=steps + args.warmup),
-            "phase 2": seg_loop.make_train_loader(shards, cfg, epoch=0, steps=steps + args.warmup),
+            "phase 2": seg_loop.make_train_loader(shards, cfg, num_classes=num_classes, epoch=0,
+                                                  steps=steps + args.warmup),
         }
         what = {
             "phase 1": f"crop {cfg.train.img_size}, jitter {cfg.train.color_jitter}, "

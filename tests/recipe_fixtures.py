@@ -4,7 +4,10 @@ overrides that shrink a recipe's model and workers to a CPU test, and the checks
 
 from __future__ import annotations
 
+import collections
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +68,87 @@ def write_voc_layout(tmp_path: Path, num_aug: int = 16, num_train: int = 8, num_
     aug_list = tmp_path / "train_aug.txt"
     aug_list.write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in aug))
     return root, aug_list
+
+
+def add_hostile_voc_items(root: Path, aug_list: Path) -> dict[str, str]:
+    """Add to a ``write_voc_layout`` tree what a real folder of photos holds, in train_aug (and two in val): images
+    that cannot be read, masks that do not fit, and readable oddities (1x1, grayscale, CMYK, a 16-bit PNG behind a
+    .jpg name, an EXIF-rotated photo with its mask drawn upright, one larger than the converter keeps). Returns
+    {id: what must happen to it}: "skipped" (with a reason in failures.jsonl) or "kept"."""
+    rng = np.random.default_rng(7)
+    sample = next(iter(iter_synthetic(SPEC, 99, 1)))
+    image, mask = sample.image, sample.mask  # RGB [H, W, 3], ids [H, W]
+    jpegs, masks, fate = root / "JPEGImages", root / "SegmentationClassAug", {}
+
+    def add(image_id: str, what: str, picture=None, id_mask=None, data: bytes | None = None, **save) -> None:
+        fate[image_id] = what
+        if data is not None:
+            (jpegs / f"{image_id}.jpg").write_bytes(data)
+        elif picture is not None:
+            picture.save(jpegs / f"{image_id}.jpg", **({"format": "JPEG", "quality": 95} | save))
+        if id_mask is not None:
+            Image.fromarray(id_mask.astype(np.uint8), mode="L").save(masks / f"{image_id}.png")
+
+    whole = Image.fromarray(image)
+    encoded = io.BytesIO()
+    whole.save(encoded, format="JPEG", quality=95)
+    add("hostile_truncated", "skipped", data=encoded.getvalue()[: len(encoded.getvalue()) // 2], id_mask=mask)
+    add("hostile_empty", "skipped", data=b"", id_mask=mask)
+    add("hostile_noise", "skipped", data=rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(), id_mask=mask)
+    add("hostile_missing", "skipped")  # listed, no file
+    add("hostile_mask_size", "skipped", whole, mask[:-3])
+    add("hostile_mask_id", "skipped", whole, np.where(mask > 0, 30, 0))  # VOC has ids 0..20
+    add("hostile_1x1", "kept", Image.fromarray(image[:1, :1]), np.ones((1, 1)))
+    add("hostile_gray", "kept", whole.convert("L"), mask)
+    add("hostile_cmyk", "kept", whole.convert("CMYK"), mask)
+    deep = (np.asarray(whole.convert("L"), dtype=np.uint16) * 257)
+    add("hostile_deep", "kept", Image.fromarray(deep), mask, format="PNG")  # 16-bit, behind a .jpg name
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored lying on its side; viewers rotate it 90 degrees clockwise upright
+    add("hostile_exif", "kept", whole.transpose(Image.Transpose.ROTATE_90), mask, exif=exif.tobytes())
+    big = whole.resize((whole.width * 10, whole.height * 10), Image.Resampling.NEAREST)
+    add("hostile_large", "kept", big, np.kron(mask, np.ones((10, 10), np.uint8)))
+    with open(aug_list, "a") as f:
+        f.writelines(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in fate)
+    # Two readable oddities in val too, scored by the evaluation (their masks in SegmentationClass).
+    for image_id in ("hostile_1x1", "hostile_exif"):
+        id_mask = np.asarray(Image.open(masks / f"{image_id}.png"))
+        save_palette_png(root / "SegmentationClass" / f"{image_id}.png", id_mask)
+    with open(root / "ImageSets/Segmentation/val.txt", "a") as f:
+        f.write("hostile_1x1\nhostile_exif\n")
+    return fate
+
+
+def damage_shards(shard_paths: list[str]) -> dict[str, str]:
+    """What storage and other tools do to shards after conversion: in the first shard one sample's labels.json
+    names a class past the dataset's and another's is gone; a middle shard is cut in the middle. Returns
+    {damaged sample key or shard file name: the damage}, in that order, then the keys the cut took (a sample
+    whose last file the cut split counts as taken)."""
+    with tarfile.open(shard_paths[0]) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    past, unlabelled = sorted({member.name.split(".")[0] for member, _ in members})[:2]
+    with tarfile.open(shard_paths[0], "w") as tar:
+        for member, data in members:
+            if member.name == f"{unlabelled}.labels.json":
+                continue
+            if member.name == f"{past}.labels.json":
+                data = b"[25]"
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    cut = Path(shard_paths[len(shard_paths) // 2])
+    with tarfile.open(cut) as tar:
+        files = collections.Counter(member.name.split(".")[0] for member in tar.getmembers())
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    whole = collections.Counter()  # per sample, its files that survived the cut complete
+    with tarfile.open(cut) as tar:
+        try:
+            for member in tar:
+                if len(tar.extractfile(member).read()) == member.size:
+                    whole[member.name.split(".")[0]] += 1
+        except (tarfile.ReadError, OSError):  # the cut
+            pass
+    lost = {key: "in the cut-off half of its shard" for key, count in files.items() if whole[key] < count}
+    return {past: "label past the classes", unlabelled: "no labels.json", cut.name: "cut in the middle", **lost}
 
 
 def write_coco_layout(tmp_path: Path, num_train: int = 16, num_val: int = 4) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -123,7 +125,7 @@ def test_voc_converter_skips_bad_items_with_their_reason(voc_root, tmp_path, cap
     assert manifest.splits["val"].num_samples == 0 and manifest.meta["skipped"] == {"train": 0, "val": 3}
     reasons = {f["source"]: f["reason"] for f in failures(tmp_path / "out")}
     assert set(reasons) == {"2007_000003", "2007_000004", "2007_999999"}
-    assert "UnidentifiedImageError" in reasons["2007_000003"] and "is (7, 9)" in reasons["2007_000004"]
+    assert "empty file (0 bytes)" in reasons["2007_000003"] and "is (7, 9)" in reasons["2007_000004"]
     assert "listed but missing" in reasons["2007_999999"]
     printed = capsys.readouterr().out  # the summary the converter prints
     assert "voc12/val: 0 samples in 0 shards (0.0 MiB), 3 skipped" in printed and "failures.jsonl" in printed
@@ -264,6 +266,20 @@ def test_folder_converter_json_with_val_split(image_folder, tmp_path):
     assert len(train) == len(val) == 2 and not set(train) & set(val)
     assert set(train) | set(val) == {"a", "b", "f", "g"}
     assert read_label_file(labels) == {"a.png": ["cat"], "b.jpg": ["dog"], "f.png": ["cat", "dog"], "g.png": ["dog"]}
+
+
+def test_non_utf8_file_names_convert(image_folder, tmp_path):
+    """A photo named in Latin-1 bytes (not UTF-8), listed so in a Latin-1 label file, and a UTF-8 non-ASCII name:
+    both convert, under keys of safe characters."""
+    folder, _, _ = image_folder
+    latin1 = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
+    shutil.copy(folder / "b.jpg", os.fsdecode(latin1))
+    shutil.copy(folder / "b.jpg", folder / "ÿ-été.jpg")
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b"caf\xe9.jpg,cat\n" + "ÿ-été.jpg,dog\n".encode())
+    manifest = convert_folder(folder, labels, tmp_path / "out")
+    assert sorted(read_split(manifest, "train")) == ["_-_t_", "caf_"]
+    assert manifest.meta["skipped"] == {"train": 0}
 
 
 def test_folder_converter_skips_what_a_users_folder_holds(image_folder, tmp_path):

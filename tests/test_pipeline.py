@@ -1,6 +1,7 @@
-"""The whole pipeline (weaktr.pipeline): configs/voc12.yaml (tiny model, CPU) on a VOC-layout fixture, every stage
-for real as a Ray job on the shared head, then reruns that skip, and a removed stage output that reruns that
-stage and everything after it. The skip/rerun rules alone are also
+"""The whole pipeline (weaktr.pipeline): configs/voc12.yaml (tiny model, CPU) on a VOC-layout fixture that holds
+what a real folder of photos holds (unreadable files, masks that do not fit, 1x1, grayscale, CMYK, 16-bit, EXIF-rotated
+and oversized images) and shards damaged after conversion, every stage for real as a Ray job on the shared head,
+then reruns that skip, and a removed stage output that reruns that stage and everything after it. The skip/rerun rules alone are also
 checked with stage bodies that only record their calls (the orchestration is what those tests exercise)."""
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from recipe_fixtures import TINY_ON_CPU, check_chain, write_voc_layout
+from recipe_fixtures import TINY_ON_CPU, add_hostile_voc_items, check_chain, damage_shards, write_voc_layout
 
 from weaktr import pipeline
 from weaktr.config import load_config
+from weaktr.data.shards import FAILURES_NAME
+from weaktr.data.stream import FailureTracker, iter_samples
 from weaktr.data.voc import VOC_CLASSES, convert_voc
 from weaktr.pipeline import STAGES, StageResult, run_pipeline
 
@@ -28,14 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def full_run(ray_session, tmp_path_factory):
     """The VOC recipe's whole pipeline submitted as a Ray job to the session's head, as the README does it on a
-    cluster, on a converted VOC-layout fixture (16 train_aug images, 8 of them VOC train, 4 val)."""
+    cluster, on a converted VOC-layout fixture (16 train_aug images, 8 of them VOC train, 4 val; plus the hostile
+    items of add_hostile_voc_items, then damage_shards on train_aug)."""
     _, dashboard = ray_session
     tmp_path = tmp_path_factory.mktemp("pipeline")
     voc_root, aug_list = write_voc_layout(tmp_path)
-    convert_voc(voc_root, tmp_path / "voc12", aug_list=aug_list, samples_per_shard=8)
+    fate = add_hostile_voc_items(voc_root, aug_list)
+    # max_side 320 (default 1024) so the oversized image is downscaled without making the test slow.
+    manifest = convert_voc(voc_root, tmp_path / "voc12", aug_list=aug_list, samples_per_shard=8, max_side=320)
+    damage = damage_shards(manifest.shard_paths("train_aug"))
     # bg_threshold null: the pseudo-labels take the threshold phase 1's CAM-mIoU sweep chose for its checkpoint.
+    # max_failure_fraction: the damaged shards hold ~20% broken samples, which the default 1% would refuse.
     overrides = [*TINY_ON_CPU, "run.name=pipe", f"run.storage_path={tmp_path / 'runs'}",
-                 f"data.root={tmp_path / 'voc12'}", "pseudo.bg_threshold=null"]
+                 f"data.root={tmp_path / 'voc12'}", "pseudo.bg_threshold=null", "data.max_failure_fraction=0.5",
+                 "pseudo.overlay_samples=4"]  # overlays go to the first 4 positions, 2 of them damaged
     command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
                "--working-dir", str(ROOT), "--", sys.executable, "ray_jobs/pipeline.py",
                "--config", "configs/voc12.yaml"]
@@ -45,11 +54,17 @@ def full_run(ray_session, tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cfg = load_config(ROOT / "configs" / "voc12.yaml", overrides)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    return cfg, proc.stdout, {stage: pipeline.load_record(run_dir, stage) for stage in STAGES}
+    records = {stage: pipeline.load_record(run_dir, stage) for stage in STAGES}
+    return cfg, proc.stdout, records, (fate, damage, manifest)
+
+
+def readable_train_aug(manifest) -> list[str]:
+    """The keys of the train_aug samples that decode with ids inside VOC's classes (after damage_shards)."""
+    return [s.key for s in iter_samples(manifest.shard_paths("train_aug"), FailureTracker(1.0), len(VOC_CLASSES))]
 
 
 def test_the_pipeline_job_runs_every_stage_with_a_readable_console(full_run):
-    _, console, records = full_run
+    _, console, records, _ = full_run
     assert "succeeded" in console
     for stage in STAGES:
         assert f"[{stage}] running (not done yet)" in console and records[stage] is not None
@@ -60,15 +75,45 @@ def test_the_pipeline_job_runs_every_stage_with_a_readable_console(full_run):
 
 
 def test_the_voc12_recipe_runs_the_whole_chain(full_run):
-    cfg, _, records = full_run
+    cfg, _, records, _ = full_run
     assert cfg.data.train_split == "train_aug"  # phase 1 on train_aug, phase 2 on its pseudo-labels: no "no split"
-    check_chain(records, cfg, num_train=16, num_classes=20)
+    check_chain(records, cfg, num_train=len(readable_train_aug(full_run[3][2])), num_classes=20)
     chosen = records["phase1"]["metrics"]["best"]["cam_bg_threshold"]
     assert records["pseudo"]["metrics"]["bg_threshold"] == pytest.approx(chosen)
 
 
+def test_hostile_input_is_processed_or_skipped_with_its_reason_and_every_stage_counts_it(full_run):
+    cfg, console, records, (fate, damage, manifest) = full_run
+    # Conversion: each unreadable item skipped with its reason, every readable oddity kept, the big one downscaled.
+    failures = [json.loads(line) for line in (Path(manifest.root) / FAILURES_NAME).read_text().splitlines()]
+    assert sorted(f["source"] for f in failures) == sorted(k for k, what in fate.items() if what == "skipped")
+    assert all(f["reason"] and " at 0x" not in f["reason"] for f in failures)
+    assert manifest.meta["skipped"]["train_aug"] == 6 and manifest.meta["downscaled"] == {
+        "train": 0, "val": 0, "train_aug": 1}
+    kept = {k for k, what in fate.items() if what == "kept"}
+    readable = readable_train_aug(manifest)
+    assert kept - set(readable) <= set(damage)  # every kept oddity reached training, unless the damage took it
+    # Phase 1 counted the damaged samples it met, and went on.
+    assert records["phase1"]["metrics"]["history"][-1]["samples_failed"] > 0
+    # Pseudo-labels: one per readable sample, and every damaged one recorded with its reason.
+    pseudo = records["pseudo"]["metrics"]
+    assert pseudo["num_samples"] == len(readable)
+    out = Path(records["pseudo"]["outputs"]["report"]).parent
+    recorded = [json.loads(line) for line in (out / FAILURES_NAME).read_text().splitlines()]
+    past, unlabelled = list(damage)[:2]
+    reasons = {f["key"]: f["reason"] for f in recorded}
+    assert "outside 0..19" in reasons[past] and "no labels.json" in reasons[unlabelled]
+    assert any("unreadable shard" in f["reason"] for f in recorded) and pseudo["num_failures"] == len(recorded)
+    # Evaluation scored every val image, the 1x1 and the EXIF-rotated photo included.
+    assert records["eval"]["metrics"]["eval"]["num_images"] == manifest.splits["val"].num_samples == 6
+    assert records["eval"]["metrics"]["eval"]["num_skipped"] == 0
+    # The closing table says what each stage skipped.
+    assert "6 skipped" in console and "broken-sample reads skipped" in console
+    assert f"({len(readable)} images, {len(recorded)} skipped)" in console
+
+
 def test_the_report_has_every_section(full_run):
-    cfg, _, records = full_run
+    cfg, _, records, _ = full_run
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     report = json.loads((run_dir / "report.json").read_text())
     assert [row["split"] for row in report["miou"]] == ["train_aug", "train_aug", "val", "val"]
@@ -89,7 +134,7 @@ def test_the_report_has_every_section(full_run):
 
 
 def test_a_rerun_skips_finished_stages_and_a_removed_output_reruns_what_follows(full_run):
-    cfg, _, records = full_run
+    cfg, _, records, _ = full_run
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     again = run_pipeline(cfg)
     assert [again[s]["status"] for s in STAGES] == ["skipped"] * len(STAGES)

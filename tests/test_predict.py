@@ -52,6 +52,15 @@ def test_exif_orientation_and_modes_become_upright_rgb(tmp_path):
         assert image.dtype == np.uint8 and image.shape == (size[1], size[0], 3), stem
 
 
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    levels = np.arange(0, 256, 17, dtype=np.uint16)  # [16] 8-bit levels
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.tile(levels * 257, (3, 1))).save(path)  # a 16-bit PNG of the same levels
+    assert Image.open(path).mode.startswith("I")
+    image = load_rgb(path)  # [3, 16, 3]
+    assert np.array_equal(image[1, :, 0], levels) and np.array_equal(image[..., 2], image[..., 0])
+
+
 def test_predict_labels_a_folder_and_files_of_any_kind(checkpoints, tmp_path, capsys):
     expected = _write_inputs(tmp_path / "in")
     (tmp_path / "in" / "notes.txt").write_text("not an image")  # ignored inside a folder

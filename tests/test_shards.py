@@ -116,6 +116,31 @@ def test_decode_errors_are_sample_decode_errors():
             decode_sample(broken)
 
 
+def test_ids_past_the_classes_are_decode_errors_when_the_classes_are_known(tmp_path):
+    """A class index or a mask/pseudo id past the classes decodes without num_classes (nothing to check against)
+    but is a counted failure with it: the training loader skips it instead of crashing in multi_hot or the loss."""
+    image = np.zeros((4, 4, 3), np.uint8)
+    mask = np.full((4, 4), NUM_CLASSES + 1, np.uint8)  # one past the last class's id
+    for sample, reason in [
+        (Sample("label", image, [NUM_CLASSES]), rf"labels \[{NUM_CLASSES}\] outside 0\.\.{NUM_CLASSES - 1}"),
+        (Sample("mask", image, [0], mask=mask), rf"mask has ids \[{NUM_CLASSES + 1}\] outside 0\.\.{NUM_CLASSES}"),
+        (Sample("pseudo", image, [0], pseudo=mask), "pseudo has ids"),
+    ]:
+        raw = encode_sample(sample)
+        assert decode_sample(raw).key == sample.key
+        with pytest.raises(SampleDecodeError, match=reason):
+            decode_sample(raw, num_classes=NUM_CLASSES)
+    ignored = np.full((4, 4), 255, np.uint8)
+    assert decode_sample(encode_sample(Sample("ok", image, [NUM_CLASSES - 1], mask=ignored)), num_classes=NUM_CLASSES)
+
+    shard = str(tmp_path / "train-000000.tar")
+    write_split([*random_samples(5), Sample("past", image, [NUM_CLASSES])], tmp_path, "train")
+    loader = make_loader([shard], transform=classification_example, batch_size=2, steps=3, shuffle_buffer=1,
+                         num_classes=NUM_CLASSES)
+    failures = [f for batch in loader for f in batch["failures"]]
+    assert [f.key for f in failures] == ["past"] and "outside" in failures[0].reason
+
+
 # --------------------------------------------------------------------------- manifest
 
 

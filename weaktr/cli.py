@@ -2,10 +2,10 @@
 
     weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf]
     weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
-    weaktr pipeline --config CFG [--from STAGE] [--set KEY=VALUE ...]
-    weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F]
-    weaktr convert coco COCO_ROOT OUT [--official-ids]
-    weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F]
+    weaktr pipeline --config CFG [--resume | --from STAGE] [--set KEY=VALUE ...]
+    weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [--max-side PX]
+    weaktr convert coco COCO_ROOT OUT [--official-ids] [--max-side PX]
+    weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F] [--max-side PX]
 
 ``predict`` labels any images with a phase-2 checkpoint: for each it writes ``{name}.png`` (dataset ids as a
 VOC-palette PNG: 0 background, c+1 for class c) and ``{name}_overlay.jpg`` (the colours blended over the image).
@@ -14,8 +14,8 @@ orientation is applied, so masks line up with the image as viewers show it. Unre
 skipped; the exit code is then 1.
 
 ``convert`` writes a dataset of shards from the standard VOC / COCO layouts or a labelled folder (the
-``weaktr.data`` converters): unreadable items are skipped with their reason in ``OUT/failures.jsonl`` and a summary
-is printed.
+``weaktr.data`` converters): unreadable items are skipped with their reason in ``OUT/failures.jsonl``, images
+longer than ``--max-side`` are stored downscaled, and a summary of both is printed.
 
 ``import-official`` turns a checkpoint of the official WeakTr code into a weaktr checkpoint directory
 (``weaktr.official``): the architecture from the config's ``model`` / ``seg_model`` section, the class names from
@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from weaktr.data.images import load_rgb
+from weaktr.data.shards import MAX_SIDE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 OVERLAY_ALPHA = 0.5
@@ -173,14 +174,16 @@ def convert_command(args) -> int:
     from weaktr.data.folder import convert_folder
     from weaktr.data.voc import convert_voc
 
+    max_side = args.max_side or None  # 0: every size as it is
     try:
         if args.layout == "voc":
             convert_voc(args.root, args.out, aug_list=args.aug_list, aug_mask_dir=args.aug_mask_dir,
-                        cls_labels=args.cls_labels)
+                        cls_labels=args.cls_labels, max_side=max_side)
         elif args.layout == "coco":
-            convert_coco(args.out, coco2014_splits(args.root), official_ids=args.official_ids)
+            convert_coco(args.out, coco2014_splits(args.root), official_ids=args.official_ids, max_side=max_side)
         else:
-            convert_folder(args.images, args.labels, args.out, mask_dir=args.mask_dir, val_fraction=args.val_fraction)
+            convert_folder(args.images, args.labels, args.out, mask_dir=args.mask_dir, val_fraction=args.val_fraction,
+                           max_side=max_side)
     except (OSError, ValueError) as err:
         print(f"weaktr convert {args.layout}: error: {err}", file=sys.stderr)
         return 2
@@ -228,18 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/failures.jsonl. Prints per split the samples, shards, size and items skipped.",
     )
     layouts = convert.add_subparsers(dest="layout", required=True)
-    voc = layouts.add_parser("voc", help="PASCAL VOC 2012 (VOCdevkit/VOC2012), optionally with SBD train_aug")
+    sizes = argparse.ArgumentParser(add_help=False)
+    sizes.add_argument("--max-side", type=int, default=MAX_SIDE, metavar="PX",
+                       help=f"store larger images downscaled to this longer side (default {MAX_SIDE}; 0 keeps all)")
+    voc = layouts.add_parser("voc", parents=[sizes],
+                             help="PASCAL VOC 2012 (VOCdevkit/VOC2012), optionally with SBD train_aug")
     voc.add_argument("root", help="the VOC2012 folder (JPEGImages/, SegmentationClass/, ImageSets/)")
     voc.add_argument("out", help="output dataset directory")
     voc.add_argument("--aug-list", default=None, help="SBD train_aug id list: adds a 'train_aug' split")
     voc.add_argument("--aug-mask-dir", default=None, help="its masks (default ROOT/SegmentationClassAug)")
     voc.add_argument("--cls-labels", default=None, help="cls_labels.npy: image labels instead of the masks'")
-    coco = layouts.add_parser("coco", help="COCO 2014 (train2014/, val2014/, annotations/instances_*2014.json)")
+    coco = layouts.add_parser("coco", parents=[sizes],
+                              help="COCO 2014 (train2014/, val2014/, annotations/instances_*2014.json)")
     coco.add_argument("root", help="the COCO folder")
     coco.add_argument("out", help="output dataset directory")
     coco.add_argument("--official-ids", action="store_true",
                       help="90 classes, one per category id (the official WeakTr layout) instead of 80")
-    folder = layouts.add_parser("folder", help="a folder of images + a CSV/JSON label file")
+    folder = layouts.add_parser("folder", parents=[sizes], help="a folder of images + a CSV/JSON label file")
     folder.add_argument("images", help="the image folder")
     folder.add_argument("labels", help="label file: CSV 'filename,class[;class]' or JSON {filename: [classes]}")
     folder.add_argument("out", help="output dataset directory")

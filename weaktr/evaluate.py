@@ -115,7 +115,7 @@ def _decode_shard(row: dict) -> list[dict]:
     """One shard -> its samples as rows (image uint8 [H, W, 3], mask uint8 [H, W])."""
     return [
         {"key": s.key, "image": s.image, "mask": s.mask if s.mask is not None else np.zeros((0, 0), np.uint8)}
-        for s in iter_samples([row["shard"]])
+        for s in iter_samples([row["shard"]], num_classes=row["num_classes"])
     ]
 
 
@@ -166,7 +166,8 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
     shards = manifest.shard_paths(cfg.eval.split)
     num_classes = manifest.num_classes + 1
 
-    ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=max(1, len(shards)))
+    ds = ray.data.from_items([{"shard": shard, "num_classes": manifest.num_classes} for shard in shards],
+                             override_num_blocks=max(1, len(shards)))
     # Decoding takes zero logical CPUs, bounded by its own pool size: with one CPU each it waited forever
     # behind an actor pool holding every CPU of a small machine.
     ds = ds.flat_map(_decode_shard, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
@@ -207,6 +208,7 @@ def make_report(
         "dataset": manifest.root,
         "split": e.split,
         "num_images": num_images,
+        "num_skipped": manifest.splits[e.split].num_samples - num_images,  # undecodable (logged by iter_samples)
         "settings": {**inference_kwargs(e), "crf": dataclasses.asdict(e.crf_params) if e.crf else None},
         **confusion.to_dict(class_names(manifest)),
         "confusion_matrix": confusion.matrix.tolist(),

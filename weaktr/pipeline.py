@@ -10,10 +10,10 @@ Everything a run makes lives in its run directory, ``{run.storage_path}/{run.nam
     report.html, report.json
 
 A resumed run (the job's ``--resume``; ``run_pipeline`` always resumes) skips every stage whose record exists and
-whose outputs are still there. ``from_stage`` reruns that stage and all after it; a stage whose outputs were removed reruns, and so does everything after it. A stage rerun
-because of that starts over (its old outputs are cleared: they came from other inputs); a stage that was only
-interrupted resumes (Ray Train continues its run, the pseudo-label job skips finished shards). The dataset itself
-(``data.root``) is shared by runs and never cleared.
+whose outputs are still there. ``from_stage`` reruns that stage and all after it; a stage whose outputs were removed
+reruns, and so does everything after it. A stage rerun because of that starts over (its old outputs are cleared:
+they came from other inputs); a stage that was only interrupted resumes (Ray Train continues its run, the pseudo-
+label job skips finished shards). The dataset itself (``data.root``) is shared by runs and never cleared.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def run_data(cfg: Config, directory: Path, records: dict) -> StageResult:
     return StageResult(
         outputs={"manifest": str(Path(manifest.root) / "manifest.json")},
         metrics={"name": manifest.name, "classes": list(manifest.classes),
-                 "splits": {name: split.num_samples for name, split in manifest.splits.items()}},
+                 "splits": {name: split.num_samples for name, split in manifest.splits.items()},
+                 "skipped": sum(manifest.meta.get("skipped", {}).values())},
     )
 
 
@@ -226,21 +227,28 @@ def summary_table(records: dict) -> str:
 
 
 def headline(stage: str, metrics: dict) -> str:
+    """A stage's figure, and what it skipped (unreadable or unusable inputs; their reasons are in its outputs)."""
     if stage == "data":
         splits = ", ".join(f"{n} {name}" for name, n in metrics["splits"].items())
-        return f"{metrics['name']}: {len(metrics['classes'])} classes, {splits}"
+        return f"{metrics['name']}: {len(metrics['classes'])} classes, {splits}{_skipped(metrics.get('skipped'))}"
     if stage in ("phase1", "phase2"):
         score = metrics.get("score", "val_mAP" if stage == "phase1" else "val_mIoU")
         best = metrics["best"]
         extra = f", val_mAP {best['val_mAP']:.4f}" if score == "cam_mIoU" else ""
-        return f"best {score} {best.get(score, float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}{extra})"
+        failed = metrics["history"][-1].get("samples_failed") if metrics.get("history") else None
+        return (f"best {score} {best.get(score, float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}{extra})"
+                f"{_skipped(failed, 'broken-sample reads skipped')}")
     if stage == "pseudo":
         return (f"{metrics['split']} mIoU: CAM {_pct(metrics['cam']['miou'])}, CRF pseudo-labels "
-                f"{_pct(metrics['crf']['miou'])} ({metrics['num_samples']} images)")
+                f"{_pct(metrics['crf']['miou'])} ({metrics['num_samples']} images{_skipped(metrics['num_failures'])})")
     if stage == "eval":
         return (f"{metrics['eval']['split']} mIoU {_pct(metrics['eval']['miou'])}, "
-                f"with CRF {_pct(metrics['eval_crf']['miou'])}")
+                f"with CRF {_pct(metrics['eval_crf']['miou'])}{_skipped(metrics['eval'].get('num_skipped'))}")
     return ""
+
+
+def _skipped(count: Optional[int], what: str = "skipped") -> str:
+    return f", {count} {what}" if count else ""
 
 
 def _pct(value: Optional[float]) -> str:

@@ -159,7 +159,7 @@ def _sample_grid(cfg: Config, directory: Path, records: dict, classes: list[str]
     """Rows of (image, CAM, pseudo-label, prediction, ground truth) for the first samples with a CAM overlay."""
     from weaktr.cli import colorize
     from weaktr.data.shards import Manifest
-    from weaktr.data.stream import iter_samples
+    from weaktr.data.stream import FailureTracker, iter_samples
     from weaktr.data.voc import voc_palette
     from weaktr.evaluate import inference_kwargs, load_segmenter, predict_labels
 
@@ -169,7 +169,9 @@ def _sample_grid(cfg: Config, directory: Path, records: dict, classes: list[str]
         return None
     manifest = Manifest.load(Path(records["data"]["outputs"]["manifest"]).parent)
     samples = []
-    for sample in iter_samples(manifest.shard_paths(records["pseudo"]["metrics"]["split"])):
+    # Broken samples are the other stages' to count (and refuse above data.max_failure_fraction); a figure skips them.
+    shards = manifest.shard_paths(records["pseudo"]["metrics"]["split"])
+    for sample in iter_samples(shards, FailureTracker(max_failure_fraction=1.0), manifest.num_classes):
         if sample.key in overlays:
             samples.append(sample)
         if len(samples) == SAMPLE_ROWS:

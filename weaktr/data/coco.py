@@ -24,12 +24,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from weaktr.data.shards import (
-    Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
+    IGNORE, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
 )
 from weaktr.data.images import read_image
 
 log = logging.getLogger(__name__)
-IGNORE = 255
 
 
 def coco2014_splits(root: str | os.PathLike) -> dict[str, tuple[str, str]]:
@@ -190,6 +189,7 @@ def convert_coco(
     samples_per_shard: int = 500,
     max_shard_bytes: int = 256 * 2**20,
     official_ids: bool = False,
+    max_side: Optional[int] = MAX_SIDE,
 ) -> Manifest:
     """Write each split ``name -> (image_dir, instances_json)`` (see :func:`coco2014_splits`). Classes are the
     annotations' categories in id order (80), or with ``official_ids`` the official WeakTr layout of 90 classes,
@@ -213,6 +213,7 @@ def convert_coco(
     manifest = write_dataset(
         out_dir, name, classes, split_samples, meta={"source": "coco"},
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="jpg",
+        max_side=max_side,
     )
     print(conversion_summary(manifest))
     return manifest

@@ -7,8 +7,9 @@ Label file, CSV or JSON (by extension):
   ``filename``/``file``/``image``/``path`` is skipped.
 * JSON: ``{"filename": ["class", ...] or "class", ...}``.
 
-Filenames are relative to the image folder. Classes are the sorted names found in the file
-unless ``classes`` is given. An optional mask folder holds ``{filename without extension}.png``
+Filenames are relative to the image folder. A label file is read as UTF-8; bytes that are not (a name
+written in Latin-1, say) are kept as they are, so they still name the file on disk. Classes are the sorted
+names found in the file unless ``classes`` is given. An optional mask folder holds ``{filename without extension}.png``
 id masks (0 background, c+1 class c, 255 ignore). Keys are the filenames without extension,
 with characters other than letters, digits, '_' and '-' replaced by '_'.
 """
@@ -23,7 +24,7 @@ import re
 from typing import Iterator, Optional, Sequence
 
 from weaktr.data.shards import (
-    Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
+    MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
 )
 from weaktr.data.images import read_image
 from weaktr.data.voc import read_label_png
@@ -40,7 +41,7 @@ def read_label_file(path: str | os.PathLike) -> dict[str, list[str]]:
     path = os.fspath(path)
     table: dict[str, list[str]] = {}
     if path.lower().endswith(".json"):
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             data = json.load(f)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object filename -> class name(s)")
@@ -50,7 +51,7 @@ def read_label_file(path: str | os.PathLike) -> dict[str, list[str]]:
                 raise ValueError(f"{path}: entry {filename!r} must be a class name or a list of names")
             table[filename] = [n.strip() for n in names if n.strip()]
     elif path.lower().endswith((".csv", ".txt")):
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             for row_number, row in enumerate(csv.reader(f), 1):
                 if not row or not row[0].strip():
                     continue
@@ -108,6 +109,7 @@ def convert_folder(
     seed: int = 0,
     samples_per_shard: int = 500,
     max_shard_bytes: int = 256 * 2**20,
+    max_side: Optional[int] = MAX_SIDE,
 ) -> Manifest:
     """Write a "train" split (and a "val" split of ``val_fraction`` of the images, chosen with
     ``seed``) from ``image_dir`` labelled by ``label_file``."""
@@ -141,6 +143,7 @@ def convert_folder(
     manifest = write_dataset(
         out_dir, name, classes, split_samples, meta={"source": "folder"},
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="png",
+        max_side=max_side,
     )
     print(conversion_summary(manifest))
     return manifest

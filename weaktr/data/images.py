@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 Source = Union[str, os.PathLike, bytes, IO[bytes]]
 _STORED_AS_IS = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: the formats shards keep byte for byte
 _EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # how PIL opens 16-bit grayscale (e.g. PNG)
 
 
 def load_rgb(source: Source) -> np.ndarray:
@@ -24,6 +25,10 @@ def load_rgb(source: Source) -> np.ndarray:
 
 def _rgb(image: Image.Image) -> np.ndarray:
     image = ImageOps.exif_transpose(image)  # rotate/flip as the camera recorded it
+    if image.mode in _SIXTEEN_BIT_GRAY:
+        # 0..65535 to 0..255; convert("RGB") would clip at 255, turning nearly every pixel white.
+        eight_bit = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(eight_bit, "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite transparency over white instead of exposing whatever colour hides under alpha 0.
         rgba = image.convert("RGBA")
@@ -37,6 +42,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bytes | None]:
     so every later reader sees the same upright image)."""
     with open(path, "rb") as f:
         data = f.read()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
     with Image.open(io.BytesIO(data)) as image:
         rotated = image.getexif().get(_EXIF_ORIENTATION, 1) != 1
         pixels = _rgb(image)

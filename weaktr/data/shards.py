@@ -14,7 +14,8 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import numpy as np
@@ -32,6 +33,11 @@ FAILURES_NAME = "failures.jsonl"  # beside the manifest: one {"split", "source",
 TMP_SUFFIX = ".tmp"  # files being written: renamed into place when complete, removed by a rerun
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 LABEL_MAPS = ("mask", "pseudo")  # optional per-pixel maps a sample may carry
+IGNORE = 255  # the label maps' "not labelled" id
+# The converters store no image longer than this (``downscale``): VOC and COCO images (at most 500 and 640 px) are
+# kept as they are, while a phone photo's 4032 x 3024 would give the pseudo-label pass's CAMs 47k patch tokens,
+# an attention matrix of ~9 GB per head at scale 1.0.
+MAX_SIDE = 1024
 
 
 class DataError(RuntimeError):
@@ -98,8 +104,18 @@ def read_each(items: Iterable[T], read: Callable[[T], Sample], source: Callable[
         try:
             yield read(item)
         except ITEM_ERRORS as err:
-            reason = str(err) if isinstance(err, Unusable) else f"{type(err).__name__}: {err}"
-            yield Skipped(source(item), reason)
+            yield Skipped(source(item), str(err) if isinstance(err, Unusable) else describe(err))
+
+
+def describe(err: BaseException) -> str:
+    """``Type: message``, ``without_addresses``."""
+    return without_addresses(f"{type(err).__name__}: {err}")
+
+
+def without_addresses(reason: str) -> str:
+    """``reason`` without the object addresses PIL puts in its messages ("<_io.BytesIO object at 0x7f...>"): a
+    rerun records the same reason."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -259,10 +275,12 @@ def _decode_label_map(data: bytes, what: str) -> np.ndarray:
         return np.array(img, dtype=np.uint8)  # for "P" the palette indices are the ids
 
 
-def decode_sample(raw: dict, label_maps: Sequence[str] = LABEL_MAPS) -> Sample:
+def decode_sample(raw: dict, label_maps: Sequence[str] = LABEL_MAPS, num_classes: Optional[int] = None) -> Sample:
     """A webdataset dict of bytes back to a :class:`Sample`; ``SampleDecodeError`` if it is broken.
 
-    Only the ``label_maps`` named (of ``mask``, ``pseudo``) are decoded; phase 1 needs none."""
+    Only the ``label_maps`` named (of ``mask``, ``pseudo``) are decoded; phase 1 needs none. With ``num_classes``,
+    a class index outside 0..C-1 or a map id outside 0..C and 255 is broken too (it would index past the
+    model's classes: a crash in training, not a counted failure)."""
     key = raw.get("__key__", "?")
     where = f"sample {key!r} in {raw.get('__url__', '?')}"
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
@@ -280,6 +298,8 @@ def decode_sample(raw: dict, label_maps: Sequence[str] = LABEL_MAPS) -> Sample:
         raise SampleDecodeError(f"{where}: labels.json is not JSON: {exn}") from exn
     if not isinstance(labels, list) or not all(isinstance(c, int) and c >= 0 for c in labels):
         raise SampleDecodeError(f"{where}: labels.json must be a list of class indices, got {labels!r}")
+    if num_classes is not None and any(c >= num_classes for c in labels):
+        raise SampleDecodeError(f"{where}: labels {sorted(labels)} outside 0..{num_classes - 1}")
     sample = Sample(key, image, sorted(labels))
     for name in label_maps:
         if f"{name}.png" not in raw:
@@ -292,6 +312,11 @@ def decode_sample(raw: dict, label_maps: Sequence[str] = LABEL_MAPS) -> Sample:
             raise SampleDecodeError(f"{where}: cannot decode {name}.png: {exn}") from exn
         if label_map.shape != image.shape[:2]:
             raise SampleDecodeError(f"{where}: {name} is {label_map.shape}, image is {image.shape[:2]}")
+        if num_classes is not None:
+            bad = np.unique(label_map[(label_map > num_classes) & (label_map != IGNORE)])
+            if bad.size:
+                raise SampleDecodeError(f"{where}: {name} has ids {bad[:10].tolist()} outside 0..{num_classes} "
+                                        f"and {IGNORE}")
         setattr(sample, name, label_map)
     return sample
 
@@ -357,6 +382,32 @@ def write_split(
     return SplitInfo(names, sum(counts.values()), list(counts.values()))
 
 
+def downscale(sample: Sample, max_side: int) -> Sample:
+    """``sample`` with its longer side at most ``max_side`` (aspect kept; the label maps with nearest-neighbour,
+    so no id is invented), or ``sample`` itself when it already fits."""
+    height, width = sample.image.shape[:2]
+    if max(height, width) <= max_side:
+        return sample
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL's (width, height)
+
+    def resized(array: Optional[np.ndarray], resample) -> Optional[np.ndarray]:
+        return None if array is None else np.asarray(Image.fromarray(array).resize(size, resample))
+
+    return replace(
+        sample, image=resized(sample.image, Image.Resampling.LANCZOS), image_bytes=None,
+        mask=resized(sample.mask, Image.Resampling.NEAREST), pseudo=resized(sample.pseudo, Image.Resampling.NEAREST),
+    )
+
+
+def _downscaled(samples: Iterable[Sample | Skipped], max_side: Optional[int], keys: list[str]):
+    for item in samples:
+        if max_side is not None and isinstance(item, Sample) and max(item.image.shape[:2]) > max_side:
+            item = downscale(item, max_side)
+            keys.append(item.key)
+        yield item
+
+
 def write_dataset(
     out_dir: str | os.PathLike,
     name: str,
@@ -364,27 +415,34 @@ def write_dataset(
     splits: dict[str, Iterable[Sample]],
     *,
     meta: Optional[dict] = None,
+    max_side: Optional[int] = None,
     **writer_options: Any,
 ) -> Manifest:
     """Write every split's shards, then ``manifest.json`` last (atomically): a dataset directory
     either has a manifest describing complete shards or none at all. Items a converter could not read
-    (``Skipped``) are listed in ``failures.jsonl`` and counted per split in the manifest's ``meta.skipped``."""
+    (``Skipped``) are listed in ``failures.jsonl`` and counted per split in the manifest's ``meta.skipped``.
+    Images longer than ``max_side`` are stored downscaled (``downscale``), counted in ``meta.downscaled``."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # the old manifest would describe shards we are about to replace
-    infos, failures, skipped_counts = {}, [], {}
+    infos, failures, skipped_counts, downscaled_counts = {}, [], {}, {}
     for split, samples in splits.items():
         skipped: list[Skipped] = []
-        infos[split] = write_split(samples, out_dir, split, num_classes=len(classes), skipped=skipped,
-                                   **writer_options)
+        downscaled: list[str] = []
+        infos[split] = write_split(_downscaled(samples, max_side, downscaled), out_dir, split,
+                                   num_classes=len(classes), skipped=skipped, **writer_options)
         failures += [{"split": split, "source": s.source, "reason": s.reason} for s in skipped]
         skipped_counts[split] = len(skipped)
+        downscaled_counts[split] = len(downscaled)
         log.info("wrote %s/%s: %d samples in %d shards, %d skipped", name, split, infos[split].num_samples,
                  len(infos[split].shards), len(skipped))
     atomic_write(os.path.join(out_dir, FAILURES_NAME), "".join(json.dumps(f) + "\n" for f in failures).encode())
-    manifest = Manifest(name, list(classes), infos, os.path.abspath(out_dir), dict(meta or {}) | {"skipped": skipped_counts})
+    meta = dict(meta or {}) | {"skipped": skipped_counts}
+    if max_side is not None:
+        meta |= {"max_side": max_side, "downscaled": downscaled_counts}
+    manifest = Manifest(name, list(classes), infos, os.path.abspath(out_dir), meta)
     manifest.save()
     return manifest
 
@@ -395,8 +453,10 @@ def conversion_summary(manifest: Manifest) -> str:
     for split, info in manifest.splits.items():
         size = sum(os.path.getsize(p) for p in manifest.shard_paths(split))
         skipped = manifest.meta.get("skipped", {}).get(split, 0)
+        downscaled = manifest.meta.get("downscaled", {}).get(split, 0)
         lines.append(f"{manifest.name}/{split}: {info.num_samples} samples in {len(info.shards)} shards "
-                     f"({size / 2**20:.1f} MiB), {skipped} skipped")
+                     f"({size / 2**20:.1f} MiB), {skipped} skipped"
+                     + (f", {downscaled} downscaled to {manifest.meta['max_side']} px" if downscaled else ""))
     if any(manifest.meta.get("skipped", {}).values()):
         lines.append(f"skipped items and reasons: {os.path.join(manifest.root, FAILURES_NAME)}")
     return "\n".join(lines)

@@ -50,35 +50,52 @@ def _check_local_shards_exist(shards: Sequence[str]) -> None:
         raise DataError(f"{len(missing)} shard(s) do not exist, first: {missing[0]}")
 
 
+def shard_error_handler(urls: Sequence[str], on_failure: Callable[[Failure], None], keep_going: bool = True):
+    """A webdataset ``handler`` reporting each unreadable shard (e.g. one cut short) once to ``on_failure``, with
+    its url; ``keep_going``: go on with the next shard, else stop the stream.
+
+    webdataset hands a broken shard's error to the handler twice in a row (from the tar reader, then again with
+    the url appended to its args): counted twice, one cut shard looked like two broken samples."""
+    known, last = set(urls), []
+
+    def handler(exn: Exception) -> bool:
+        url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in known), None)
+        if url is None:  # from the tar reader only its message names the file: "... @ <... name='<url>'>"
+            url = next((u for u in known if f"name='{u}'" in str(exn)), "?")
+        message = str(exn.args[0] if exn.args else exn).split(" @ <")[0]
+        failure = Failure(url, "", f"{type(exn).__name__}: {message}")
+        if last != [failure]:
+            on_failure(failure)
+        last[:] = [failure]
+        return keep_going
+
+    return handler
+
+
 def _records(urls: Sequence[str], on_failure: Callable[[Failure], None]) -> Iterator[dict]:
     """The raw webdataset records (dicts of bytes) of ``urls`` in order; an unreadable shard is
     reported to ``on_failure`` and the stream goes on with the next one."""
-    known = set(urls)
-
-    def shard_error(exn: Exception) -> bool:
-        # webdataset appends the shard url to the exception's args; find it for the report.
-        url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in known), "?")
-        on_failure(Failure(url, "", f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"))
-        return True
-
-    return wds.tarfile_samples(({"url": url} for url in urls), handler=shard_error)
+    return wds.tarfile_samples(({"url": url} for url in urls), handler=shard_error_handler(urls, on_failure))
 
 
 def _decoded_samples(
-    records: Iterable[dict], on_failure: Callable[[Failure], None], label_maps: Sequence[str] = LABEL_MAPS
+    records: Iterable[dict], on_failure: Callable[[Failure], None], label_maps: Sequence[str] = LABEL_MAPS,
+    num_classes: Optional[int] = None,
 ) -> Iterator[Sample]:
-    """Decode ``records``, reporting the broken ones to ``on_failure`` and skipping them."""
+    """Decode ``records`` (``decode_sample``), reporting the broken ones to ``on_failure`` and skipping them."""
     for raw in records:
         try:
-            yield decode_sample(raw, label_maps)
+            yield decode_sample(raw, label_maps, num_classes)
         except SampleDecodeError as exn:
             on_failure(Failure(raw.get("__url__", "?"), raw.get("__key__", "?"), str(exn)))
 
 
-def iter_samples(shards: Sequence[str], tracker: Optional["FailureTracker"] = None) -> Iterator[Sample]:
+def iter_samples(
+    shards: Sequence[str], tracker: Optional["FailureTracker"] = None, num_classes: Optional[int] = None
+) -> Iterator[Sample]:
     """Every decodable sample of ``shards`` in order (no shuffling, no splitting): for inference
-    and evaluation. Broken samples are logged and skipped; at the end ``tracker`` (default: one
-    with the 1% limit) raises ``DataError`` if too many failed."""
+    and evaluation. Broken samples (with ``num_classes``, also those with ids past the classes) are logged and
+    skipped; at the end ``tracker`` (default: one with the 1% limit) raises ``DataError`` if too many failed."""
     tracker = tracker if tracker is not None else FailureTracker()
     _check_local_shards_exist(shards)
 
@@ -86,7 +103,7 @@ def iter_samples(shards: Sequence[str], tracker: Optional["FailureTracker"] = No
         log.warning("skipping unreadable sample %r in %s: %s", failure.key, failure.url, failure.reason)
         tracker.add(0, [failure])
 
-    for sample in _decoded_samples(_records(list(shards), report), report):
+    for sample in _decoded_samples(_records(list(shards), report), report, num_classes=num_classes):
         tracker.add(1, [])
         yield sample
     tracker.check(final=True)
@@ -121,20 +138,31 @@ class _RankStream(IterableDataset):
     decoded images instead of compressed bytes.
     """
 
-    def __init__(self, urls, transform, *, seed: int, epoch: int, rank: int, shuffle_buffer: int, label_maps):
+    def __init__(self, urls, transform, *, seed: int, epoch: int, rank: int, shuffle_buffer: int, label_maps,
+                 num_classes: Optional[int]):
         super().__init__()
         self.urls = list(urls)
         self.transform = transform
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.shuffle_buffer = shuffle_buffer
         self.label_maps = tuple(label_maps)
+        self.num_classes = num_classes
 
     def _worker_id(self) -> int:
         info = get_worker_info()
         return 0 if info is None else info.id
 
     def _worker_records(self) -> Iterator[dict]:
-        """Repeat this worker's shards forever, noting unreadable shards in ``self._pending``."""
+        """Repeat this worker's shards forever, noting unreadable shards in ``self._pending``: each once, though
+        filling the shuffle buffer may read a small dataset's shards many times over (counted every time, one
+        cut shard among three made a third of the samples look broken)."""
+        broken: set[str] = set()
+
+        def shard_failed(failure: Failure) -> None:
+            if failure.url not in broken:
+                broken.add(failure.url)
+                self._pending.append(failure)
+
         for repeat in itertools.count():
             order = list(self.urls)
             random.Random(_derived_seed(self.seed, self.epoch, self.rank, repeat)).shuffle(order)
@@ -142,7 +170,7 @@ class _RankStream(IterableDataset):
             if not urls:
                 return
             read = 0
-            for raw in _records(urls, self._pending.append):
+            for raw in _records(urls, shard_failed):
                 read += 1
                 yield raw
             if read == 0:  # without this check a rank of unreadable shards would spin forever
@@ -152,7 +180,7 @@ class _RankStream(IterableDataset):
         # A failure rides into the batch with the next good example; the training loop's
         # FailureTracker judges failures against the samples used. Not wds.map: it would add a
         # "__key__" entry to every example.
-        for sample in _decoded_samples(records, self._sample_failed, self.label_maps):
+        for sample in _decoded_samples(records, self._sample_failed, self.label_maps, self.num_classes):
             self._consecutive_failures = 0
             example = dict(self.transform(sample))
             example["key"] = sample.key
@@ -232,13 +260,15 @@ def make_loader(
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
     label_maps: Sequence[str] = LABEL_MAPS,
+    num_classes: Optional[int] = None,
 ) -> StepLoader:
     """Exactly ``steps`` batches of ``transform(sample)`` dicts from this rank's shards.
 
     ``transform`` maps a :class:`Sample` to a dict of tensors; each example also gets ``key``
     and ``failures``; ``collate_samples`` stacks the tensors and merges the failures.
     Use the same (seed, epoch) on every rank. ``label_maps`` names the per-pixel maps to decode
-    (phase 1 needs none). ``pin_memory`` (training on a GPU) lets the loops' non-blocking copies overlap.
+    (phase 1 needs none); with ``num_classes`` a sample with ids past the classes is a counted failure rather
+    than a crash in the loss. ``pin_memory`` (training on a GPU) lets the loops' non-blocking copies overlap.
     """
     if batch_size < 1 or steps < 1:
         raise ValueError(f"batch_size ({batch_size}) and steps ({steps}) must be >= 1")
@@ -247,7 +277,8 @@ def make_loader(
     # A worker without a shard would end at once; more workers than shards buys nothing.
     num_workers = min(num_workers, len(mine))
     stream = _RankStream(
-        mine, transform, seed=seed, epoch=epoch, rank=rank, shuffle_buffer=shuffle_buffer, label_maps=label_maps
+        mine, transform, seed=seed, epoch=epoch, rank=rank, shuffle_buffer=shuffle_buffer, label_maps=label_maps,
+        num_classes=num_classes,
     )
     loader = DataLoader(
         stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples, pin_memory=pin_memory

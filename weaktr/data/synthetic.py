@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from weaktr.data.shards import MANIFEST_NAME, Manifest, ManifestError, Sample, write_dataset
+from weaktr.data.shards import IGNORE, MANIFEST_NAME, Manifest, ManifestError, Sample, write_dataset
 
 CLASS_NAMES = ("hstripes", "vstripes", "diagonal", "checker", "dots", "rings", "grid", "waves")
 SHAPES = ("ellipse", "box", "triangle", "blob")
-IGNORE = 255
 # Texture period range (px) per class; below the 16 px patch so one patch sees the pattern.
 _PERIODS = {"checker": (10.0, 14.0), "dots": (7.0, 11.0), "grid": (7.0, 11.0), "waves": (7.0, 11.0)}
 _DEFAULT_PERIOD = (6.0, 10.0)

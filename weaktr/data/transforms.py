@@ -20,9 +20,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.random_erasing import RandomErasing
 
-from weaktr.data.shards import Sample
+from weaktr.data.shards import IGNORE as IGNORE_INDEX, Sample
 
-IGNORE_INDEX = 255
 # mmseg pads after normalizing, with 0: the mean colour in pixels.
 MEAN_COLOUR = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN)  # (124, 116, 104)
 _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)

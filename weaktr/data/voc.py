@@ -22,7 +22,7 @@ from PIL import Image
 
 from weaktr.data.images import read_image
 from weaktr.data.shards import (
-    Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
+    IGNORE, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
 )
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
-IGNORE = 255
 
 
 def voc_palette() -> list[int]:
@@ -138,6 +137,7 @@ def convert_voc(
     name: str = "voc12",
     samples_per_shard: int = 500,
     max_shard_bytes: int = 256 * 2**20,
+    max_side: Optional[int] = MAX_SIDE,
 ) -> Manifest:
     """Write ``splits`` (from ImageSets/Segmentation/{split}.txt) and, with ``aug_list``, a
     "train_aug" split whose masks come from ``aug_mask_dir`` (default SegmentationClassAug/
@@ -157,6 +157,7 @@ def convert_voc(
     manifest = write_dataset(
         out_dir, name, VOC_CLASSES, split_samples, meta={"source": "voc", "voc_root": os.path.abspath(root)},
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="jpg",
+        max_side=max_side,
     )
     print(conversion_summary(manifest))
     return manifest

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import pickle
-import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -19,7 +18,8 @@ from PIL import Image
 from weaktr import ops
 from weaktr.crf import CRFParams, crf_refine_labels
 from weaktr.data.images import load_rgb
-from weaktr.data.shards import IMAGE_EXTENSIONS, SampleDecodeError, decode_sample
+from weaktr.data.shards import IMAGE_EXTENSIONS, SampleDecodeError, decode_sample, without_addresses
+from weaktr.data.stream import shard_error_handler
 from weaktr.data.voc import voc_palette
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
 from weaktr.models.build import load_model
@@ -114,20 +114,14 @@ _ROW_META = ("kind", "shard_id", "shard_total", "index", "key", "reason")
 
 
 def _failure(index: int, key: str, reason: str) -> dict:
-    # Drop object addresses ("<_io.BytesIO object at 0x7f...>") that PIL puts in messages: reruns must match.
-    return {"index": index, "key": key, "reason": re.sub(r" at 0x[0-9a-fA-F]+", "", reason)}
+    return {"index": index, "key": key, "reason": without_addresses(reason)}
 
 
-def _unusable(key: str, labels: list[int], mask: Optional[np.ndarray], num_classes: int) -> Optional[str]:
-    """Why a decodable sample cannot get a pseudo-label, or None."""
+def _unusable(key: str, labels: list[int]) -> Optional[str]:
+    """Why a decodable sample (its ids checked against the classes by ``decode_sample``) cannot get a
+    pseudo-label, or None."""
     if not labels:
         return "no labels: labels.json is empty"
-    if labels[-1] >= num_classes:
-        return f"labels {labels} outside 0..{num_classes - 1}"
-    if mask is not None:
-        bad = np.unique(mask[(mask > num_classes) & (mask != 255)])
-        if bad.size:
-            return f"mask has ids {bad[:10].tolist()} outside 0..{num_classes} and 255"
     if not key or key.startswith(".") or any(ch in key for ch in "/\\"):
         return "unsafe key for an output file name"
     return None
@@ -141,20 +135,21 @@ def read_shard(item: dict, settings: StageSettings) -> list[dict]:
     """
     samples, failures = [], []
 
-    def shard_error(exn: Exception) -> bool:
-        failures.append(_failure(-1, "", f"unreadable shard: {type(exn).__name__}: {exn}"))
-        return False  # stop this (single-shard) stream
+    def shard_error(failure) -> None:
+        failures.append(_failure(-1, "", f"unreadable shard {item['path']}: {failure.reason}"))
 
-    raws = wds.tarfile_samples([{"url": item["path"]}], handler=shard_error)
+    # A broken shard stops this (single-shard) stream; the samples read before the break are kept.
+    raws = wds.tarfile_samples([{"url": item["path"]}],
+                               handler=shard_error_handler([item["path"]], shard_error, keep_going=False))
     for index, raw in enumerate(raws):
         key = raw.get("__key__", "")
         try:
-            sample = decode_sample(raw)
+            sample = decode_sample(raw, num_classes=settings.num_classes)
         except SampleDecodeError as exn:
             failures.append(_failure(index, key, str(exn)))
             continue
         labels = sorted(set(sample.labels))
-        problem = _unusable(key, labels, sample.mask, settings.num_classes)
+        problem = _unusable(key, labels)
         if problem:
             failures.append(_failure(index, key, problem))
             continue

@@ -18,7 +18,7 @@ from timm.scheduler import CosineLRScheduler
 
 from weaktr.config import Config, ConfigError
 from weaktr.data.shards import DataError, Manifest
-from weaktr.data.stream import iter_samples, make_loader, steps_per_epoch
+from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import (
     CamExample, batch_random_erasing, cam_eval_transform, cam_train_transform, multi_hot, normalize_batch,
 )
@@ -48,7 +48,7 @@ def make_train_loader(
     return make_loader(
         shards, transform=to_example, batch_size=t.worker_batch_size, rank=rank, world_size=world_size, epoch=epoch,
         seed=cfg.run.seed, num_workers=cfg.data.loader_workers, steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
-        label_maps=(), pin_memory=t.use_gpu,
+        label_maps=(), num_classes=num_classes, pin_memory=t.use_gpu,
     )
 
 
@@ -163,7 +163,8 @@ def evaluate_map(model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, w
         batch_images.clear()
         batch_targets.clear()
 
-    for sample in iter_samples(mine):
+    tracker = FailureTracker(cfg.data.max_failure_fraction)
+    for sample in iter_samples(mine, tracker, num_classes=len(manifest.classes)):
         batch_images.append(transform(sample.image))
         batch_targets.append(multi_hot(sample.labels, len(manifest.classes)))
         if len(batch_images) == cfg.train.worker_batch_size:
@@ -203,7 +204,7 @@ def evaluate_cam_miou(
             sweep.update(normalize_cams(cam.cpu(), sample.labels), sample.labels, sample.mask)
         batch.clear()
 
-    for sample in cam_eval_samples(manifest, ce.split, ce.samples, rank, world_size):
+    for sample in cam_eval_samples(manifest, ce.split, ce.samples, rank, world_size, cfg.data.max_failure_fraction):
         batch.append(sample)
         if len(batch) == ce.batch_size:
             flush()
@@ -217,16 +218,19 @@ def evaluate_cam_miou(
     return miou, threshold
 
 
-def cam_eval_samples(manifest: Manifest, split: str, limit: int, rank: int = 0, world_size: int = 1):
+def cam_eval_samples(manifest: Manifest, split: str, limit: int, rank: int = 0, world_size: int = 1,
+                     max_failure_fraction: float = 0.01):
     """This rank's share of the first ``limit`` samples of ``split`` (all of them for 0) that have a mask: the
-    shards holding those samples are dealt round-robin to the ranks, so no rank decodes another's samples."""
+    shards holding those samples are dealt round-robin to the ranks, so no rank decodes another's samples.
+    Undecodable samples are skipped, up to ``max_failure_fraction`` of a shard's (``data.max_failure_fraction``)."""
     check_cam_eval_split(manifest, split)
     sizes = manifest.splits[split].shard_sizes
     starts = np.cumsum([0, *sizes[:-1]])  # index in the split of each shard's first sample
     needed = [i for i, start in enumerate(starts) if not limit or start < limit]
     shards = manifest.shard_paths(split)
     for i in needed[rank::world_size]:
-        for position, sample in enumerate(iter_samples([shards[i]]), start=int(starts[i])):
+        samples = iter_samples([shards[i]], FailureTracker(max_failure_fraction), manifest.num_classes)
+        for position, sample in enumerate(samples, start=int(starts[i])):
             if limit and position >= limit:
                 break
             if sample.mask is not None:

@@ -23,7 +23,7 @@ from timm.scheduler import PolyLRScheduler
 
 from weaktr.config import Config
 from weaktr.data.shards import DataError, Manifest
-from weaktr.data.stream import iter_samples, make_loader, steps_per_epoch
+from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, normalize_batch, normalize_image
 from weaktr.evaluate import inference_kwargs
 from weaktr.metrics import ConfusionMatrix
@@ -104,7 +104,8 @@ def make_optimizer(model: Segmenter, cfg: Config, steps: int):
     return optimizer, scheduler
 
 
-def make_train_loader(shards: list[str], cfg: Config, *, epoch: int, steps: int, rank: int = 0, world_size: int = 1):
+def make_train_loader(shards: list[str], cfg: Config, *, num_classes: int, epoch: int, steps: int, rank: int = 0,
+                      world_size: int = 1):
     """``steps`` batches {"image": uint8 [B, 3, S, S], "mask": int64 [B, S, S]} of this rank's shards, the target being
     each sample's pseudo-label (random rescale around ``base_size``, crop, flip; padding is 255)."""
     st = cfg.seg_train
@@ -118,7 +119,7 @@ def make_train_loader(shards: list[str], cfg: Config, *, epoch: int, steps: int,
     return make_loader(
         shards, transform=to_example, batch_size=st.worker_batch_size, rank=rank, world_size=world_size, epoch=epoch,
         seed=cfg.run.seed, num_workers=cfg.data.loader_workers, steps=steps, shuffle_buffer=cfg.data.shuffle_buffer,
-        label_maps=(to_example.target,), pin_memory=st.use_gpu,
+        label_maps=(to_example.target,), num_classes=num_classes, pin_memory=st.use_gpu,
     )
 
 
@@ -164,7 +165,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     for epoch in range(start_epoch, st.epochs):
         started = time.perf_counter()
-        loader = make_train_loader(train_shards, cfg, epoch=epoch, steps=steps, rank=rank, world_size=world_size)
+        loader = make_train_loader(train_shards, cfg, num_classes=manifest.num_classes, epoch=epoch, steps=steps,
+                                   rank=rank, world_size=world_size)
         sums = train_one_epoch(model, loader, optimizer, scheduler, cfg, device, epoch=epoch, failures=failures)
         elapsed = time.perf_counter() - started
         run_failures = check_failures_across_ranks(failures)
@@ -204,7 +206,7 @@ def evaluate_miou(
     confusion = ConfusionMatrix(manifest.num_classes + 1)
     single_scale = {**inference_kwargs(cfg.eval), "scales": [1.0], "flip": False}
     model.eval()
-    for sample in iter_samples(mine):
+    for sample in iter_samples(mine, FailureTracker(cfg.data.max_failure_fraction), manifest.num_classes):
         if sample.mask is None:
             raise DataError(f"validation sample {sample.key!r} in {manifest.root} has no ground-truth mask")
         image = normalize_image(sample.image).to(device)  # [3, H, W]
