@@ -62,6 +62,68 @@ def test_a_stale_ray_address_file_starts_a_local_ray_instead_of_hanging():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Run in a fresh job process: start a local Ray as the jobs do, then ask its GCS (the port every Ray client and
+# worker talks to) for the cluster id without a token, with a wrong one and with the cluster's own.
+EXPOSURE_PROBE = """
+import json, os, socket
+import grpc, ray
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+from weaktr.launch import init_ray
+
+init_ray()
+gcs = ray.get_runtime_context().gcs_address
+
+def ask_gcs(token):
+    with grpc.insecure_channel(gcs) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=10,
+                              metadata=[("authorization", f"Bearer {token}")] if token else [])
+            return "answered"
+        except grpc.RpcError as err:
+            return err.code().name
+
+def listens(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
+dashboard_port = int(ray._private.worker.get_dashboard_url().rsplit(":", 1)[1])
+node_ip = gcs.rsplit(":", 1)[0]
+print(json.dumps({
+    "node_ip": node_ip, "no token": ask_gcs(None), "wrong token": ask_gcs("not-the-token"), "token": ask_gcs(token),
+    "dashboard on loopback": listens("127.0.0.1", dashboard_port),
+    "dashboard on the node's address": listens(node_ip, dashboard_port),
+}))
+"""
+
+
+@pytest.mark.ray  # starts a local Ray in a subprocess
+def test_a_local_ray_answers_only_its_token_and_keeps_its_dashboard_on_loopback(tmp_path):
+    """What a job run directly opens. Ray 2.60 binds its gRPC servers (GCS, raylet, workers) to every interface
+    whatever the node address (``_node_ip_address="127.0.0.1"`` was tried: no change), so what guards them is
+    the token authentication a local Ray turns on by itself (the token in ``~/.ray/auth_token``, made on first
+    use). The dashboard and job server, which run any code sent to them, listen on loopback only."""
+    home = tmp_path / "home"  # a user without a token yet
+    home.mkdir()
+    temp = tempfile.mkdtemp(prefix="wtr-exp-", dir="/tmp")  # short: Ray's unix sockets live under it
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+        proc = _run(EXPOSURE_PROBE, env | {"HOME": str(home), "RAY_TMPDIR": temp}, timeout=120)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (home / ".ray" / "auth_token").exists()
+    assert (seen["no token"], seen["wrong token"], seen["token"]) == ("UNAUTHENTICATED", "UNAUTHENTICATED", "answered")
+    assert seen["dashboard on loopback"]
+    if seen["node_ip"] not in ("127.0.0.1", "localhost"):
+        assert not seen["dashboard on the node's address"]
+
+
 def test_the_test_session_leaves_rays_default_address_file_alone(ray_head):
     # The shared head runs in its own temp dir: a user's plain `ray.init()` after the tests must not find it.
     default_file = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
