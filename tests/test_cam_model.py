@@ -1,6 +1,11 @@
 """Phase-1 WeakTr CAM model and the shared timm-backbone helpers, on tiny random models."""
 
+import os
+import subprocess
+import sys
+
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
@@ -292,7 +297,7 @@ def test_create_backbone_overrides_architecture():
     assert vit.num_classes == 0 and tuple(vit.patch_embed.grid_size) == (4, 4)
 
 
-@pytest.mark.parametrize("nesting", ["plain", "model", "state_dict", "ddp"])
+@pytest.mark.parametrize("nesting", ["plain", "model", "state_dict", "ddp", "safetensors"])
 def test_create_backbone_loads_local_weights(tmp_path, nesting):
     torch.manual_seed(7)
     source = create_backbone(**TINY)
@@ -301,10 +306,13 @@ def test_create_backbone_loads_local_weights(tmp_path, nesting):
     state["head.bias"] = torch.randn(10)
     if nesting == "ddp":
         state = {f"module.{k}": v for k, v in state.items()}
-    elif nesting != "plain":
+    elif nesting not in ("plain", "safetensors"):
         state = {nesting: state}
-    path = tmp_path / "weights.pth"
-    torch.save(state, path)
+    path = tmp_path / ("weights.safetensors" if nesting == "safetensors" else "weights.pth")
+    if nesting == "safetensors":  # how the hub ships timm weights: a cluster without internet copies that file
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        torch.save(state, path)
 
     torch.manual_seed(8)  # different random init: equality below comes from the file
     loaded = create_backbone(weights_path=path, **TINY)
@@ -335,6 +343,20 @@ def test_create_backbone_rejects_bad_weights(tmp_path):
         create_backbone(weights_path=path, **TINY)
     with pytest.raises(ValueError, match="either"):
         create_backbone(pretrained=True, weights_path=path, **TINY)
+
+
+def test_pretrained_weights_out_of_reach_name_both_ways_to_get_them(tmp_path):
+    """No hub and no cache (HF_HUB_OFFLINE, as on a cluster without internet, says so at once instead of after
+    ~50 s of retries): one error naming the hub and weights_path."""
+    code = ("from weaktr.models.vit import create_backbone; "
+            "create_backbone('deit_small_patch16_224', pretrained=True, img_size=64)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("weaktr.models.vit.WeightsUnavailable: timm's pretrained weights for "
+                           "'deit_small_patch16_224' could not be loaded"), last
+    assert "Hugging Face hub" in last and "weights_path" in last and ".safetensors" in last
 
 
 def test_phase1_checkpoints_from_before_the_official_layout_are_refused():

@@ -28,6 +28,10 @@ def backbone_shape(arch: dict[str, Any]) -> dict[str, Any]:
     return {k: arch[k] for k in BACKBONE_SHAPE}
 
 
+class WeightsUnavailable(OSError):
+    """Pretrained weights were asked for and cannot be had here."""
+
+
 def create_backbone(
     name: str = "deit_small_patch16_224",
     pretrained: bool = False,
@@ -49,15 +53,25 @@ def create_backbone(
         raise ValueError("give either pretrained=True or weights_path, not both")
     overrides = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    model = timm.create_model(
-        name,
-        pretrained=pretrained,
-        num_classes=0,
-        img_size=img_size,
-        drop_path_rate=drop_path_rate,
-        **overrides,
-        **timm_kwargs,
-    )
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=pretrained,
+            num_classes=0,
+            img_size=img_size,
+            drop_path_rate=drop_path_rate,
+            **overrides,
+            **timm_kwargs,
+        )
+    except OSError as err:  # no network, no hub cache (huggingface_hub's errors are OSErrors)
+        if not pretrained:
+            raise
+        reason = " ".join(str(err).split())[:200]
+        raise WeightsUnavailable(
+            f"timm's pretrained weights for {name!r} could not be loaded ({type(err).__name__}: {reason}). Either let "
+            f"this machine reach the Hugging Face hub (or a cache of it: HF_HOME), or set weights_path "
+            f"(model.weights_path, seg_model.weights_path) to a local .safetensors/.pth file with pretrained: false"
+        ) from None
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"backbone {name!r} is a {type(model).__name__}, expected a timm VisionTransformer")
     if weights_path is not None:
