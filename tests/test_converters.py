@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -357,3 +358,23 @@ def test_convert_command_for_each_layout(voc_root, coco_root, image_folder, tmp_
     assert "voc12/train_aug: 2 samples in 1 shards" in printed and "folder/val: 2 samples" in printed
     assert main(["convert", "coco", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
     assert "weaktr convert coco: error: COCO split 'train': not found" in capsys.readouterr().err
+
+
+def test_reading_threads_write_the_same_dataset_as_one(image_folder, tmp_path, capsys):
+    """--workers reads ahead in threads; the shards, manifest and failures are byte for byte those of one thread
+    (order kept), and the summary says how long it took."""
+    from weaktr.cli import main
+
+    folder, masks, _ = image_folder
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a.png,cat\nb.jpg,dog\nsub/c.d.png,cat\nmissing.png,dog\nf.png,cat\ng.png,dog\n")
+    trees = []
+    for workers in ("1", "3"):
+        out = tmp_path / f"out{workers}"
+        assert main(["convert", "folder", str(folder), str(labels), str(out), "--mask-dir", str(masks),
+                     "--workers", workers, "--val-fraction", "0.3"]) == 0
+        manifest = json.loads((out / "manifest.json").read_text()) | {"root": None}
+        trees.append(({p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))},
+                      (out / "failures.jsonl").read_bytes(), manifest))
+    assert trees[0] == trees[1] and len(trees[0][0]) == 2 and b"missing.png" in trees[0][1]
+    assert re.search(r"converted in \d+\.\d s \(\d+ images/s\)", capsys.readouterr().out)

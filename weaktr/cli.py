@@ -3,7 +3,7 @@
     weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf]
     weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
     weaktr pipeline --config CFG [--resume | --from STAGE] [--set KEY=VALUE ...]
-    weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [--max-side PX]
+    weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [--max-side PX] [--workers N]
     weaktr convert coco COCO_ROOT OUT [--official-ids] [--max-side PX]
     weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F] [--max-side PX]
 
@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from weaktr.data.images import load_rgb
-from weaktr.data.shards import MAX_SIDE
+from weaktr.data.shards import CONVERT_WORKERS, MAX_SIDE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 OVERLAY_ALPHA = 0.5
@@ -174,16 +174,16 @@ def convert_command(args) -> int:
     from weaktr.data.folder import convert_folder
     from weaktr.data.voc import convert_voc
 
-    max_side = args.max_side or None  # 0: every size as it is
+    common = {"max_side": args.max_side or None, "workers": args.workers}  # max_side 0: every size as it is
     try:
         if args.layout == "voc":
             convert_voc(args.root, args.out, aug_list=args.aug_list, aug_mask_dir=args.aug_mask_dir,
-                        cls_labels=args.cls_labels, max_side=max_side)
+                        cls_labels=args.cls_labels, **common)
         elif args.layout == "coco":
-            convert_coco(args.out, coco2014_splits(args.root), official_ids=args.official_ids, max_side=max_side)
+            convert_coco(args.out, coco2014_splits(args.root), official_ids=args.official_ids, **common)
         else:
             convert_folder(args.images, args.labels, args.out, mask_dir=args.mask_dir, val_fraction=args.val_fraction,
-                           max_side=max_side)
+                           **common)
     except (OSError, ValueError) as err:
         print(f"weaktr convert {args.layout}: error: {err}", file=sys.stderr)
         return 2
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     sizes = argparse.ArgumentParser(add_help=False)
     sizes.add_argument("--max-side", type=int, default=MAX_SIDE, metavar="PX",
                        help=f"store larger images downscaled to this longer side (default {MAX_SIDE}; 0 keeps all)")
+    sizes.add_argument("--workers", type=int, default=CONVERT_WORKERS, metavar="N",
+                       help=f"threads reading images (default: the cores, {CONVERT_WORKERS} here)")
     voc = layouts.add_parser("voc", parents=[sizes],
                              help="PASCAL VOC 2012 (VOCdevkit/VOC2012), optionally with SBD train_aug")
     voc.add_argument("root", help="the VOC2012 folder (JPEGImages/, SegmentationClass/, ImageSets/)")

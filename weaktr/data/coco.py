@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import defaultdict
 from typing import Iterator, Optional
 
@@ -24,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from weaktr.data.shards import (
-    IGNORE, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
+    CONVERT_WORKERS, IGNORE, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each,
+    write_dataset,
 )
 from weaktr.data.images import read_image
 
@@ -137,7 +139,8 @@ def _load_annotations(annotation_path: str) -> dict:
 
 
 def _coco_samples(
-    image_dir: str, annotation_path: str, classes: list[str], with_masks: bool, loaded: dict, official_ids: bool
+    image_dir: str, annotation_path: str, classes: list[str], with_masks: bool, loaded: dict, official_ids: bool,
+    *, workers: int, progress: str,
 ) -> Iterator[Sample | Skipped]:
     """One split's samples; its JSON is loaded only when the split is written (one at a time)."""
     coco = loaded.pop(annotation_path, None) or _load_annotations(annotation_path)
@@ -175,7 +178,8 @@ def _coco_samples(
             annotated.append(info)
         else:
             unannotated += 1  # COCO's images without objects: nothing to learn from, not a failure
-    yield from read_each(annotated, read, source=lambda info: info.get("file_name", f"image {info.get('id')}"))
+    yield from read_each(annotated, read, source=lambda info: info.get("file_name", f"image {info.get('id')}"),
+                         workers=workers, progress=progress)
     if unannotated:
         log.info("%s: left out %d images without annotations", annotation_path, unannotated)
 
@@ -190,11 +194,13 @@ def convert_coco(
     max_shard_bytes: int = 256 * 2**20,
     official_ids: bool = False,
     max_side: Optional[int] = MAX_SIDE,
+    workers: int = CONVERT_WORKERS,
 ) -> Manifest:
     """Write each split ``name -> (image_dir, instances_json)`` (see :func:`coco2014_splits`). Classes are the
     annotations' categories in id order (80), or with ``official_ids`` the official WeakTr layout of 90 classes,
     one per category id (``category_table``): what official COCO checkpoints (90 class tokens, 91 segmentation
     classes) need."""
+    started = time.perf_counter()
     if not splits:
         raise ValueError("no COCO splits given")
     for split, (image_dir, annotation_path) in splits.items():
@@ -207,7 +213,8 @@ def convert_coco(
     loaded = {first_annotations: _load_annotations(first_annotations)}
     _, classes = category_table(loaded[first_annotations], first_annotations, official_ids)
     split_samples = {
-        split: _coco_samples(image_dir, annotation_path, classes, with_masks, loaded, official_ids)
+        split: _coco_samples(image_dir, annotation_path, classes, with_masks, loaded, official_ids, workers=workers,
+                             progress=f"{name}/{split}")
         for split, (image_dir, annotation_path) in splits.items()
     }
     manifest = write_dataset(
@@ -215,5 +222,5 @@ def convert_coco(
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="jpg",
         max_side=max_side,
     )
-    print(conversion_summary(manifest))
+    print(conversion_summary(manifest, time.perf_counter() - started))
     return manifest

@@ -21,10 +21,11 @@ import json
 import os
 import random
 import re
+import time
 from typing import Iterator, Optional, Sequence
 
 from weaktr.data.shards import (
-    MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
+    CONVERT_WORKERS, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
 )
 from weaktr.data.images import read_image
 from weaktr.data.voc import read_label_png
@@ -70,7 +71,8 @@ def key_for(filename: str) -> str:
 
 
 def _folder_samples(
-    image_dir: str, files: Sequence[str], table: dict[str, list[str]], classes: list[str], mask_dir: Optional[str]
+    image_dir: str, files: Sequence[str], table: dict[str, list[str]], classes: list[str], mask_dir: Optional[str],
+    *, workers: int, progress: str,
 ) -> Iterator[Sample | Skipped]:
     index = {name: i for i, name in enumerate(classes)}
 
@@ -94,7 +96,7 @@ def _folder_samples(
                     raise Unusable(f"mask {mask_path} is {mask.shape}, the image is {image.shape[:2]}")
         return Sample(key_for(filename), image, sorted({index[name] for name in names}), mask, image_bytes=data)
 
-    return read_each(files, read, source=lambda filename: filename)
+    return read_each(files, read, source=lambda filename: filename, workers=workers, progress=progress)
 
 
 def convert_folder(
@@ -110,9 +112,11 @@ def convert_folder(
     samples_per_shard: int = 500,
     max_shard_bytes: int = 256 * 2**20,
     max_side: Optional[int] = MAX_SIDE,
+    workers: int = CONVERT_WORKERS,
 ) -> Manifest:
     """Write a "train" split (and a "val" split of ``val_fraction`` of the images, chosen with
     ``seed``) from ``image_dir`` labelled by ``label_file``."""
+    started = time.perf_counter()
     image_dir = os.fspath(image_dir)
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir}")
@@ -138,12 +142,13 @@ def convert_folder(
     if val_files:
         split_files["val"] = [f for f in files if f in val_files]
     split_samples = {
-        split: _folder_samples(image_dir, names, table, classes, mask_dir) for split, names in split_files.items()
+        split: _folder_samples(image_dir, names, table, classes, mask_dir, workers=workers, progress=f"{name}/{split}")
+        for split, names in split_files.items()
     }
     manifest = write_dataset(
         out_dir, name, classes, split_samples, meta={"source": "folder"},
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="png",
         max_side=max_side,
     )
-    print(conversion_summary(manifest))
+    print(conversion_summary(manifest, time.perf_counter() - started))
     return manifest

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -22,7 +23,8 @@ from PIL import Image
 
 from weaktr.data.images import read_image
 from weaktr.data.shards import (
-    IGNORE, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
+    CONVERT_WORKERS, IGNORE, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each,
+    write_dataset,
 )
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,8 @@ def labels_from_mask(mask: np.ndarray) -> list[int]:
 
 
 def _voc_samples(
-    root: str, ids: Sequence[str], mask_dirs: Sequence[str], cls_labels: Optional[dict[str, list[int]]]
+    root: str, ids: Sequence[str], mask_dirs: Sequence[str], cls_labels: Optional[dict[str, list[int]]], *,
+    workers: int, progress: str,
 ) -> Iterator[Sample | Skipped]:
     def read(image_id: str) -> Sample:
         image_path = os.path.join(root, "JPEGImages", f"{image_id}.jpg")
@@ -123,7 +126,7 @@ def _voc_samples(
             raise Unusable("no foreground class")
         return Sample(key=image_id, image=image, labels=labels, mask=mask, image_bytes=data)
 
-    return read_each(ids, read, source=lambda image_id: image_id)
+    return read_each(ids, read, source=lambda image_id: image_id, workers=workers, progress=progress)
 
 
 def convert_voc(
@@ -138,10 +141,12 @@ def convert_voc(
     samples_per_shard: int = 500,
     max_shard_bytes: int = 256 * 2**20,
     max_side: Optional[int] = MAX_SIDE,
+    workers: int = CONVERT_WORKERS,
 ) -> Manifest:
     """Write ``splits`` (from ImageSets/Segmentation/{split}.txt) and, with ``aug_list``, a
     "train_aug" split whose masks come from ``aug_mask_dir`` (default SegmentationClassAug/
     when present), falling back to SegmentationClass/."""
+    started = time.perf_counter()
     root = os.fspath(voc_root)
     labels = load_cls_labels(cls_labels) if cls_labels is not None else None
     seg_dir = os.path.join(root, "SegmentationClass")
@@ -150,14 +155,16 @@ def convert_voc(
         list_path = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
         if not os.path.exists(list_path):
             raise FileNotFoundError(f"VOC split list not found: {list_path}")
-        split_samples[split] = _voc_samples(root, read_id_list(list_path), [seg_dir], labels)
+        split_samples[split] = _voc_samples(root, read_id_list(list_path), [seg_dir], labels, workers=workers,
+                                            progress=f"{name}/{split}")
     if aug_list is not None:
         aug_dir = os.fspath(aug_mask_dir) if aug_mask_dir is not None else os.path.join(root, "SegmentationClassAug")
-        split_samples["train_aug"] = _voc_samples(root, read_id_list(aug_list), [aug_dir, seg_dir], labels)
+        split_samples["train_aug"] = _voc_samples(root, read_id_list(aug_list), [aug_dir, seg_dir], labels,
+                                                  workers=workers, progress=f"{name}/train_aug")
     manifest = write_dataset(
         out_dir, name, VOC_CLASSES, split_samples, meta={"source": "voc", "voc_root": os.path.abspath(root)},
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="jpg",
         max_side=max_side,
     )
-    print(conversion_summary(manifest))
+    print(conversion_summary(manifest, time.perf_counter() - started))
     return manifest
