@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None, help="phase-1 checkpoint directory (default: pseudo.checkpoint)")
     parser.add_argument("--sweep-bg", default=None, metavar="START:STOP:STEP",
                         help="also evaluate these background thresholds in the same pass, e.g. 0.30:0.60:0.01")
-    parser.add_argument("--overwrite", action="store_true", help="discard the outputs of an earlier run at pseudo.out_dir and start over")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard the outputs of an earlier run at pseudo.out_dir and start over")
     args, cfg = parse_job_args(parser, argv)
     if args.sweep_bg is not None:
         cfg.pseudo.sweep_bg = args.sweep_bg

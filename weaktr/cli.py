@@ -33,8 +33,9 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from weaktr.data.convert import CONVERT_WORKERS
 from weaktr.data.images import load_rgb
-from weaktr.data.shards import CONVERT_WORKERS, MAX_SIDE
+from weaktr.data.shards import MAX_SIDE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 OVERLAY_ALPHA = 0.5

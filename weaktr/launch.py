@@ -182,6 +182,26 @@ def progress(total: int, what: str):
     return tqdm(total=total, desc=what, unit="img", mininterval=0.5 if sys.stderr.isatty() else 30, file=sys.stderr)
 
 
+def run_training_job(parser, args, cfg: Config, *, fit, run_name: str, what: str, config_name: str, score: str,
+                     shown: Sequence[str]) -> int:
+    """The body of ``train_cam.py`` and ``train_seg.py``: refuse or continue the Ray Train run ``run_name``
+    (``check_resume``), prepare the data, write the resolved config as ``config_name``, join Ray, ``fit(cfg)`` and
+    print the result. A config or data problem is one line and exit code 2."""
+    from weaktr.data.shards import DataError
+
+    try:
+        check_resume(args.resume, *training_run(cfg.run.storage_path, run_name), what, "set another run.name")
+        prepare_data(cfg)
+        config_path = save_resolved_config(cfg, config_name)
+        init_ray()
+        result = fit(cfg)
+    except (ConfigError, DataError) as err:  # e.g. a dataset without pseudo-labels, refused before any worker starts
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    print_training_result(result, config_path, score, shown)
+    return 0
+
+
 def print_training_result(result, config_path: Path, score: str, shown: Sequence[str]) -> None:
     """The end of a training job's console: the config it ran, the last epoch's figures (``shown``) and the best
     checkpoint by ``score`` (Ray Train's ``Result``)."""

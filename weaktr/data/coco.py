@@ -24,11 +24,9 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from weaktr.data.shards import (
-    CONVERT_WORKERS, IGNORE, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each,
-    write_dataset,
-)
+from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
+from weaktr.data.shards import IGNORE, MAX_SIDE, Manifest, Sample, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +215,7 @@ def convert_coco(
                              progress=f"{name}/{split}")
         for split, (image_dir, annotation_path) in splits.items()
     }
-    manifest = write_dataset(
-        out_dir, name, classes, split_samples, meta={"source": "coco"},
-        samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="jpg",
-        max_side=max_side,
+    return write_converted(
+        out_dir, name, classes, split_samples, meta={"source": "coco"}, started=started, image_format="jpg",
+        samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, max_side=max_side,
     )
-    print(conversion_summary(manifest, time.perf_counter() - started))
-    return manifest

@@ -24,10 +24,9 @@ import re
 import time
 from typing import Iterator, Optional, Sequence
 
-from weaktr.data.shards import (
-    CONVERT_WORKERS, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each, write_dataset,
-)
+from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
+from weaktr.data.shards import MAX_SIDE, Manifest, Sample, Skipped
 from weaktr.data.voc import read_label_png
 
 _HEADER_NAMES = {"filename", "file", "image", "path", "name"}
@@ -145,10 +144,7 @@ def convert_folder(
         split: _folder_samples(image_dir, names, table, classes, mask_dir, workers=workers, progress=f"{name}/{split}")
         for split, names in split_files.items()
     }
-    manifest = write_dataset(
-        out_dir, name, classes, split_samples, meta={"source": "folder"},
-        samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="png",
-        max_side=max_side,
+    return write_converted(
+        out_dir, name, classes, split_samples, meta={"source": "folder"}, started=started, image_format="png",
+        samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, max_side=max_side,
     )
-    print(conversion_summary(manifest, time.perf_counter() - started))
-    return manifest

@@ -9,27 +9,21 @@ and ``{key}.pseudo.png`` (optional pseudo-label, same encoding). Reading and ran
 
 from __future__ import annotations
 
-import collections
 import glob
 import io
 import json
 import logging
 import os
-import re
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from weaktr.data.images import load_rgb
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -42,7 +36,6 @@ IGNORE = 255  # the label maps' "not labelled" id
 # kept as they are, while a phone photo's 4032 x 3024 would give the pseudo-label pass's CAMs 47k patch tokens,
 # an attention matrix of ~9 GB per head at scale 1.0.
 MAX_SIDE = 1024
-CONVERT_WORKERS = os.cpu_count() or 1  # the converters' reading threads (read_each)
 
 
 class DataError(RuntimeError):
@@ -91,61 +84,6 @@ class Skipped(NamedTuple):
 
     source: str  # what the user would look for: a file name, an image or annotation id
     reason: str
-
-
-class Unusable(ValueError):
-    """A source item that reads but cannot be a sample (no label, unknown class, mask of another size, ...)."""
-
-
-# What reading one source item may raise: missing or unreadable files (OSError, PIL's UnidentifiedImageError), bad
-# contents (ValueError, SyntaxError from some broken PNGs, PIL's decompression-bomb guard), a missing entry.
-ITEM_ERRORS = (OSError, ValueError, KeyError, SyntaxError, Image.DecompressionBombError)
-
-
-def read_each(
-    items: Sequence[T], read: Callable[[T], Sample], source: Callable[[T], str], *, workers: int = 1,
-    progress: Optional[str] = None,
-) -> Iterator[Sample | Skipped]:
-    """``read(item)`` for every item, in order, or a ``Skipped`` naming ``source(item)`` and the reason it could
-    not be read: one bad file costs one sample, never the conversion.
-
-    ``workers`` threads read ahead (PIL decodes and zlib compresses without holding the GIL), at most 4 per
-    worker waiting, so memory stays flat on COCO's 82k images; ``progress``: a progress bar with that title."""
-
-    def attempt(item: T) -> Sample | Skipped:
-        try:
-            return read(item)
-        except ITEM_ERRORS as err:
-            return Skipped(source(item), str(err) if isinstance(err, Unusable) else describe(err))
-
-    with tqdm(total=len(items), desc=progress, unit="img", disable=progress is None, file=sys.stderr,
-              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        if workers <= 1:
-            for item in items:
-                yield attempt(item)
-                bar.update()
-            return
-        with ThreadPoolExecutor(workers) as pool:
-            waiting: collections.deque = collections.deque()
-            for item in items:
-                waiting.append(pool.submit(attempt, item))
-                if len(waiting) >= 4 * workers:
-                    yield waiting.popleft().result()
-                    bar.update()
-            while waiting:
-                yield waiting.popleft().result()
-                bar.update()
-
-
-def describe(err: BaseException) -> str:
-    """``Type: message``, ``without_addresses``."""
-    return without_addresses(f"{type(err).__name__}: {err}")
-
-
-def without_addresses(reason: str) -> str:
-    """``reason`` without the object addresses PIL puts in its messages ("<_io.BytesIO object at 0x7f...>"): a
-    rerun records the same reason."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -475,24 +413,3 @@ def write_dataset(
     manifest = Manifest(name, list(classes), infos, os.path.abspath(out_dir), meta)
     manifest.save()
     return manifest
-
-
-def conversion_summary(manifest: Manifest, seconds: Optional[float] = None) -> str:
-    """What a converter wrote: per split the samples, shards and bytes, and what it skipped (failures.jsonl) or
-    downscaled; with ``seconds``, how long it took."""
-    lines = []
-    for split, info in manifest.splits.items():
-        size = sum(os.path.getsize(p) for p in manifest.shard_paths(split))
-        skipped = manifest.meta.get("skipped", {}).get(split, 0)
-        downscaled = manifest.meta.get("downscaled", {}).get(split, 0)
-        lines.append(f"{manifest.name}/{split}: {info.num_samples} samples in {len(info.shards)} shards "
-                     f"({size / 2**20:.1f} MiB), {skipped} skipped"
-                     + (f", {downscaled} downscaled to {manifest.meta['max_side']} px" if downscaled else ""))
-    if any(manifest.meta.get("skipped", {}).values()):
-        lines.append(f"skipped items and reasons: {os.path.join(manifest.root, FAILURES_NAME)}")
-    if seconds is not None:
-        total = sum(info.num_samples for info in manifest.splits.values())
-        lines.append(f"converted in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} images/s)")
-    return "\n".join(lines)
-
-

@@ -21,11 +21,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
-from weaktr.data.shards import (
-    CONVERT_WORKERS, IGNORE, MAX_SIDE, Manifest, Sample, Skipped, Unusable, conversion_summary, read_each,
-    write_dataset,
-)
+from weaktr.data.shards import IGNORE, MAX_SIDE, Manifest, Sample, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +159,7 @@ def convert_voc(
         aug_dir = os.fspath(aug_mask_dir) if aug_mask_dir is not None else os.path.join(root, "SegmentationClassAug")
         split_samples["train_aug"] = _voc_samples(root, read_id_list(aug_list), [aug_dir, seg_dir], labels,
                                                   workers=workers, progress=f"{name}/train_aug")
-    manifest = write_dataset(
-        out_dir, name, VOC_CLASSES, split_samples, meta={"source": "voc", "voc_root": os.path.abspath(root)},
-        samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, image_format="jpg",
-        max_side=max_side,
+    return write_converted(
+        out_dir, name, VOC_CLASSES, split_samples, meta={"source": "voc", "voc_root": os.path.abspath(root)}, started=started, image_format="jpg",
+        samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, max_side=max_side,
     )
-    print(conversion_summary(manifest, time.perf_counter() - started))
-    return manifest

@@ -17,8 +17,9 @@ from PIL import Image
 
 from weaktr import ops
 from weaktr.crf import CRFParams, crf_refine_labels
+from weaktr.data.convert import without_addresses
 from weaktr.data.images import load_rgb
-from weaktr.data.shards import IMAGE_EXTENSIONS, SampleDecodeError, decode_sample, without_addresses
+from weaktr.data.shards import IMAGE_EXTENSIONS, SampleDecodeError, decode_sample
 from weaktr.data.stream import shard_error_handler
 from weaktr.data.voc import voc_palette
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
