@@ -368,3 +368,49 @@ def test_phase1_checkpoints_from_before_the_official_layout_are_refused():
         check_compatible(ckpt, kind="cam", classes=["a"])
     check_compatible(ckpt | {"version": "0.2.0"}, kind="cam", classes=["a"])
     check_compatible(ckpt | {"kind": "seg"}, kind="seg", classes=["a"])  # phase 2 is unchanged
+
+
+# The backbones documented in the configs (phase 1 and phase 2), with the input normalization their weights expect.
+BACKBONES = {
+    "deit_small_patch16_224": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the paper's DeiT-S (ImageNet)
+    "vit_small_patch16_224.augreg_in21k_ft_in1k": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # ViT-S, ImageNet-21k
+}
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_each_documented_backbone_trains_in_both_models_with_its_own_normalization(backbone):
+    """Tiny (random weights) versions of each backbone: a forward and backward pass through both phases' models,
+    their inputs normalized as the backbone's pretrained weights expect (not a hard-coded ImageNet mean), or with
+    ImageNet's when the config says so."""
+    from weaktr.data.transforms import IMAGENET, normalize_batch
+    from weaktr.models.segmenter import Segmenter
+
+    grey = torch.full((2, 3, 64, 64), 128, dtype=torch.uint8)
+    for model in (WeakTrCAM(NUM_CLASSES, backbone=backbone, **TINY),
+                  Segmenter(NUM_CLASSES + 1, backbone=backbone, d_model=64, **TINY)):
+        assert model.normalization == BACKBONES[backbone], type(model).__name__
+        images = normalize_batch(grey, model.normalization)  # [2, 3, 64, 64]
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in BACKBONES[backbone])
+        torch.testing.assert_close(images, ((128 / 255 - mean) / std).expand_as(images))
+        out = model(images)
+        loss = (out.cls_logits.sum() + out.coarse_logits.sum()) if isinstance(model, WeakTrCAM) else out.sum()
+        loss.backward()
+        patch_embed = model.patch_embed if isinstance(model, WeakTrCAM) else model.encoder.patch_embed
+        assert patch_embed.proj.weight.grad.abs().sum() > 0, type(model).__name__  # through the whole backbone
+    assert WeakTrCAM(NUM_CLASSES, backbone=backbone, normalization="imagenet", **TINY).normalization == IMAGENET
+
+
+def test_checkpoints_from_before_the_normalization_setting_keep_imagenets(tmp_path):
+    """A checkpoint whose arch does not record ``normalization`` was trained on ImageNet-normalized inputs: it
+    loads so, whatever its backbone's own normalization."""
+    from weaktr.checkpoint import load_checkpoint, save_checkpoint
+    from weaktr.data.transforms import IMAGENET
+    from weaktr.models.build import rebuild
+
+    model = WeakTrCAM(NUM_CLASSES, backbone="vit_small_patch16_224.augreg_in21k_ft_in1k", **TINY)
+    arch = {k: v for k, v in model.arch.items() if k != "normalization"}  # as written before it existed
+    save_checkpoint(tmp_path, kind="cam", model_state=model.state_dict(), arch=arch, classes=list("abcd"),
+                    config={}, epoch=0)
+    payload = load_checkpoint(tmp_path)
+    assert payload["arch"]["normalization"] == "imagenet"
+    assert rebuild("cam", payload["arch"], payload["model"]).normalization == IMAGENET

@@ -146,7 +146,7 @@ def test_multiscale_cams_other_readouts(attention_type, refine):
     image = np.random.default_rng(1).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
     got = multiscale_cams(model, [image], [1.0], True, 16, reference=True, attention_type=attention_type,
                           refine=refine)[0]
-    x = _scaled_input(image, 1.0, 16)[None]
+    x = _scaled_input(image, 1.0, 16, model.normalization)[None]
     with torch.no_grad():
         cams = read_cam(model(torch.cat([x, x.flip(-1)])), attention_type, refine)  # [2, C, 3, 4]
     up = torch.nn.functional.interpolate(cams, size=(48, 64), mode="bilinear", align_corners=False)

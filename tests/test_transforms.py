@@ -13,6 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from weaktr.data.shards import Sample
 from weaktr.data.transforms import (
     IGNORE_INDEX,
+    IMAGENET,
     MEAN_COLOUR,
     CamExample,
     SegExample,
@@ -44,14 +45,14 @@ def denormalize(tensor: torch.Tensor) -> np.ndarray:
 
 def test_normalize_denormalize_roundtrip():
     image = np.random.default_rng(0).integers(0, 256, size=(9, 13, 3), dtype=np.uint8)
-    tensor = normalize_image(image)
+    tensor = normalize_image(image, IMAGENET)
     assert tensor.shape == (3, 9, 13) and tensor.dtype == torch.float32
     expected_red = (image[..., 0] / 255 - IMAGENET_DEFAULT_MEAN[0]) / IMAGENET_DEFAULT_STD[0]
     np.testing.assert_allclose(tensor[0].numpy(), expected_red, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(denormalize(tensor), image)
     np.testing.assert_array_equal(denormalize(torch.stack([tensor, tensor])), np.stack([image, image]))
     with pytest.raises(ValueError, match="uint8"):
-        normalize_image(image.astype(np.float32))
+        normalize_image(image.astype(np.float32), IMAGENET)
 
 
 def test_multi_hot():
@@ -75,7 +76,7 @@ def test_cam_train_transform_accepts_numpy_and_pil(options):
 
 def test_cam_eval_transform_is_deterministic_resize_and_center_crop():
     image, _ = striped_pair(48, 96)
-    transform = cam_eval_transform(32)
+    transform = cam_eval_transform(32, IMAGENET)
     out = transform(image)
     assert out.shape == (3, 32, 32)
     assert torch.equal(out, transform(Image.fromarray(image)))
@@ -128,16 +129,16 @@ def test_seg_train_transform_base_size_sets_the_short_side():
 def test_loader_examples():
     image, mask = striped_pair()
     sample = Sample("k", image, [0, 2], mask=mask)
-    cam = CamExample(cam_eval_transform(32), num_classes=4)(sample)
+    cam = CamExample(cam_eval_transform(32, IMAGENET), num_classes=4)(sample)
     assert cam["image"].shape == (3, 32, 32) and cam["target"].tolist() == [1.0, 0.0, 1.0, 0.0]
     seg = SegExample(SegTrainTransform(32), target="mask")(sample)
     assert seg["image"].shape == (3, 32, 32) and seg["mask"].shape == (32, 32)
     # Phase-2 loaders ship uint8; normalize_batch on the loop's device gives normalize_image's floats.
     batch = torch.stack([seg["image"], seg["image"].flip(-1)])  # uint8 [2, 3, 32, 32]
-    expected = torch.stack([normalize_image(np.asarray(im.permute(1, 2, 0))) for im in batch])
-    torch.testing.assert_close(normalize_batch(batch), expected)
+    expected = torch.stack([normalize_image(np.asarray(im.permute(1, 2, 0)), IMAGENET) for im in batch])
+    torch.testing.assert_close(normalize_batch(batch, IMAGENET), expected)
     with pytest.raises(ValueError, match="uint8"):
-        normalize_batch(expected)
+        normalize_batch(expected, IMAGENET)
     with pytest.raises(ValueError, match="no pseudo label map"):
         SegExample(SegTrainTransform(32))(sample)
 
@@ -226,7 +227,7 @@ def test_photometric_distortion_changes_colours_not_geometry():
 
 def test_batch_random_erasing_erases_normalized_images_independently():
     assert batch_random_erasing(0.0) is None
-    images = normalize_batch(torch.full((6, 3, 32, 32), 128, dtype=torch.uint8))  # flat grey [6, 3, 32, 32]
+    images = normalize_batch(torch.full((6, 3, 32, 32), 128, dtype=torch.uint8), IMAGENET)  # flat grey [6, 3, 32, 32]
     torch.manual_seed(0)
     erased = batch_random_erasing(1.0)(images.clone())
     changed = (erased != images).flatten(1).any(1)  # [6]
@@ -245,4 +246,4 @@ def test_device_normalization_matches_timms_cpu_normalization():
         32, is_training=False, crop_pct=1.0, crop_mode="center", interpolation="bicubic", normalize=False
     )(Image.fromarray(image))
     assert as_uint8.dtype == torch.uint8
-    torch.testing.assert_close(normalize_batch(as_uint8[None])[0], cam_eval_transform(32)(image))
+    torch.testing.assert_close(normalize_batch(as_uint8[None], IMAGENET)[0], cam_eval_transform(32, IMAGENET)(image))

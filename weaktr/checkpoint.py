@@ -84,6 +84,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise CheckpointMismatch(f"{file} is not a weaktr checkpoint ({type(err).__name__}: {reason})") from None
     if not isinstance(payload, dict) or "kind" not in payload or "model" not in payload:
         raise CheckpointMismatch(f"{file} is not a weaktr checkpoint")
+    if isinstance(payload.get("arch"), dict):
+        # Checkpoints from before the arch recorded it normalized every input with ImageNet's mean and std.
+        payload["arch"].setdefault("normalization", "imagenet")
     return payload
 
 

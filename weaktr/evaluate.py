@@ -31,7 +31,7 @@ from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import predict_probs
 from weaktr.models.build import load_model
 from weaktr.models.segmenter import Segmenter
-from weaktr.runtime import autocast
+from weaktr.runtime import autocast, unwrap
 
 REPORT_NAME = "eval_report.json"
 
@@ -65,7 +65,7 @@ def predict_label_variants(
 ) -> list[np.ndarray]:
     """``predict_labels`` once per entry of ``crfs`` (None: no CRF) from a single inference pass."""
     device = next(model.parameters()).device
-    tensor = normalize_image(image).to(device)  # [3, H, W]
+    tensor = normalize_image(image, unwrap(model).normalization).to(device)  # [3, H, W]
     with autocast(device, amp):
         probs = predict_probs(model, tensor, **inference)  # [K, H, W]
     probs = probs.float().cpu().numpy()

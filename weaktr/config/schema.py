@@ -68,6 +68,9 @@ class BackboneConfig:
     num_heads: Optional[int] = None
     drop_path_rate: float = 0.1
     fused_attn: bool = True  # F.scaled_dot_product_attention; False: explicit softmax attention
+    # The inputs' mean/std: "backbone", what its pretrained weights expect (timm's pretrained config: ImageNet's for
+    # DeiT, 0.5 for the ImageNet-21k augreg ViTs), or "imagenet" (a model trained from scratch may use either).
+    normalization: Literal["backbone", "imagenet"] = "backbone"
 
 
 @dataclass

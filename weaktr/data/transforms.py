@@ -22,43 +22,46 @@ from timm.data.random_erasing import RandomErasing
 
 from weaktr.data.shards import IGNORE as IGNORE_INDEX, Sample
 
-# mmseg pads after normalizing, with 0: the mean colour in pixels.
+# (mean, std) per RGB channel of inputs in 0..1: each model's is its ``normalization`` attribute
+# (``models.vit.input_normalization``: its backbone's, or ImageNet's).
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+IMAGENET: Normalization = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+# mmseg pads after normalizing, with 0: the mean colour in pixels (ImageNet's, the official Segmenter's DeiT).
 MEAN_COLOUR = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN)  # (124, 116, 104)
-_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
 
-def normalize_image(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W], ImageNet-normalized."""
+def normalize_image(image: np.ndarray, normalization: Normalization) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W], (x / 255 - mean) / std."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
     if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch.from_numpy warns on those
         image = image.copy()
-    return _normalized(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))  # [3, H, W]
+    return _normalized(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), normalization)  # [3, H, W]
 
 
-def normalize_batch(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] (on any device) -> float32, ImageNet-normalized as :func:`normalize_image` does.
+def normalize_batch(images: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (on any device) -> float32, normalized as :func:`normalize_image` does.
 
     Training loaders (both phases) ship uint8 batches and the loops normalize them on their device: a quarter of
     the bytes between loader processes, and the per-pixel float work off the CPU cores that decode.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
-    return _normalized(images)  # [B, 3, H, W]
+    return _normalized(images, normalization)  # [B, 3, H, W]
 
 
-def _normalized(images: torch.Tensor) -> torch.Tensor:
+def _normalized(images: torch.Tensor, normalization: Normalization) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float32 (x / 255 - mean) / std, on the images' device."""
-    mean, std = _mean_std_on(images.device)
+    mean, std = _mean_std_on(images.device, tuple(map(tuple, normalization)))
     return (images.float().div_(255) - mean) / std
 
 
 @functools.lru_cache(maxsize=None)
-def _mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_std_on(device: torch.device, normalization: Normalization) -> tuple[torch.Tensor, torch.Tensor]:
     # Copied to a GPU once, not in every training step.
-    return _MEAN.to(device), _STD.to(device)
+    mean, std = normalization
+    return torch.tensor(mean, device=device).view(3, 1, 1), torch.tensor(std, device=device).view(3, 1, 1)
 
 
 def multi_hot(labels: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -124,13 +127,14 @@ def batch_random_erasing(probability: float, mode: str = "pixel", device: torch.
 
 
 def cam_eval_transform(
-    img_size: int, *, crop_pct: float = 1.0, crop_mode: str = "center", interpolation: str = "bicubic"
+    img_size: int, normalization: Normalization, *, crop_pct: float = 1.0, crop_mode: str = "center",
+    interpolation: str = "bicubic",
 ):
     """timm's resize-short-side + center crop (``crop_mode="squash"`` keeps the whole image but
     distorts it: on the synthetic demo it scored 0.77 val mAP against the center crop's 0.80)."""
     transform = create_transform(
         img_size, is_training=False, crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation,
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        mean=normalization[0], std=normalization[1],
     )
     return _PilTransform(transform)
 

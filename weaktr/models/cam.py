@@ -24,7 +24,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from weaktr import ops
-from weaktr.models.vit import architecture, backbone_shape, create_backbone, resize_patch_pos_embed
+from weaktr.models.vit import (
+    architecture, backbone_shape, create_backbone, input_normalization, resize_patch_pos_embed,
+)
 
 
 class CamOutput(NamedTuple):
@@ -92,6 +94,7 @@ class WeakTrCAM(nn.Module):
         feat_reduction: int = 8,
         pool: str = "max",
         fused_attn: bool = True,
+        normalization: str = "backbone",
     ):
         arch = architecture(locals())
         super().__init__()
@@ -100,6 +103,7 @@ class WeakTrCAM(nn.Module):
         self.arch = arch
         vit = create_backbone(backbone, pretrained=pretrained, weights_path=weights_path, **backbone_shape(arch))
         _check_backbone(vit, backbone)
+        self.normalization = input_normalization(vit, normalization)  # (mean, std) its inputs get
         self.num_classes = num_classes
         self.fused_attn = fused_attn
         self.embed_dim = D = vit.embed_dim

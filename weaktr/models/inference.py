@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from weaktr import ops
-from weaktr.runtime import autocast
+from weaktr.runtime import autocast, unwrap
 
 
 @torch.no_grad()
@@ -182,9 +182,10 @@ def cam_pass_reference(
     return results
 
 
-def _scaled_input(image: np.ndarray, scale: float, patch_size: int) -> Tensor:
-    """uint8 [H, W, 3] -> normalized float [3, h, w]: resized by `scale` (bicubic, as the WeakTr reference),
-    then cropped at the top-left to multiples of the patch size (at least one patch per side)."""
+def _scaled_input(image: np.ndarray, scale: float, patch_size: int, normalization) -> Tensor:
+    """uint8 [H, W, 3] -> float [3, h, w] normalized with the model's (mean, std): resized by `scale` (bicubic, as
+    the WeakTr reference), then cropped at the top-left to multiples of the patch size (at least one patch per
+    side)."""
     # Imported here: weaktr.data pulls in webdataset, which the bare GPU machine of bench/gpu_bench.py lacks.
     from weaktr.data.transforms import normalize_image
 
@@ -193,12 +194,15 @@ def _scaled_input(image: np.ndarray, scale: float, patch_size: int) -> Tensor:
     if size != (width, height):
         image = np.array(Image.fromarray(image).resize(size, Image.BICUBIC))
     h, w = size[1] - size[1] % patch_size, size[0] - size[0] % patch_size
-    return normalize_image(image[:h, :w])
+    return normalize_image(image[:h, :w], normalization)
 
 
-def _scaled_inputs(images: Sequence[np.ndarray], scales: Sequence[float], patch_size: int) -> list[list[Tensor]]:
+def _scaled_inputs(
+    images: Sequence[np.ndarray], scales: Sequence[float], patch_size: int, normalization
+) -> list[list[Tensor]]:
     """The CAM pass's inputs: [scale][image] normalized float [3, h, w] (see `_scaled_input`)."""
-    return [[_scaled_input(np.asarray(image), scale, patch_size) for image in images] for scale in scales]
+    return [[_scaled_input(np.asarray(image), scale, patch_size, normalization) for image in images]
+            for scale in scales]
 
 
 def multiscale_cams(
@@ -223,7 +227,7 @@ def multiscale_cams(
     """
     device = next(model.parameters()).device
     sizes = [image.shape[:2] for image in images]
-    inputs = _scaled_inputs(images, scales, patch_size)
+    inputs = _scaled_inputs(images, scales, patch_size, unwrap(model).normalization)
     if reference:
         return cam_pass_reference(model, inputs, sizes, flip, attention_type, refine)
     with autocast(device, enabled=True):

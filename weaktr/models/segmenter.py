@@ -21,7 +21,7 @@ from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
-from weaktr.models.vit import architecture, backbone_shape, create_backbone
+from weaktr.models.vit import architecture, backbone_shape, create_backbone, input_normalization
 
 
 class MaskTransformer(nn.Module):
@@ -112,6 +112,7 @@ class Segmenter(nn.Module):
         dropout: float = 0.1,
         fused_attn: bool = True,
         encoder_norm_eps: float | None = None,
+        normalization: str = "backbone",
     ):
         arch = architecture(locals())
         super().__init__()
@@ -127,6 +128,7 @@ class Segmenter(nn.Module):
             dynamic_img_size=True, **norm,
         )
         _check_encoder(self.encoder, backbone)
+        self.normalization = input_normalization(self.encoder, normalization)  # (mean, std) its inputs get
         self.num_classes = num_classes
         d_model = d_model or self.encoder.embed_dim
         self.decoder = MaskTransformer(

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
 import torch.nn.functional as F
 from timm.models import load_state_dict
@@ -77,6 +78,18 @@ def create_backbone(
     if weights_path is not None:
         load_backbone_weights(model, weights_path)
     return model
+
+
+def input_normalization(
+    model: VisionTransformer, normalization: str = "backbone"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of an input in 0..1: with "backbone", what the backbone's pretrained weights expect (timm's
+    pretrained config: ImageNet's for DeiT, 0.5 everywhere for the ImageNet-21k augreg ViTs, CLIP's for EVA-02);
+    with "imagenet", ImageNet's whatever the backbone."""
+    if normalization not in ("backbone", "imagenet"):
+        raise ValueError(f"normalization must be 'backbone' or 'imagenet', got {normalization!r}")
+    cfg = model.pretrained_cfg if normalization == "backbone" else {}
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
 def load_backbone_weights(model: VisionTransformer, weights_path: str | os.PathLike) -> None:

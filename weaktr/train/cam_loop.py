@@ -82,7 +82,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, *,
         if failures is not None:
             failures.update(batch)
         keys_seen.update(batch["key"])
-        images = normalize_batch(batch["image"].to(device, non_blocking=True))  # uint8 -> float [B, 3, H, W]
+        images = batch["image"].to(device, non_blocking=True)  # uint8 [B, 3, H, W]
+        images = normalize_batch(images, unwrap(model).normalization)  # float [B, 3, H, W]
         if random_erasing is not None:
             images = random_erasing(images)
         targets = batch["target"].to(device, non_blocking=True)  # [B, C]
@@ -147,7 +148,7 @@ def evaluate_map(model: WeakTrCAM, manifest: Manifest, cfg: Config, rank: int, w
     shards = manifest.shard_paths(cfg.data.val_split)
     # Fewer shards than ranks: rank 0 scores them all rather than leaving ranks idle-but-waiting.
     mine = shards[rank::world_size] if len(shards) >= world_size else (shards if rank == 0 else [])
-    transform = cam_eval_transform(cfg.train.img_size)
+    transform = cam_eval_transform(cfg.train.img_size, unwrap(model).normalization)
     model.eval()
     scores, targets = [], []
     batch_images, batch_targets = [], []

@@ -131,7 +131,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, *,
     for step, batch in enumerate(loader):
         if failures is not None:
             failures.update(batch)
-        images = normalize_batch(batch["image"].to(device, non_blocking=True))  # uint8 -> float [B, 3, S, S]
+        images = batch["image"].to(device, non_blocking=True)  # uint8 [B, 3, S, S]
+        images = normalize_batch(images, unwrap(model).normalization)  # float [B, 3, S, S]
         targets = batch["mask"].to(device, non_blocking=True)  # [B, S, S] pseudo-label ids, 255 ignored
         with autocast(device, cfg.seg_train.amp):
             logits = model(images)  # [B, K, S, S]
@@ -209,7 +210,7 @@ def evaluate_miou(
     for sample in iter_samples(mine, FailureTracker(cfg.data.max_failure_fraction), manifest.num_classes):
         if sample.mask is None:
             raise DataError(f"validation sample {sample.key!r} in {manifest.root} has no ground-truth mask")
-        image = normalize_image(sample.image).to(device)  # [3, H, W]
+        image = normalize_image(sample.image, unwrap(model).normalization).to(device)  # [3, H, W]
         with autocast(device, cfg.seg_train.amp):
             probs = predict_probs(model, image, **single_scale)  # [K, H, W]
         confusion.update(probs.argmax(0).cpu().numpy(), sample.mask)
