@@ -1,4 +1,4 @@
-"""Image transforms for both phases; the one place that knows the ImageNet mean/std.
+"""Image transforms for both phases, and the normalization of their output (each model's own ``normalization``).
 
 Phase 1 (classification) wraps timm's DeiT-style ``create_transform``. Phase 2 (segmentation)
 transforms image and mask together as the official Segmenter pipeline (mmseg) does: random rescale, crop (retried

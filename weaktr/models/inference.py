@@ -1,10 +1,10 @@
 """Dense inference: sliding window, multi-scale and flip for segmentation models (SPEC.md "Phase 2", recipe),
 and the multi-scale + flip CAM pass of the phase-1 model (SPEC.md "From CAMs to pseudo-labels").
 
-The segmentation helpers work with any model that maps ImageNet-normalized images [B, 3, h, w] (sides multiples
-of its patch size) to per-pixel logits [B, n_cls, h, w], e.g. Segmenter; the CAM pass with WeakTrCAM. The caller
-picks the mode (model.eval()) and autocast; these functions only run forwards without autograd and accumulate in
-float32. Nothing here needs Ray or the data readers, so bench/gpu_bench.py can time them on a bare GPU machine.
+The segmentation helpers work with any model that maps normalized images [B, 3, h, w] (its ``normalization``; sides
+multiples of its patch size) to per-pixel logits [B, n_cls, h, w], e.g. Segmenter; the CAM pass with WeakTrCAM. The
+caller picks the mode (model.eval()) and autocast; these functions only run forwards without autograd and accumulate
+in float32. Nothing here needs Ray or the data readers, so bench/gpu_bench.py can time them on a bare GPU machine.
 """
 
 from __future__ import annotations

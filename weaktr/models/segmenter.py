@@ -88,11 +88,11 @@ class MaskTransformer(nn.Module):
 class Segmenter(nn.Module):
     """ViT encoder + mask-transformer decoder -> per-pixel logits [B, num_classes, H, W].
 
-    num_classes counts the background (class 0 = background, c+1 = foreground class c, like the masks).
-    Inputs are ImageNet-normalized [B, 3, H, W] with H and W multiples of the patch size, any aspect ratio:
-    the encoder is built with timm's dynamic_img_size, which resamples the patch positional embedding
-    (stored for the img_size grid) to each input's grid. fused_attn chooses F.scaled_dot_product_attention
-    (True) or timm's explicit softmax attention (False) in every attention layer.
+    num_classes counts the background (class 0 = background, c+1 = foreground class c, like the masks). Inputs are
+    normalized [B, 3, H, W] (``self.normalization``) with H and W multiples of the patch size, any aspect ratio: the
+    encoder is built with timm's dynamic_img_size, which resamples the patch positional embedding (stored for the
+    img_size grid) to each input's grid. fused_attn chooses F.scaled_dot_product_attention (True) or timm's explicit
+    softmax attention (False) in every attention layer.
     """
 
     def __init__(
