@@ -155,7 +155,7 @@ class _RankStream(IterableDataset):
     def _worker_records(self) -> Iterator[dict]:
         """Repeat this worker's shards forever, noting unreadable shards in ``self._pending``: each once, though
         filling the shuffle buffer may read a small dataset's shards many times over (counted every time, one
-        cut shard among three made a third of the samples look broken)."""
+        cut shard among three made 64% of a test's reads look broken)."""
         broken: set[str] = set()
 
         def shard_failed(failure: Failure) -> None:
