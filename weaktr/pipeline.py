@@ -271,7 +271,8 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     started = any((directory / "stages").glob("*.json"))
     try:  # --from on a run that exists asks to redo part of it, which continues it as --resume does
         check_resume(args.resume or (started and args.from_stage is not None), str(directory) if started else None,
-                     str(directory), "pipeline run", "set another run.name")
+                     str(directory), "pipeline run",
+                     "--from STAGE to redo a stage and those after it, or set another run.name")
     except ConfigError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
