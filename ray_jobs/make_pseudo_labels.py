@@ -18,6 +18,7 @@ from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.config import ConfigError, job_arg_parser, parse_job_args  # noqa: E402
 from weaktr.launch import check_resume, init_ray, prepare_data, save_resolved_config  # noqa: E402
 from weaktr.pseudo import PseudoLabelError, run_pseudo_labels  # noqa: E402
+from weaktr.pseudo.outputs import RUN_CONFIG  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,10 +42,10 @@ def main(argv=None) -> int:
     cfg.pseudo.out_dir = str(out_dir)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other")
-    started = out_dir / "run_config.json"  # written when a run starts, before its first shard
+    started = (out_dir / RUN_CONFIG).exists()  # written when a run starts, before its first shard
     try:
         if not args.overwrite:
-            check_resume(args.resume, str(out_dir) if started.exists() else None, str(out_dir), "pseudo-label run",
+            check_resume(args.resume, str(out_dir) if started else None, str(out_dir), "pseudo-label run",
                          "pass --overwrite to start over, or choose another pseudo.out_dir")
         prepare_data(cfg)
         save_resolved_config(cfg, "pseudo_config.yaml")

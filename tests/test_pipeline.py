@@ -1,8 +1,9 @@
 """The whole pipeline (weaktr.pipeline): configs/voc12.yaml (tiny model, CPU) on a VOC-layout fixture that holds
 what a real folder of photos holds (unreadable files, masks that do not fit, 1x1, grayscale, CMYK, 16-bit, EXIF-rotated
 and oversized images) and shards damaged after conversion, every stage for real as a Ray job on the shared head,
-then reruns that skip, and a removed stage output that reruns that stage and everything after it. The skip/rerun rules alone are also
-checked with stage bodies that only record their calls (the orchestration is what those tests exercise)."""
+then reruns that skip, and a removed stage output that reruns that stage and everything after it. The skip/rerun
+rules alone are also checked with stage bodies that only record their calls (the orchestration is what those tests
+exercise)."""
 
 from __future__ import annotations
 

@@ -68,3 +68,17 @@ def test_pipeline_from_a_stage_continues_an_existing_run_without_resume(tmp_path
     record.write_text("{}")
     with pytest.raises(WentOn):
         load_job("pipeline").main(_args(tmp_path, "--from", "phase2"))
+
+
+def test_a_training_run_is_found_under_a_storage_uri_as_under_a_path(tmp_path):
+    """``run.storage_path`` may be a URI Ray Train takes (s3://, gs://): the run is looked up through pyarrow's
+    file systems, here its local one (file://), the same code path."""
+    from weaktr.launch import training_run
+
+    run = tmp_path / "runs" / "cam"
+    uri = f"file://{tmp_path / 'runs'}"
+    assert training_run(uri, "cam") == (None, f"{uri}/cam")
+    assert training_run(str(tmp_path / "runs"), "cam") == (None, str(run))
+    (run / "checkpoint_2026-11-29_00-00-00.000000").mkdir(parents=True)
+    assert training_run(uri, "cam") == (f"{uri}/cam", f"{uri}/cam")
+    assert training_run(str(tmp_path / "runs"), "cam") == (str(run), str(run))

@@ -3,9 +3,9 @@
     weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf]
     weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
     weaktr pipeline --config CFG [--resume | --from STAGE] [--set KEY=VALUE ...]
-    weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [--max-side PX] [--workers N]
-    weaktr convert coco COCO_ROOT OUT [--official-ids] [--max-side PX]
-    weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F] [--max-side PX]
+    weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [--max-side PX --workers N]
+    weaktr convert coco COCO_ROOT OUT [--official-ids] [--max-side PX --workers N]
+    weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F] [--max-side PX --workers N]
 
 ``predict`` labels any images with a phase-2 checkpoint: for each it writes ``{name}.png`` (dataset ids as a
 VOC-palette PNG: 0 background, c+1 for class c) and ``{name}_overlay.jpg`` (the colours blended over the image).

@@ -268,9 +268,9 @@ def main(argv=None, prog: Optional[str] = None) -> int:
                         help="rerun this stage and every later one (of a run that exists)")
     args, cfg = parse_job_args(parser, argv)
     directory = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
-    started = any((directory / "stages").glob("*.json"))
+    exists = any(record_path(directory, stage).exists() for stage in STAGES)
     try:  # --from on a run that exists asks to redo part of it, which continues it as --resume does
-        check_resume(args.resume or (started and args.from_stage is not None), str(directory) if started else None,
+        check_resume(args.resume or (exists and args.from_stage is not None), str(directory) if exists else None,
                      str(directory), "pipeline run",
                      "--from STAGE to redo a stage and those after it, or set another run.name")
     except ConfigError as err:

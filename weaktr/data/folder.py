@@ -9,9 +9,9 @@ Label file, CSV or JSON (by extension):
 
 Filenames are relative to the image folder. A label file is read as UTF-8; bytes that are not (a name
 written in Latin-1, say) are kept as they are, so they still name the file on disk. Classes are the sorted
-names found in the file unless ``classes`` is given. An optional mask folder holds ``{filename without extension}.png``
-id masks (0 background, c+1 class c, 255 ignore). Keys are the filenames without extension,
-with characters other than letters, digits, '_' and '-' replaced by '_'.
+names found in the file unless ``classes`` is given. An optional mask folder holds
+``{filename without extension}.png`` id masks (0 background, c+1 class c, 255 ignore). Keys are the filenames
+without extension, with characters other than letters, digits, '_' and '-' replaced by '_'.
 """
 
 from __future__ import annotations

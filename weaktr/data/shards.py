@@ -370,9 +370,11 @@ def downscale(sample: Sample, max_side: int) -> Sample:
 
 def _downscaled(samples: Iterable[Sample | Skipped], max_side: Optional[int], keys: list[str]):
     for item in samples:
-        if max_side is not None and isinstance(item, Sample) and max(item.image.shape[:2]) > max_side:
-            item = downscale(item, max_side)
-            keys.append(item.key)
+        if max_side is not None and isinstance(item, Sample):
+            smaller = downscale(item, max_side)
+            if smaller is not item:
+                keys.append(item.key)
+            item = smaller
         yield item
 
 

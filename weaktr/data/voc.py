@@ -160,6 +160,7 @@ def convert_voc(
         split_samples["train_aug"] = _voc_samples(root, read_id_list(aug_list), [aug_dir, seg_dir], labels,
                                                   workers=workers, progress=f"{name}/train_aug")
     return write_converted(
-        out_dir, name, VOC_CLASSES, split_samples, meta={"source": "voc", "voc_root": os.path.abspath(root)}, started=started, image_format="jpg",
+        out_dir, name, VOC_CLASSES, split_samples, meta={"source": "voc", "voc_root": os.path.abspath(root)},
+        started=started, image_format="jpg",
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, max_side=max_side,
     )

@@ -17,6 +17,7 @@ from weaktr.data.shards import TMP_SUFFIX, atomic_write
 from weaktr.pseudo.stages import _add_sparse
 
 STATS_DIR = "stats"
+RUN_CONFIG = "run_config.json"  # the settings a run started with; written before its first shard
 TAR_MTIME = 0  # fixed tar member times: reruns write identical bytes
 
 
@@ -118,7 +119,7 @@ def _load_stats(out_dir: Path, shard: str) -> Optional[dict]:
 # --------------------------------------------------------------------------------------------------------------
 
 _OUTPUT_DIRS = ("pseudo_png", "cams", "overlays", STATS_DIR)
-_OUTPUT_FILES = ("manifest.json", "failures.jsonl", "report.json", "bg_sweep.csv", "bg_sweep.png", "run_config.json")
+_OUTPUT_FILES = ("manifest.json", "failures.jsonl", "report.json", "bg_sweep.csv", "bg_sweep.png", RUN_CONFIG)
 
 
 def _clear_outputs(out_dir: Path, shards: Sequence[str]) -> None:

@@ -18,7 +18,7 @@ from weaktr.config import Config
 from weaktr.data.shards import FAILURES_NAME, TMP_SUFFIX, Manifest, SplitInfo, atomic_write
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, parse_sweep
 from weaktr.pseudo.outputs import (
-    STATS_DIR, _checkpoint_file, _clear_outputs, _commit_shard, _file_sha256, _json_bytes,
+    RUN_CONFIG, STATS_DIR, _checkpoint_file, _clear_outputs, _commit_shard, _file_sha256, _json_bytes,
     _load_stats, _remove_stale_temps, _ShardResult,
 )
 from weaktr.pseudo.stages import CamStage, CrfStage, StageSettings, load_cam_model, read_shard
@@ -93,7 +93,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         _clear_outputs(out_dir, split.shards)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out_dir)
-    previous = out_dir / "run_config.json"
+    previous = out_dir / RUN_CONFIG
     if previous.exists() and json.loads(previous.read_text()) != run_config:
         raise PseudoLabelError(
             f"{out_dir} holds outputs made from another checkpoint, dataset or settings ({previous}); "
