@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from weaktr import storage  # noqa: E402
 from weaktr.checkpoint import CheckpointMismatch  # noqa: E402
 from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.config import ConfigError, job_arg_parser, parse_job_args  # noqa: E402
@@ -37,15 +38,14 @@ def main(argv=None) -> int:
     checkpoint = args.checkpoint or cfg.pseudo.checkpoint
     if checkpoint is None:
         parser.error("no checkpoint: pass --checkpoint or set pseudo.checkpoint")
-    cfg.pseudo.checkpoint = checkpoint = str(Path(checkpoint).expanduser().resolve())
-    out_dir = Path(cfg.pseudo.out_dir).expanduser().resolve()
-    cfg.pseudo.out_dir = str(out_dir)
+    cfg.pseudo.checkpoint = checkpoint = storage.absolute(checkpoint)
+    cfg.pseudo.out_dir = out_dir = storage.absolute(cfg.pseudo.out_dir)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other")
-    started = (out_dir / RUN_CONFIG).exists()  # written when a run starts, before its first shard
     try:
+        started = storage.exists(storage.join(out_dir, RUN_CONFIG))  # written when a run starts, before its first shard
         if not args.overwrite:
-            check_resume(args.resume, str(out_dir) if started else None, str(out_dir), "pseudo-label run",
+            check_resume(args.resume, out_dir if started else None, out_dir, "pseudo-label run",
                          "pass --overwrite to start over, or choose another pseudo.out_dir")
         prepare_data(cfg)
         save_resolved_config(cfg, "pseudo_config.yaml")

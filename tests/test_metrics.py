@@ -253,8 +253,7 @@ def test_sweep_merge_equals_single_pass_and_writes_outputs(tmp_path):
     with pytest.raises(ValueError, match="same thresholds"):
         whole.merge(BackgroundSweep([0.2, 0.5], C))
 
-    whole.write_csv(tmp_path / "sweep.csv")
-    rows = (tmp_path / "sweep.csv").read_text().strip().splitlines()
+    rows = whole.csv().strip().splitlines()
     assert rows[0] == "bg_threshold,miou" and len(rows) == 1 + len(thresholds)
     assert float(rows[2].split(",")[1]) == pytest.approx(whole.curve()[1][1], abs=1e-6)
     whole.plot(tmp_path / "sweep.png")

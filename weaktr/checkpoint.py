@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 import weaktr
+from weaktr import storage
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -71,17 +72,26 @@ def save_checkpoint(
     return directory
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint directory (or its ``checkpoint.pt``) with weights-only unpickling."""
-    path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+def checkpoint_file(path: str | os.PathLike) -> str:
+    """The checkpoint file of a checkpoint directory (or the file itself); local or a URI (``weaktr.storage``)."""
+    path = storage.absolute(path)
+    return storage.join(path, CHECKPOINT_FILE) if storage.is_dir(path) else path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint directory (or its ``checkpoint.pt``), local or a URI, with weights-only unpickling."""
+    file = checkpoint_file(path)
+    if not storage.exists(file):
+        raise FileNotFoundError(f"no checkpoint at {os.fspath(path)}")
+    local = storage.local_copy(file, suffix=".pt")
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=True)
+        payload = torch.load(local, map_location=map_location, weights_only=True)
     except Exception as err:  # not a torch file, or one holding objects a weights-only load refuses to build
         reason = str(err).split(".")[0].strip()
         raise CheckpointMismatch(f"{file} is not a weaktr checkpoint ({type(err).__name__}: {reason})") from None
+    finally:
+        if local != file:
+            os.unlink(local)
     if not isinstance(payload, dict) or "kind" not in payload or "model" not in payload:
         raise CheckpointMismatch(f"{file} is not a weaktr checkpoint")
     if isinstance(payload.get("arch"), dict):

@@ -22,6 +22,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from weaktr import storage
 from weaktr.config import Config, EvalConfig, from_dict, to_dict
 from weaktr.crf import CRFParams, crf_refine_prediction
 from weaktr.data.shards import DataError, Manifest, Sample
@@ -157,8 +158,8 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
 
     quiet_ray_data()
     started = time.perf_counter()
-    checkpoint = str(Path(checkpoint).expanduser().resolve())
-    manifest = Manifest.load(Path(cfg.data.root).expanduser().resolve())
+    checkpoint = storage.absolute(checkpoint)
+    manifest = Manifest.load(cfg.data.root)
     # Loaded and checked here, on the driver (a clear message rather than one from every actor), and shared with
     # the actors through the object store.
     model, _ = load_segmenter(checkpoint, "cpu", manifest.classes)
@@ -220,17 +221,15 @@ def class_names(manifest: Manifest) -> list[str]:
     return ["background", *manifest.classes]
 
 
-def report_dir(cfg: Config, checkpoint: str | Path) -> Path:
-    """``eval.out_dir``, else the checkpoint's own directory."""
+def report_dir(cfg: Config, checkpoint: str | Path) -> str:
+    """``eval.out_dir``, else the checkpoint's own directory (local or a URI)."""
     if cfg.eval.out_dir:
-        return Path(cfg.eval.out_dir).expanduser()
-    checkpoint = Path(checkpoint)
-    return checkpoint if checkpoint.is_dir() else checkpoint.parent
+        return storage.absolute(cfg.eval.out_dir)
+    checkpoint = storage.absolute(checkpoint)
+    return checkpoint if storage.is_dir(checkpoint) else storage.parent(checkpoint)
 
 
-def write_report(report: dict, directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / REPORT_NAME
-    path.write_text(json.dumps(report, indent=1))
+def write_report(report: dict, directory: str | Path) -> str:
+    path = storage.join(directory, REPORT_NAME)
+    storage.write_bytes(path, json.dumps(report, indent=1).encode())
     return path

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import ray
 
+from weaktr import storage
 from weaktr.config import Config, ConfigError, save_config
 from weaktr.data.shards import Manifest
 
@@ -19,20 +20,24 @@ WAIT_FOR_FIRST_ACTOR_S = 600
 
 
 def prepare_data(cfg: Config) -> Manifest:
-    """Resolve ``data.root`` to an absolute path (workers run elsewhere) and, when
+    """Make ``data.root`` absolute (workers run elsewhere; a URI stays as it is) and, when
     ``data.synthetic.enabled``, make sure the built-in synthetic dataset is there."""
-    root = Path(cfg.data.root).expanduser().resolve()
-    cfg.data.root = str(root)
-    manifest_path = root / "manifest.json"
+    cfg.data.root = root = storage.absolute(cfg.data.root)
+    if cfg.data.synthetic.enabled and storage.is_uri(root):
+        raise ConfigError(
+            f"data.synthetic.enabled writes the synthetic dataset on this machine, but data.root is a URI ({root}): "
+            "generate it at a local path, or set data.synthetic.enabled=false for a dataset already at the URI"
+        )
+    manifest_path = Path(root) / "manifest.json"
     # Only a synthetic dataset may be (re)generated in place: never overwrite a converted one.
-    is_other_dataset = manifest_path.exists() and "synthetic_spec" not in Manifest.load(manifest_path).meta
-    if cfg.data.synthetic.enabled and not is_other_dataset:
+    if cfg.data.synthetic.enabled and not (
+        manifest_path.exists() and "synthetic_spec" not in Manifest.load(manifest_path).meta
+    ):
         from weaktr.data.synthetic import write_synthetic
 
         # write_synthetic reuses the shards when they were made from the same spec.
-        spec = cfg.data.synthetic.spec()
-        return write_synthetic(root, spec)
-    return Manifest.load(manifest_path)
+        return write_synthetic(root, cfg.data.synthetic.spec())
+    return Manifest.load(root)
 
 
 class RayUnavailable(RuntimeError):
@@ -92,11 +97,10 @@ def _answers(address: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def run_dir(cfg: Config) -> Path:
-    if "://" in cfg.run.storage_path:
-        raise ValueError("run.storage_path is a URI; local run outputs need a local path")
-    path = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
-    path.mkdir(parents=True, exist_ok=True)
+def run_dir(cfg: Config) -> str:
+    """The run's directory, ``{run.storage_path}/{run.name}`` (a local path, made if missing, or a URI)."""
+    path = storage.join(storage.absolute(cfg.run.storage_path), cfg.run.name)
+    storage.make_dirs(path)
     return path
 
 
@@ -114,24 +118,15 @@ def check_resume(resume: bool, found: Optional[str], expected: str, what: str, o
 def training_run(storage_path: str, name: str) -> tuple[Optional[str], str]:
     """(where Ray Train's run ``name`` keeps checkpoints, if it has any; where it would) under ``storage_path``
     (a local path or a URI Ray Train takes, such as ``s3://``)."""
-    if "://" in storage_path:
-        import pyarrow.fs
-
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-        entries = fs.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{name}", allow_not_found=True))
-        found = any(entry.base_name.startswith("checkpoint_") for entry in entries)
-        where = f"{storage_path.rstrip('/')}/{name}"
-    else:
-        directory = Path(storage_path).expanduser().resolve() / name
-        found = any(directory.glob("checkpoint_*"))
-        where = str(directory)
+    where = storage.join(storage.absolute(storage_path), name)
+    found = any(entry.startswith("checkpoint_") for entry in storage.list_names(where))
     return (where if found else None), where
 
 
-def save_resolved_config(cfg: Config, filename: str = "config.yaml") -> Path:
-    """Write the resolved config beside the run's outputs (checkpoints embed it too)."""
-    cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
-    path = run_dir(cfg) / filename
+def save_resolved_config(cfg: Config, filename: str = "config.yaml") -> str:
+    """Write the resolved config beside the run's outputs (checkpoints embed it too); returns where."""
+    cfg.run.storage_path = storage.absolute(cfg.run.storage_path)
+    path = storage.join(run_dir(cfg), filename)
     save_config(cfg, path)
     return path
 
@@ -202,7 +197,7 @@ def run_training_job(parser, args, cfg: Config, *, fit, run_name: str, what: str
     return 0
 
 
-def print_training_result(result, config_path: Path, score: str, shown: Sequence[str]) -> None:
+def print_training_result(result, config_path: str, score: str, shown: Sequence[str]) -> None:
     """The end of a training job's console: the config it ran, the last epoch's figures (``shown``) and the best
     checkpoint by ``score`` (Ray Train's ``Result``)."""
     metrics = result.metrics or {}
@@ -210,7 +205,7 @@ def print_training_result(result, config_path: Path, score: str, shown: Sequence
     figures = " ".join(f"{key} {metrics.get(key, float('nan')):.4f}" for key in shown)
     print(f"final epoch {metrics.get('epoch')}: {figures}")
     best = result.get_best_checkpoint(score, "max") if result.best_checkpoints else result.checkpoint
-    print(f"best checkpoint (by {score}): {best.path if best else None}")
+    print(f"best checkpoint (by {score}): {storage.uri_of(best.filesystem, best.path) if best else None}")
 
 
 def put_model(model) -> list:

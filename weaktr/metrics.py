@@ -10,6 +10,7 @@ mIoU comes from a confusion matrix accumulated over the whole split, never from 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from typing import Optional, Sequence
 
@@ -379,12 +380,14 @@ class BackgroundSweep:
             raise ValueError("no pixels accumulated: the sweep is empty")
         return curve[int(np.nanargmax(mious))]
 
-    def write_csv(self, path) -> None:
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["bg_threshold", "miou"])
-            for t, miou in self.curve():
-                writer.writerow([f"{t:.6g}", f"{miou:.6f}"])
+    def csv(self) -> str:
+        """The curve as CSV text: a ``bg_threshold,miou`` header, then one row per threshold."""
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["bg_threshold", "miou"])
+        for t, miou in self.curve():
+            writer.writerow([f"{t:.6g}", f"{miou:.6f}"])
+        return text.getvalue()
 
     def plot(self, path, title: str = "CAM mIoU vs background threshold") -> None:
         """Save the mIoU curve, best threshold marked, as an image (format from the file extension)."""

@@ -28,7 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
-from weaktr.config import Config
+from weaktr import storage
+from weaktr.config import Config, ConfigError
 
 STAGES = ("data", "phase1", "pseudo", "phase2", "eval", "report")
 
@@ -155,13 +156,25 @@ def missing_outputs(record: dict) -> list[str]:
     return [path for path in record["outputs"].values() if not Path(path).exists()]
 
 
+def local_run_directory(cfg: Config) -> Path:
+    """``{run.storage_path}/{run.name}``, which must be local: ConfigError for a URI."""
+    if storage.is_uri(cfg.run.storage_path):
+        raise ConfigError(
+            f"run.storage_path is a URI ({cfg.run.storage_path}): the pipeline keeps its run directory (stage "
+            "records, report) on this machine; the single jobs (train_cam.py, make_pseudo_labels.py, train_seg.py, "
+            "evaluate.py) take URIs"
+        )
+    return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+
+
 def run_pipeline(cfg: Config, from_stage: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the pipeline; returns {stage: record}. Needs a connected Ray (``launch.init_ray``)."""
     from weaktr.launch import save_resolved_config
 
     if from_stage is not None and from_stage not in STAGES:
         raise PipelineError(f"unknown stage {from_stage!r}; the stages are {', '.join(STAGES)}")
-    directory = save_resolved_config(cfg).parent  # the run directory (a local path; launch.run_dir)
+    local_run_directory(cfg)
+    directory = Path(save_resolved_config(cfg)).parent
     (directory / "stages").mkdir(parents=True, exist_ok=True)
     stage_cfg = stage_config(cfg, directory)
 
@@ -257,7 +270,7 @@ def _pct(value: Optional[float]) -> str:
 
 def main(argv=None, prog: Optional[str] = None) -> int:
     """``ray_jobs/pipeline.py`` and ``weaktr pipeline``: run or resume the pipeline, print the stage table."""
-    from weaktr.config import ConfigError, job_arg_parser, parse_job_args
+    from weaktr.config import job_arg_parser, parse_job_args
     from weaktr.launch import check_resume, init_ray
 
     parser = job_arg_parser("Run the whole WeakTr pipeline: data, phase 1, pseudo-labels, phase 2, evaluation, "
@@ -267,9 +280,9 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     parser.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
                         help="rerun this stage and every later one (of a run that exists)")
     args, cfg = parse_job_args(parser, argv)
-    directory = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
-    exists = any(record_path(directory, stage).exists() for stage in STAGES)
     try:  # --from on a run that exists asks to redo part of it, which continues it as --resume does
+        directory = local_run_directory(cfg)
+        exists = any(record_path(directory, stage).exists() for stage in STAGES)
         check_resume(args.resume or (exists and args.from_stage is not None), str(directory) if exists else None,
                      str(directory), "pipeline run",
                      "--from STAGE to redo a stage and those after it, or set another run.name")

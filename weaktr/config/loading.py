@@ -157,8 +157,10 @@ def _merge(base: dict, update: dict, prefix: str) -> None:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML to ``path`` (local or a URI, ``weaktr.storage``)."""
+    from weaktr import storage
+
+    storage.write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
 
 
 def job_arg_parser(description: str, resumes: Optional[str] = None) -> argparse.ArgumentParser:

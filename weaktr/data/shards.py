@@ -21,14 +21,15 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from weaktr import storage
 from weaktr.data.images import load_rgb
+from weaktr.storage import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"  # beside the manifest: one {"split", "source", "reason"} per skipped item
-TMP_SUFFIX = ".tmp"  # files being written: renamed into place when complete, removed by a rerun
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 LABEL_MAPS = ("mask", "pseudo")  # optional per-pixel maps a sample may carry
 IGNORE = 255  # the label maps' "not labelled" id
@@ -70,15 +71,6 @@ class Sample:
     image_bytes: Optional[bytes] = field(default=None, repr=False)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` under a temporary name, then rename: readers see the old file or the whole new one."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + TMP_SUFFIX, "wb") as f:
-        f.write(data)
-    os.replace(path + TMP_SUFFIX, path)
-
-
 class Skipped(NamedTuple):
     """A source item a converter could not turn into a sample; ``write_dataset`` lists it in failures.jsonl."""
 
@@ -110,16 +102,15 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":
-        """Read ``path`` (a manifest.json, or the dataset directory holding one)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, MANIFEST_NAME)
-        if not os.path.isfile(path):
-            raise ManifestError(f"manifest not found: {path}")
+        """Read ``path`` (a manifest.json, or the dataset directory holding one; local or a URI, ``weaktr.storage``)."""
+        path = storage.absolute(path)
+        if storage.is_dir(path):
+            path = storage.join(path, MANIFEST_NAME)
         try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exn:
+            data = json.loads(storage.read_bytes(path))
+        except FileNotFoundError:
+            raise ManifestError(f"manifest not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exn:
             raise ManifestError(f"{path}: not valid JSON ({exn})") from exn
         return cls._from_dict(data, path)
 
@@ -154,7 +145,7 @@ class Manifest:
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
             raise ManifestError(f"{path}: key 'meta' has type {type(meta).__name__}")
-        return cls(need(data, "name", str, ""), list(classes), splits, os.path.dirname(os.path.abspath(path)), meta)
+        return cls(need(data, "name", str, ""), list(classes), splits, storage.parent(path), meta)
 
     def to_dict(self) -> dict:
         return {
@@ -169,14 +160,9 @@ class Manifest:
         }
 
     def save(self, path: Optional[str | os.PathLike] = None) -> str:
-        """Write atomically (temp file + rename): readers never see a half-written manifest."""
-        path = os.fspath(path) if path is not None else os.path.join(self.root, MANIFEST_NAME)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Write whole (``storage.write_bytes``): readers never see a half-written manifest."""
+        path = os.fspath(path) if path is not None else storage.join(self.root, MANIFEST_NAME)
+        storage.write_bytes(path, json.dumps(self.to_dict(), indent=1).encode())
         return path
 
     def split(self, split: str) -> SplitInfo:
@@ -185,7 +171,8 @@ class Manifest:
         return self.splits[split]
 
     def shard_paths(self, split: str) -> list[str]:
-        return [os.path.join(os.path.abspath(self.root), shard) for shard in self.split(split).shards]
+        root = storage.absolute(self.root)
+        return [storage.join(root, shard) for shard in self.split(split).shards]
 
 
 # --------------------------------------------------------------------------- encoding
@@ -408,7 +395,7 @@ def write_dataset(
         downscaled_counts[split] = len(downscaled)
         log.info("wrote %s/%s: %d samples in %d shards, %d skipped", name, split, infos[split].num_samples,
                  len(infos[split].shards), len(skipped))
-    atomic_write(os.path.join(out_dir, FAILURES_NAME), "".join(json.dumps(f) + "\n" for f in failures).encode())
+    storage.write_bytes(os.path.join(out_dir, FAILURES_NAME), "".join(json.dumps(f) + "\n" for f in failures).encode())
     meta = dict(meta or {}) | {"skipped": skipped_counts}
     if max_side is not None:
         meta |= {"max_side": max_side, "downscaled": downscaled_counts}

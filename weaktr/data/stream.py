@@ -23,8 +23,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from weaktr import storage
 from weaktr.data.shards import LABEL_MAPS, DataError, Failure, Sample, SampleDecodeError, decode_sample
 
 log = logging.getLogger(__name__)
@@ -43,39 +45,44 @@ def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _check_local_shards_exist(shards: Sequence[str]) -> None:
+def _check_shards_exist(shards: Sequence[str]) -> None:
     # A missing shard is a setup error, not a broken sample: fail at once instead of counting it.
-    missing = [url for url in shards if "://" not in url and not os.path.exists(url)]
+    missing = [url for url in shards if not storage.exists(url)]
     if missing:
         raise DataError(f"{len(missing)} shard(s) do not exist, first: {missing[0]}")
 
 
-def shard_error_handler(urls: Sequence[str], on_failure: Callable[[Failure], None], keep_going: bool = True):
-    """A webdataset ``handler`` reporting each unreadable shard (e.g. one cut short) once to ``on_failure``, with
-    its url; ``keep_going``: go on with the next shard, else stop the stream.
-
-    webdataset hands a broken shard's error to the handler twice in a row (from the tar reader, then again with
-    the url appended to its args): counted twice, one cut shard looked like two broken samples."""
-    known, last = set(urls), []
+def read_records(urls: Sequence[str], on_failure: Callable[[Failure], None], keep_going: bool = True) -> Iterator[dict]:
+    """The raw webdataset records (dicts of bytes) of ``urls`` (local paths or URIs, ``weaktr.storage``) in order.
+    An unreadable shard (missing, cut short) is reported once to ``on_failure`` with its url; then the stream goes
+    on with the next shard (``keep_going``) or ends."""
+    current = [""]  # the shard being read: shards are opened one at a time, as the tar reader asks for the next
 
     def handler(exn: Exception) -> bool:
-        url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in known), None)
-        if url is None:  # from the tar reader only its message names the file: "... @ <... name='<url>'>"
-            url = next((u for u in known if f"name='{u}'" in str(exn)), "?")
         message = str(exn.args[0] if exn.args else exn).split(" @ <")[0]
-        failure = Failure(url, "", f"{type(exn).__name__}: {message}")
+        failure = Failure(current[0], "", f"{type(exn).__name__}: {message}")
+        # webdataset hands a broken shard's error to the handler twice in a row (from the tar reader, then again
+        # from the shard loop): counted twice, one cut shard looked like two broken samples.
         if last != [failure]:
             on_failure(failure)
         last[:] = [failure]
         return keep_going
 
-    return handler
+    def opened() -> Iterator[dict]:
+        for url in urls:
+            current[0] = url
+            try:
+                stream = storage.open_input(url)
+            except Exception as exn:  # noqa: BLE001 - whatever the store raises, the shard is unreadable
+                if handler(exn):
+                    continue
+                return
+            with stream:  # closed once the tar reader asks for the next shard
+                yield {"url": url, "stream": stream}
 
-
-def _records(urls: Sequence[str], on_failure: Callable[[Failure], None]) -> Iterator[dict]:
-    """The raw webdataset records (dicts of bytes) of ``urls`` in order; an unreadable shard is
-    reported to ``on_failure`` and the stream goes on with the next one."""
-    return wds.tarfile_samples(({"url": url} for url in urls), handler=shard_error_handler(urls, on_failure))
+    last: list[Failure] = []
+    files = tar_file_expander(opened(), handler=handler)
+    return group_by_keys(files, handler=handler)
 
 
 def _decoded_samples(
@@ -97,13 +104,13 @@ def iter_samples(
     and evaluation. Broken samples (with ``num_classes``, also those with ids past the classes) are logged and
     skipped; at the end ``tracker`` (default: one with the 1% limit) raises ``DataError`` if too many failed."""
     tracker = tracker if tracker is not None else FailureTracker()
-    _check_local_shards_exist(shards)
+    _check_shards_exist(shards)
 
     def report(failure: Failure) -> None:
         log.warning("skipping unreadable sample %r in %s: %s", failure.key, failure.url, failure.reason)
         tracker.add(0, [failure])
 
-    for sample in _decoded_samples(_records(list(shards), report), report, num_classes=num_classes):
+    for sample in _decoded_samples(read_records(list(shards), report), report, num_classes=num_classes):
         tracker.add(1, [])
         yield sample
     tracker.check(final=True)
@@ -170,7 +177,7 @@ class _RankStream(IterableDataset):
             if not urls:
                 return
             read = 0
-            for raw in _records(urls, shard_failed):
+            for raw in read_records(urls, shard_failed):
                 read += 1
                 yield raw
             if read == 0:  # without this check a rank of unreadable shards would spin forever
@@ -272,7 +279,7 @@ def make_loader(
     """
     if batch_size < 1 or steps < 1:
         raise ValueError(f"batch_size ({batch_size}) and steps ({steps}) must be >= 1")
-    _check_local_shards_exist(shards)
+    _check_shards_exist(shards)
     mine = shards_for_rank(shards, rank, world_size, epoch, seed)
     # A worker without a shard would end at once; more workers than shards buys nothing.
     num_workers = min(num_workers, len(mine))

@@ -13,6 +13,9 @@ from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
 
+from weaktr import storage
+from weaktr.checkpoint import checkpoint_file
+
 # The create_backbone arguments that shape the encoder (the rest say where its weights come from).
 BACKBONE_SHAPE = ("img_size", "embed_dim", "depth", "num_heads", "drop_path_rate")
 WEIGHT_SOURCES = ("pretrained", "weights_path")
@@ -93,7 +96,7 @@ def input_normalization(
 
 
 def load_backbone_weights(model: VisionTransformer, weights_path: str | os.PathLike) -> None:
-    """Load a local ViT checkpoint into `model` (in place, strict).
+    """Load a ViT checkpoint (a local file or a URI, ``weaktr.storage``) into `model` (in place, strict).
 
     The file is a state dict, possibly nested under "model" / "state_dict" (DeiT releases, timm training
     checkpoints), possibly with DDP "module." prefixes; it is read with torch.load(weights_only=True). The
@@ -101,12 +104,15 @@ def load_backbone_weights(model: VisionTransformer, weights_path: str | os.PathL
     positional embedding to the model's grid. A weaktr phase-1 checkpoint (its directory or checkpoint.pt) also
     loads: see ``vit_state_from_phase1``.
     """
-    path = os.fspath(weights_path)
-    if os.path.isdir(path):  # a weaktr checkpoint directory
-        path = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(path):
+    path = checkpoint_file(weights_path)  # a weaktr checkpoint directory's file, or the file itself
+    if not storage.exists(path):
         raise FileNotFoundError(f"backbone weights file not found: {path}")
-    state_dict = load_state_dict(path, use_ema=False, weights_only=True)
+    local = storage.local_copy(path, suffix=os.path.splitext(path)[1])  # timm picks the reader by the extension
+    try:
+        state_dict = load_state_dict(local, use_ema=False, weights_only=True)
+    finally:
+        if local != path:
+            os.unlink(local)
     from_phase1 = "cls_tokens" in state_dict
     if from_phase1:
         state_dict = vit_state_from_phase1(state_dict)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-from pathlib import Path
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 import webdataset as wds
 
-from weaktr.data.shards import TMP_SUFFIX, atomic_write
+from weaktr import storage
+from weaktr.checkpoint import checkpoint_file
+from weaktr.data.stream import read_records
 from weaktr.pseudo.stages import _add_sparse
+from weaktr.storage import TMP_SUFFIX
 
 STATS_DIR = "stats"
 RUN_CONFIG = "run_config.json"  # the settings a run started with; written before its first shard
@@ -30,8 +32,8 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1) + "\n").encode()
 
 
-def _stats_path(out_dir: Path, shard: str) -> Path:
-    return out_dir / STATS_DIR / (shard.replace("/", "__") + ".json")
+def _stats_path(out_dir: str, shard: str) -> str:
+    return storage.join(out_dir, STATS_DIR, shard.replace("/", "__") + ".json")
 
 
 class _ShardResult:
@@ -63,31 +65,36 @@ class _ShardResult:
         return self.received == self.total
 
 
-def _commit_shard(out_dir: Path, shard: str, src_path: str, result: _ShardResult) -> None:
-    """Write one shard's outputs, each atomically; the stats file goes last and marks the shard done."""
+def _commit_shard(out_dir: str, shard: str, src_path: str, result: _ShardResult) -> None:
+    """Write one shard's outputs (under ``out_dir``, local or a URI), each whole; the stats file goes last and marks
+    the shard done."""
     for index in sorted(result.files):
         f = result.files[index]
-        atomic_write(out_dir / "pseudo_png" / f"{f['key']}.png", f["pseudo_color"])
+        storage.write_bytes(storage.join(out_dir, "pseudo_png", f"{f['key']}.png"), f["pseudo_color"])
         if f["cams"]:
-            atomic_write(out_dir / "cams" / f"{f['key']}.npy", f["cams"])
+            storage.write_bytes(storage.join(out_dir, "cams", f"{f['key']}.npy"), f["cams"])
         if f["overlay"]:
-            atomic_write(out_dir / "overlays" / f"{f['key']}.jpg", f["overlay"])
+            storage.write_bytes(storage.join(out_dir, "overlays", f"{f['key']}.jpg"), f["overlay"])
 
     written = 0
     if result.files:  # the input samples, verbatim, in their order, each with its pseudo-label
-        tar_path = out_dir / shard
-        tar_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tar_path.with_name(tar_path.name + TMP_SUFFIX)
+        tar_path = storage.join(out_dir, shard)
+        # Written locally first: beside its final name when out_dir is local, in the temporary directory when not.
+        if storage.is_uri(out_dir):
+            tmp = tempfile.NamedTemporaryFile(suffix=".tar", delete=False).name
+        else:
+            tmp = tar_path + TMP_SUFFIX
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
         with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
-            for index, raw in enumerate(wds.tarfile_samples([{"url": src_path}], handler=lambda exn: False)):
+            for index, raw in enumerate(read_records([src_path], lambda failure: None, keep_going=False)):
                 if index in result.files:
                     sample = {k: v for k, v in raw.items() if not k.startswith("__") and k != "pseudo.png"}
                     writer.write({"__key__": raw["__key__"], **sample, "pseudo.png": result.files[index]["pseudo"]})
                     written += 1
         if written != len(result.files):
-            tmp.unlink()
+            os.unlink(tmp)
             raise RuntimeError(f"{src_path} changed while it was processed ({written} of {len(result.files)} samples)")
-        os.replace(tmp, tar_path)
+        storage.put_file(tmp, tar_path)
 
     stats = {
         "shard": shard,
@@ -97,7 +104,7 @@ def _commit_shard(out_dir: Path, shard: str, src_path: str, result: _ShardResult
         "crf_confusion": result.crf_cm.tolist(),
         "sweep": None if result.sweep is None else _sparse_dict(result.sweep),
     }
-    atomic_write(_stats_path(out_dir, shard), _json_bytes(stats))
+    storage.write_bytes(_stats_path(out_dir, shard), _json_bytes(stats))
 
 
 def _sparse_dict(counts: np.ndarray) -> dict:
@@ -106,10 +113,9 @@ def _sparse_dict(counts: np.ndarray) -> dict:
     return {"shape": list(counts.shape), "index": index.tolist(), "count": flat[index].tolist()}
 
 
-def _load_stats(out_dir: Path, shard: str) -> Optional[dict]:
-    path = _stats_path(out_dir, shard)
+def _load_stats(out_dir: str, shard: str) -> Optional[dict]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_bytes(_stats_path(out_dir, shard)))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -122,31 +128,28 @@ _OUTPUT_DIRS = ("pseudo_png", "cams", "overlays", STATS_DIR)
 _OUTPUT_FILES = ("manifest.json", "failures.jsonl", "report.json", "bg_sweep.csv", "bg_sweep.png", RUN_CONFIG)
 
 
-def _clear_outputs(out_dir: Path, shards: Sequence[str]) -> None:
+def _clear_outputs(out_dir: str, shards: Sequence[str]) -> None:
     """Remove what a previous run wrote (only our own files: out_dir may hold other things)."""
-    for name in _OUTPUT_DIRS:
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-    for name in (*_OUTPUT_FILES, *shards):
-        (out_dir / name).unlink(missing_ok=True)
+    for name in (*_OUTPUT_DIRS, *_OUTPUT_FILES, *shards):
+        storage.remove(storage.join(out_dir, name))
 
 
-def _remove_stale_temps(out_dir: Path) -> int:
-    stale = list(out_dir.rglob(f"*{TMP_SUFFIX}"))
+def _remove_stale_temps(out_dir: str) -> int:
+    """Remove the temporary files an interrupted run left in a local ``out_dir`` (an object store gets none: its
+    writes are whole uploads)."""
+    if storage.is_uri(out_dir):
+        return 0
+    stale = [os.path.join(folder, name) for folder, _, names in os.walk(out_dir) for name in names
+             if name.endswith(TMP_SUFFIX)]
     for path in stale:
-        path.unlink(missing_ok=True)
+        os.unlink(path)
     return len(stale)
 
 
-def _file_sha256(path: Path) -> str:
+def checkpoint_sha256(checkpoint: str | os.PathLike) -> str:
+    """The SHA-256 of a checkpoint's file (local or a URI): what a pseudo-label run was made from."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(checkpoint_file(checkpoint)) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _checkpoint_file(checkpoint: str | os.PathLike) -> Path:
-    path = Path(checkpoint)
-    return path / "checkpoint.pt" if path.is_dir() else path
-
-

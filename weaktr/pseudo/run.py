@@ -14,12 +14,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from weaktr import storage
 from weaktr.config import Config
-from weaktr.data.shards import FAILURES_NAME, TMP_SUFFIX, Manifest, SplitInfo, atomic_write
+from weaktr.data.shards import FAILURES_NAME, Manifest, SplitInfo
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, parse_sweep
 from weaktr.pseudo.outputs import (
-    RUN_CONFIG, STATS_DIR, _checkpoint_file, _clear_outputs, _commit_shard, _file_sha256, _json_bytes,
-    _load_stats, _remove_stale_temps, _ShardResult,
+    RUN_CONFIG, STATS_DIR, _clear_outputs, _commit_shard, _json_bytes, _load_stats, _remove_stale_temps,
+    _ShardResult, checkpoint_sha256,
 )
 from weaktr.pseudo.stages import CamStage, CrfStage, StageSettings, load_cam_model, read_shard
 
@@ -61,7 +62,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
             raise PseudoLabelError(
                 f"shard path {shard!r} in {manifest.root}/manifest.json must be relative, inside the dataset"
             )
-    missing = [path for path in shard_paths if not os.path.exists(path)]
+    missing = [path for path in shard_paths if not storage.exists(path)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) of split '{p.split}' do not exist, first: {missing[0]}")
     # Refuse a checkpoint of another dataset / architecture before any work.
@@ -74,12 +75,12 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
     if p.batch_size < 1 or p.cam_actors < 1 or p.crf_actors < 1:
         raise PseudoLabelError("pseudo.batch_size, pseudo.cam_actors and pseudo.crf_actors must be >= 1")
 
-    out_dir = Path(p.out_dir).expanduser().resolve()
-    if out_dir == Path(manifest.root).resolve():
+    out_dir = storage.absolute(p.out_dir).rstrip("/")
+    if out_dir == storage.absolute(manifest.root).rstrip("/"):
         raise PseudoLabelError(f"pseudo.out_dir {out_dir} is the input dataset's directory; choose another")
     run_config = {
-        "checkpoint_sha256": _file_sha256(_checkpoint_file(checkpoint)),
-        "data_root": str(Path(manifest.root).resolve()),
+        "checkpoint_sha256": checkpoint_sha256(checkpoint),
+        "data_root": storage.absolute(manifest.root),
         "split": p.split,
         "shards": split.shards,
         "settings": {
@@ -91,15 +92,15 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
     }
     if p.overwrite:
         _clear_outputs(out_dir, split.shards)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(out_dir)
     _remove_stale_temps(out_dir)
-    previous = out_dir / RUN_CONFIG
-    if previous.exists() and json.loads(previous.read_text()) != run_config:
+    previous = storage.join(out_dir, RUN_CONFIG)
+    if storage.exists(previous) and json.loads(storage.read_bytes(previous)) != run_config:
         raise PseudoLabelError(
             f"{out_dir} holds outputs made from another checkpoint, dataset or settings ({previous}); "
             "pass --overwrite (pseudo.overwrite=true) to start over, or choose another pseudo.out_dir"
         )
-    atomic_write(previous, _json_bytes(run_config))
+    storage.write_bytes(previous, _json_bytes(run_config))
 
     todo = [i for i, shard in enumerate(split.shards) if _load_stats(out_dir, shard) is None]
     skipped = len(split.shards) - len(todo)
@@ -155,7 +156,7 @@ def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
 
 
 def _consume(
-    dataset, out_dir: Path, split: SplitInfo, shard_paths: list[str], settings: StageSettings, num_images: int
+    dataset, out_dir: str, split: SplitInfo, shard_paths: list[str], settings: StageSettings, num_images: int
 ) -> None:
     """Drive the pipeline; commit each shard as soon as all its rows (one per image) are in."""
     from weaktr.launch import progress
@@ -177,7 +178,7 @@ def _consume(
 
 
 def _finalize(
-    out_dir: Path, manifest: Manifest, split_name: str, thresholds: Optional[list[float]], checkpoint: str,
+    out_dir: str, manifest: Manifest, split_name: str, thresholds: Optional[list[float]], checkpoint: str,
     bg_threshold: float,
 ) -> dict:
     """Merge every shard's stats into manifest.json, failures.jsonl, report.json and the sweep curve."""
@@ -189,7 +190,7 @@ def _finalize(
     for shard in split.shards:
         stats = _load_stats(out_dir, shard)
         if stats is None:
-            raise RuntimeError(f"shard {shard} has no stats file in {out_dir / STATS_DIR}")
+            raise RuntimeError(f"shard {shard} has no stats file in {storage.join(out_dir, STATS_DIR)}")
         if stats["num_samples"]:
             shards.append(shard)
             sizes.append(stats["num_samples"])
@@ -202,11 +203,11 @@ def _finalize(
             np.add.at(sweep.histogram.reshape(-1), stats["sweep"]["index"], stats["sweep"]["count"])
 
     out_manifest = Manifest(
-        manifest.name, list(manifest.classes), {split_name: SplitInfo(shards, sum(sizes), sizes)}, str(out_dir),
+        manifest.name, list(manifest.classes), {split_name: SplitInfo(shards, sum(sizes), sizes)}, out_dir,
         {"pseudo_labels": {"source": manifest.root, "split": split_name, "checkpoint": checkpoint}},
     )
     out_manifest.save()
-    atomic_write(out_dir / FAILURES_NAME, "".join(json.dumps(f) + "\n" for f in failures).encode())
+    storage.write_bytes(storage.join(out_dir, FAILURES_NAME), "".join(json.dumps(f) + "\n" for f in failures).encode())
 
     names = ["background", *manifest.classes]
     has_gt = cam_cm.matrix.sum() > 0
@@ -220,15 +221,14 @@ def _finalize(
         "sweep": None,
     }
     if sweep is not None and sweep.histogram.sum() > 0:
-        sweep.write_csv(out_dir / f"bg_sweep.csv{TMP_SUFFIX}")
-        os.replace(out_dir / f"bg_sweep.csv{TMP_SUFFIX}", out_dir / "bg_sweep.csv")
+        storage.write_bytes(storage.join(out_dir, "bg_sweep.csv"), sweep.csv().encode())
         plot = io.BytesIO()
         sweep.plot(plot)  # PNG (matplotlib's default format for a file object)
-        atomic_write(out_dir / "bg_sweep.png", plot.getvalue())
+        storage.write_bytes(storage.join(out_dir, "bg_sweep.png"), plot.getvalue())
         best_t, best_miou = sweep.best()
         curve = [[t, None if math.isnan(m) else m] for t, m in sweep.curve()]
         report["sweep"] = {"best_threshold": best_t, "best_miou": best_miou, "curve": curve}
-    atomic_write(out_dir / "report.json", _json_bytes(report))
+    storage.write_bytes(storage.join(out_dir, "report.json"), _json_bytes(report))
     print(format_report(report, names, cam_cm, crf_cm))
     return report
 

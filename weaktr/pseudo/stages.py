@@ -12,7 +12,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 from weaktr import ops
@@ -20,7 +19,7 @@ from weaktr.crf import CRFParams, crf_refine_labels
 from weaktr.data.convert import without_addresses
 from weaktr.data.images import load_rgb
 from weaktr.data.shards import IMAGE_EXTENSIONS, SampleDecodeError, decode_sample
-from weaktr.data.stream import shard_error_handler
+from weaktr.data.stream import read_records
 from weaktr.data.voc import voc_palette
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
 from weaktr.models.build import load_model
@@ -140,9 +139,7 @@ def read_shard(item: dict, settings: StageSettings) -> list[dict]:
         failures.append(_failure(-1, "", f"unreadable shard {item['path']}: {failure.reason}"))
 
     # A broken shard stops this (single-shard) stream; the samples read before the break are kept.
-    raws = wds.tarfile_samples([{"url": item["path"]}],
-                               handler=shard_error_handler([item["path"]], shard_error, keep_going=False))
-    for index, raw in enumerate(raws):
+    for index, raw in enumerate(read_records([item["path"]], shard_error, keep_going=False)):
         key = raw.get("__key__", "")
         try:
             sample = decode_sample(raw, num_classes=settings.num_classes)

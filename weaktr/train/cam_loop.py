@@ -8,7 +8,6 @@ and reports metrics; rank 0 attaches a checkpoint every epoch.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -102,7 +101,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg, rank, world_size, device = start_worker(loop_config)
     t = cfg.train
 
-    manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
+    manifest = Manifest.load(cfg.data.root)
     num_classes = len(manifest.classes)
     train_shards = manifest.shard_paths(cfg.data.train_split)
     steps = steps_per_epoch(manifest.split(cfg.data.train_split).num_samples, world_size, t.worker_batch_size)
@@ -260,7 +259,7 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
             parse_sweep(ce.sweep, key="train.cam_eval.sweep")
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        check_cam_eval_split(Manifest.load(Path(cfg.data.root).expanduser() / "manifest.json"), ce.split)
+        check_cam_eval_split(Manifest.load(cfg.data.root), ce.split)
     trainer = make_trainer(
         train_loop_per_worker, cfg, cfg.train, name=name or cfg.run.name, score_attribute=selection_metric(cfg),
         callbacks=callbacks,

@@ -13,7 +13,6 @@ Training reads ``seg_train.data_root`` (default ``pseudo.out_dir``): a dataset w
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
 
+from weaktr import storage
 from weaktr.config import Config
 from weaktr.data.shards import DataError, Manifest
 from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
@@ -59,7 +59,7 @@ def require_pseudo_labels(manifest: Manifest, split: str) -> None:
 def phase1_checkpoint(pseudo_labels: Manifest) -> str:
     """The phase-1 checkpoint that made a pseudo-label dataset (recorded in its manifest by the pseudo-label job)."""
     checkpoint = pseudo_labels.meta.get("pseudo_labels", {}).get("checkpoint")
-    if not checkpoint or not Path(checkpoint).exists():
+    if not checkpoint or not storage.exists(checkpoint):
         raise DataError(
             f"seg_train.init_encoder_from_phase1: the pseudo-labels at {pseudo_labels.root} name no phase-1 "
             f"checkpoint that exists here ({checkpoint!r}); set seg_model.weights_path to one instead"
@@ -149,8 +149,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg, rank, world_size, device = start_worker(loop_config)
     st = cfg.seg_train
 
-    manifest = Manifest.load(Path(train_data_root(cfg)) / "manifest.json")
-    val_manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
+    manifest = Manifest.load(train_data_root(cfg))
+    val_manifest = Manifest.load(cfg.data.root)
     if val_manifest.classes != manifest.classes:
         raise DataError(
             f"the pseudo-label dataset's classes {manifest.classes} differ from the validation dataset's "
@@ -228,10 +228,10 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
     before any worker starts. The Ray Train run is ``name``, by default ``{run.name}-seg`` so it never resumes
     a phase-1 run of the same name.
     """
-    cfg.seg_train.data_root = str(Path(train_data_root(cfg)).expanduser().resolve())
-    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    cfg.seg_train.data_root = storage.absolute(train_data_root(cfg))
+    cfg.data.root = storage.absolute(cfg.data.root)
     if cfg.seg_train.resume_from:
-        cfg.seg_train.resume_from = str(Path(cfg.seg_train.resume_from).expanduser().resolve())
+        cfg.seg_train.resume_from = storage.absolute(cfg.seg_train.resume_from)
     pseudo_labels = Manifest.load(cfg.seg_train.data_root)
     require_pseudo_labels(pseudo_labels, cfg.data.train_split)
     if cfg.seg_train.init_encoder_from_phase1:  # resolved like the paths: workers and checkpoints see the weights
