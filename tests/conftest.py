@@ -4,6 +4,7 @@ the Train/Data tests connect to it with ``ray.init`` and the job tests submit to
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -75,7 +76,39 @@ def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | Non
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on loopback for the session; yields its endpoint URL.
+
+    Set up as a cloud user would be: credentials, region and ``AWS_ENDPOINT_URL`` (an S3-compatible endpoint such as
+    MinIO's) in the environment, where pyarrow (``weaktr.storage``, Ray Train's checkpoint storage) finds them. The
+    shared Ray head starts after it (``ray_head``), so its workers inherit that environment too."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise, in every failure report
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="weaktr-test", AWS_SECRET_ACCESS_KEY="weaktr-test",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket on the loopback S3 server; yields its ``s3://`` URI."""
+    import boto3
+
+    name = "weaktr-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server, tmp_path_factory):
     """The session's shared 4-CPU Ray head; yields (gcs_address, dashboard_url)."""
     from weaktr.launch import remove_stale_address_file
 

@@ -1,4 +1,4 @@
-"""The ray_jobs/ entry scripts as modules, so tests call their ``main`` in this process."""
+"""The ray_jobs/ entry scripts as modules, so tests call their ``main`` in this process; what a test bucket holds."""
 
 from __future__ import annotations
 
@@ -14,3 +14,11 @@ def load_job(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def bucket_objects(bucket: str) -> list[str]:
+    """The keys of every object in ``bucket`` (``s3://name``) on the loopback S3 server (conftest ``s3_server``)."""
+    import boto3
+
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket.removeprefix("s3://"))
+    return sorted(entry["Key"] for entry in listing.get("Contents", []))

@@ -3,9 +3,10 @@
     weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf]
     weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
     weaktr pipeline --config CFG [--resume | --from STAGE] [--set KEY=VALUE ...]
-    weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [--max-side PX --workers N]
-    weaktr convert coco COCO_ROOT OUT [--official-ids] [--max-side PX --workers N]
-    weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F] [--max-side PX --workers N]
+    weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [SIZES]
+    weaktr convert coco COCO_ROOT OUT [--official-ids] [SIZES]
+    weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F] [SIZES]
+        SIZES: [--max-side PX] [--samples-per-shard N] [--workers N]
 
 ``predict`` labels any images with a phase-2 checkpoint: for each it writes ``{name}.png`` (dataset ids as a
 VOC-palette PNG: 0 background, c+1 for class c) and ``{name}_overlay.jpg`` (the colours blended over the image).
@@ -15,7 +16,8 @@ skipped; the exit code is then 1.
 
 ``convert`` writes a dataset of shards from the standard VOC / COCO layouts or a labelled folder (the
 ``weaktr.data`` converters): unreadable items are skipped with their reason in ``OUT/failures.jsonl``, images
-longer than ``--max-side`` are stored downscaled, and a summary of both is printed.
+longer than ``--max-side`` are stored downscaled, and a summary of both is printed. OUT may be a bucket
+(``s3://…``, ``gs://…``): the dataset is written to a temporary directory here, then uploaded.
 
 ``import-official`` turns a checkpoint of the official WeakTr code into a weaktr checkpoint directory
 (``weaktr.official``): the architecture from the config's ``model`` / ``seg_model`` section, the class names from
@@ -26,16 +28,19 @@ longer than ``--max-side`` are stored downscaled, and a summary of both is print
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from weaktr import storage
 from weaktr.data.convert import CONVERT_WORKERS
 from weaktr.data.images import load_rgb
-from weaktr.data.shards import MAX_SIDE
+from weaktr.data.shards import MAX_SIDE, SAMPLES_PER_SHARD
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 OVERLAY_ALPHA = 0.5
@@ -175,19 +180,28 @@ def convert_command(args) -> int:
     from weaktr.data.folder import convert_folder
     from weaktr.data.voc import convert_voc
 
-    common = {"max_side": args.max_side or None, "workers": args.workers}  # max_side 0: every size as it is
+    common = {"max_side": args.max_side or None, "workers": args.workers, "samples_per_shard": args.samples_per_shard}
+    # A dataset for a bucket is written here first: the writers rename finished shards into place.
+    staging = tempfile.mkdtemp(prefix="weaktr-convert-") if storage.is_uri(args.out) else None
+    out = staging or args.out
     try:
         if args.layout == "voc":
-            convert_voc(args.root, args.out, aug_list=args.aug_list, aug_mask_dir=args.aug_mask_dir,
+            convert_voc(args.root, out, aug_list=args.aug_list, aug_mask_dir=args.aug_mask_dir,
                         cls_labels=args.cls_labels, **common)
         elif args.layout == "coco":
-            convert_coco(args.out, coco2014_splits(args.root), official_ids=args.official_ids, **common)
+            convert_coco(out, coco2014_splits(args.root), official_ids=args.official_ids, **common)
         else:
-            convert_folder(args.images, args.labels, args.out, mask_dir=args.mask_dir, val_fraction=args.val_fraction,
+            convert_folder(args.images, args.labels, out, mask_dir=args.mask_dir, val_fraction=args.val_fraction,
                            **common)
+        if staging:
+            storage.upload_dir(staging, args.out)
+            print(f"uploaded to {args.out} (with its failures.jsonl)")
     except (OSError, ValueError) as err:
         print(f"weaktr convert {args.layout}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
     return 0
 
 
@@ -235,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     sizes = argparse.ArgumentParser(add_help=False)
     sizes.add_argument("--max-side", type=int, default=MAX_SIDE, metavar="PX",
                        help=f"store larger images downscaled to this longer side (default {MAX_SIDE}; 0 keeps all)")
+    sizes.add_argument("--samples-per-shard", type=int, default=SAMPLES_PER_SHARD, metavar="N",
+                       help=f"samples per tar shard (default {SAMPLES_PER_SHARD}); training needs a shard per worker")
     sizes.add_argument("--workers", type=int, default=CONVERT_WORKERS, metavar="N",
                        help=f"threads reading images (default: the cores, {CONVERT_WORKERS} here)")
     voc = layouts.add_parser("voc", parents=[sizes],

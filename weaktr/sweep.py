@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from weaktr import storage
 from weaktr.config import Config, ConfigError, SweepConfig, from_dict, save_config, to_dict, with_values
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
@@ -158,9 +159,7 @@ def _check_value(cfg: Config, key: str, value: Any, where: str) -> None:
 
 def resolve_paths(cfg: Config) -> None:
     """Make the paths trials read absolute: Tune runs each trial in its own working directory."""
-    def absolute(path: str) -> str:
-        return path if "://" in path else str(Path(path).expanduser().resolve())
-
+    absolute = storage.absolute
     cfg.run.storage_path = absolute(cfg.run.storage_path)
     cfg.data.root = absolute(cfg.data.root)
     if cfg.tune.phase == "seg":
@@ -219,6 +218,11 @@ def prepare_sweep(cfg: Config, resume: bool) -> Path:
     disk: a new sweep must not land on an existing one, a resumed one must exist and have the config it started
     with. Returns where that config is kept (``SAVED_CONFIG``); ConfigError otherwise, before Ray starts."""
     check_sweep(cfg)
+    if storage.is_uri(cfg.run.storage_path):
+        raise ConfigError(
+            f"run.storage_path is a URI ({cfg.run.storage_path}): a sweep keeps its trials and results on this "
+            "machine (data.root and the other inputs may be URIs)"
+        )
     resolve_paths(cfg)
     saved = sweep_dir(cfg) / SAVED_CONFIG
     if resume:

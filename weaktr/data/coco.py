@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
-from weaktr.data.shards import IGNORE, MAX_SIDE, Manifest, Sample, Skipped
+from weaktr.data.shards import IGNORE, MAX_SIDE, SAMPLES_PER_SHARD, Manifest, Sample, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def convert_coco(
     *,
     name: str = "coco14",
     with_masks: bool = True,
-    samples_per_shard: int = 500,
+    samples_per_shard: int = SAMPLES_PER_SHARD,
     max_shard_bytes: int = 256 * 2**20,
     official_ids: bool = False,
     max_side: Optional[int] = MAX_SIDE,

@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Sequence
 
 from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
-from weaktr.data.shards import MAX_SIDE, Manifest, Sample, Skipped
+from weaktr.data.shards import MAX_SIDE, SAMPLES_PER_SHARD, Manifest, Sample, Skipped
 from weaktr.data.voc import read_label_png
 
 _HEADER_NAMES = {"filename", "file", "image", "path", "name"}
@@ -108,7 +108,7 @@ def convert_folder(
     name: str = "folder",
     val_fraction: float = 0.0,
     seed: int = 0,
-    samples_per_shard: int = 500,
+    samples_per_shard: int = SAMPLES_PER_SHARD,
     max_shard_bytes: int = 256 * 2**20,
     max_side: Optional[int] = MAX_SIDE,
     workers: int = CONVERT_WORKERS,

@@ -37,6 +37,7 @@ IGNORE = 255  # the label maps' "not labelled" id
 # kept as they are, while a phone photo's 4032 x 3024 would give the pseudo-label pass's CAMs 47k patch tokens,
 # an attention matrix of ~9 GB per head at scale 1.0.
 MAX_SIDE = 1024
+SAMPLES_PER_SHARD = 500  # the converters' shards: ~50 MB of VOC JPEGs, 21 shards for VOC's train_aug
 
 
 class DataError(RuntimeError):

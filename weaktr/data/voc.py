@@ -23,7 +23,7 @@ from PIL import Image
 
 from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
-from weaktr.data.shards import IGNORE, MAX_SIDE, Manifest, Sample, Skipped
+from weaktr.data.shards import IGNORE, MAX_SIDE, SAMPLES_PER_SHARD, Manifest, Sample, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def convert_voc(
     aug_mask_dir: Optional[str | os.PathLike] = None,
     cls_labels: Optional[str | os.PathLike] = None,
     name: str = "voc12",
-    samples_per_shard: int = 500,
+    samples_per_shard: int = SAMPLES_PER_SHARD,
     max_shard_bytes: int = 256 * 2**20,
     max_side: Optional[int] = MAX_SIDE,
     workers: int = CONVERT_WORKERS,
