@@ -4,7 +4,6 @@ the Train/Data tests connect to it with ``ray.init`` and the job tests submit to
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import signal
@@ -27,6 +26,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # mode for the head, this process and every job/CLI subprocess so they always agree.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller looks at its workers every 2 s by default, so each run (the suite makes about twenty) ends
+# up to 2 s after its last epoch; a quarter of that leaves them the same and the suite shorter.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def _free_port() -> int:
@@ -76,25 +78,35 @@ def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | Non
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-compatible server (moto's server mode) on loopback for the session; yields its endpoint URL.
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's server mode, in a process of its own) on loopback for the session; yields
+    its endpoint URL.
 
     Set up as a cloud user would be: credentials, region and ``AWS_ENDPOINT_URL`` (an S3-compatible endpoint such as
     MinIO's) in the environment, where pyarrow (``weaktr.storage``, Ray Train's checkpoint storage) finds them. The
     shared Ray head starts after it (``ray_head``), so its workers inherit that environment too."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise, in every failure report
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="weaktr-test", AWS_SECRET_ACCESS_KEY="weaktr-test",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the moto S3 server did not start; see {log.name}") from None
+                time.sleep(0.2)
+        os.environ.update(AWS_ACCESS_KEY_ID="weaktr-test", AWS_SECRET_ACCESS_KEY="weaktr-test",
+                          AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
         yield endpoint
     finally:
-        server.stop()
+        server.kill()
+        server.wait(timeout=30)
+        log.close()
 
 
 @pytest.fixture
