@@ -26,9 +26,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # mode for the head, this process and every job/CLI subprocess so they always agree.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray Train's controller looks at its workers every 2 s by default, so each run (the suite makes about twenty) ends
-# up to 2 s after its last epoch; a quarter of that leaves them the same and the suite shorter.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def _free_port() -> int:

@@ -414,3 +414,8 @@ def test_checkpoints_from_before_the_normalization_setting_keep_imagenets(tmp_pa
     payload = load_checkpoint(tmp_path)
     assert payload["arch"]["normalization"] == "imagenet"
     assert rebuild("cam", payload["arch"], payload["model"]).normalization == IMAGENET
+
+
+def test_phase1_refuses_an_eva_backbone_naming_phase_2():
+    with pytest.raises(ValueError, match="phase 1 needs a VisionTransformer.*phase-2 backbone"):
+        WeakTrCAM(NUM_CLASSES, backbone="eva02_small_patch14_224", **TINY)

@@ -106,3 +106,20 @@ def test_a_global_batch_that_does_not_split_over_the_workers_names_the_key(secti
 def test_a_value_the_crf_refuses_names_its_section():
     with pytest.raises(ConfigError, match=r"'eval.crf_params': gt_prob must be in \(0, 1\)"):
         load_config(None, ["eval.crf_params.gt_prob=1.5"])
+
+
+def test_a_job_layers_repeated_configs_in_order_then_its_overrides():
+    """``--config RECIPE --config VARIANT``: the variant's keys replace the recipe's, the rest of the recipe stays,
+    and ``--set`` goes over both (configs/backbones/ are used so)."""
+    from weaktr.config import job_arg_parser, parse_job_args
+
+    root = ROOT / "configs"
+    parser = job_arg_parser("test")
+    _, cfg = parse_job_args(parser, ["--config", str(root / "voc12.yaml"), "--config",
+                                     str(root / "backbones" / "eva02_s.yaml"), "--set", "seg_model.dropout=0.2"])
+    recipe = load_config(root / "voc12.yaml")
+    assert (cfg.seg_model.backbone, cfg.seg_model.patch_size) == ("eva02_small_patch14_224.mim_in22k", 16)
+    assert cfg.seg_model.encoder_norm_eps == recipe.seg_model.encoder_norm_eps == 1e-5
+    assert cfg.seg_train == recipe.seg_train and cfg.seg_model.dropout == 0.2
+    with pytest.raises(SystemExit):
+        parse_job_args(parser, ["--config", str(root / "voc12.yaml"), "--config", str(root / "missing.yaml")])

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RAY_FREE = ["weaktr.ops", "weaktr.runtime", "weaktr.metrics", "weaktr.crf", "weaktr.config", "weaktr.models",
             "weaktr.models.build", "weaktr.models.inference", "weaktr.data", "weaktr.data.stream", "weaktr.data.voc",
-            "weaktr.data.coco", "weaktr.evaluate", "weaktr.cli", "weaktr.official", "weaktr.pseudo"]
+            "weaktr.data.coco", "weaktr.evaluate", "weaktr.cli", "weaktr.official", "weaktr.pseudo", "weaktr.storage"]
 
 
 def test_library_modules_import_without_ray():

@@ -286,3 +286,91 @@ def test_overfits_a_tiny_batch():
     assert losses[-1] < 0.4 * losses[0], losses
     accuracy = (model.eval()(images).argmax(1) == masks).float().mean()
     assert accuracy > 0.9
+
+
+# The phase-2 backbone variants (configs/backbones/, layered over a recipe) and the inputs their weights expect.
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+VARIANTS = {
+    "vit_s_21k.yaml": ("VisionTransformer", ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))),
+    "dinov2_s.yaml": ("VisionTransformer", IMAGENET),
+    "eva02_s.yaml": ("Eva", CLIP),
+}
+TINY_OVERRIDES = ["seg_model.pretrained=false", "seg_model.embed_dim=32", "seg_model.depth=2",
+                  "seg_model.num_heads=2", "seg_model.d_model=32", "seg_model.img_size=64"]
+
+
+def variant_config(name: str):
+    from pathlib import Path
+
+    from weaktr.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    return load_config([configs / "voc12.yaml", configs / "backbones" / name], TINY_OVERRIDES)
+
+
+def test_every_backbone_variant_is_tested():
+    from pathlib import Path
+
+    shipped = {p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "backbones").glob("*.yaml")}
+    assert shipped == set(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_backbone_variant_trains_at_16_px_patches_with_its_own_normalization(variant):
+    """A tiny (random weights) build of each documented phase-2 backbone from its config: the backbone's own
+    normalization, 16-px patches, a forward and backward pass at a non-square size, fused and explicit attention
+    alike, and a rebuild from its checkpoint arch giving the same logits."""
+    from weaktr.models.build import build_segmenter, rebuild
+
+    kind, normalization = VARIANTS[variant]
+    cfg = variant_config(variant)
+    model = build_segmenter(cfg, NUM_CLASSES - 1)
+    assert type(model.encoder).__name__ == kind and model.normalization == normalization
+    assert model.patch_size == (16, 16)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 48, 80)  # a 3 x 5 grid; the stored positions are 4 x 4
+    logits = model(images)
+    assert logits.shape == (2, NUM_CLASSES, 48, 80)
+    logits.square().mean().backward()
+    first = [model.encoder.patch_embed.proj.weight, *model.encoder.blocks[0].attn.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in first)  # through the whole encoder
+
+    model.eval()
+    explicit_model = rebuild("seg", model.arch | {"fused_attn": False}, model.state_dict())
+    attention = [m for m in explicit_model.encoder.modules() if hasattr(m, "fused_attn")]
+    assert len(attention) == 2 and not any(m.fused_attn for m in attention)  # the switch reached every block
+    with torch.no_grad():
+        torch.testing.assert_close(explicit_model(images), model(images), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant, layout", [("dinov2_s.yaml", "timm"), ("eva02_s.yaml", "timm"),
+                                             ("eva02_s.yaml", "EVA-02 MIM release")])
+def test_14_px_weights_load_into_the_16_px_encoder_as_the_official_code_loads_them(variant, layout, tmp_path):
+    """DINOv2's and EVA-02's released weights have 14-px patch embeddings: a local weights file of that layout
+    (a tiny one, random) loads into the 16-px encoder, its patch embedding resampled and every other tensor as it is,
+    the final norm included (timm's Eva keeps it as fc_norm; the EVA-02 MIM release as norm, beside its mask
+    token)."""
+    import safetensors.torch
+    import timm
+
+    from weaktr.models.build import build_segmenter
+    from weaktr.models.segmenter import final_norm
+
+    cfg = variant_config(variant)
+    torch.manual_seed(1)
+    released = timm.create_model(cfg.seg_model.backbone, pretrained=False, num_classes=0, img_size=56,
+                                 embed_dim=32, depth=2, num_heads=2)  # 14-px patches, a 4 x 4 grid
+    assert released.patch_embed.patch_size == (14, 14)
+    state = {k: v.contiguous() for k, v in released.state_dict().items()}
+    norm = final_norm(released).weight
+    if layout == "EVA-02 MIM release":
+        state = {k.replace("fc_norm.", "norm."): v for k, v in state.items()} | {"mask_token": torch.zeros(1, 1, 32)}
+    safetensors.torch.save_file(state, tmp_path / "weights.safetensors")
+    cfg.seg_model.weights_path = str(tmp_path / "weights.safetensors")
+    encoder = build_segmenter(cfg, NUM_CLASSES - 1).encoder
+    assert encoder.patch_embed.proj.weight.shape[-2:] == (16, 16)
+    torch.testing.assert_close(final_norm(encoder).weight, norm)
+    loaded = encoder.state_dict()
+    for key in ("blocks.1.norm1.weight", "cls_token"):
+        torch.testing.assert_close(loaded[key], state[key])

@@ -109,11 +109,15 @@ def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
     node[leaf] = value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = (), cls: type = Config) -> Any:
-    """Defaults ← YAML file ← overrides, validated against the dataclasses."""
+def load_config(
+    path: Optional[str | Path | typing.Sequence[str | Path]] = None, overrides: typing.Sequence[str] = (),
+    cls: type = Config,
+) -> Any:
+    """Defaults ← YAML file(s), each over the one before (a recipe, then e.g. configs/backbones/eva02_s.yaml) ←
+    overrides, validated against the dataclasses."""
     data = to_dict(cls())
-    if path is not None:
-        path = Path(path)
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -167,7 +171,9 @@ def job_arg_parser(description: str, resumes: Optional[str] = None) -> argparse.
     """A job's command line: ``--config``, ``--set`` and, for a job whose work survives it, ``--resume`` (continue
     the ``resumes`` of this config; without the flag, one that exists is refused: ``launch.check_resume``)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML config file")
+    parser.add_argument("--config", action="append", default=None,
+                        help="YAML config file; repeat to layer one over another (e.g. a recipe, then "
+                             "configs/backbones/eva02_s.yaml)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",

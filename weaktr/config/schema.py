@@ -193,6 +193,9 @@ class SegModelConfig(BackboneConfig):
     """Phase 2: ViT encoder + mask-transformer decoder."""
 
     img_size: int = 480
+    # None: the backbone's. 16 on DINOv2 / EVA-02 (14-px patches) resamples their patch embedding, as the official
+    # phase 2 does (configs/backbones/).
+    patch_size: Optional[int] = None
     d_model: Optional[int] = None  # decoder width; None: the encoder's
     decoder_depth: int = 2
     decoder_heads: Optional[int] = None  # None: d_model // 64, as Segmenter

@@ -229,6 +229,11 @@ def _attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
 
 def _check_backbone(vit: VisionTransformer, name: str) -> None:
     """The token layout and block structure this model relies on, with a clear error otherwise."""
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(
+            f"backbone {name!r} is a timm {type(vit).__name__}; phase 1 needs a VisionTransformer (one class token, "
+            "plain attention blocks: DeiT, ViT, DINOv2). EVA-02 is a phase-2 backbone (seg_model.backbone)"
+        )
     if vit.cls_token is None or vit.num_prefix_tokens != 1 or vit.no_embed_class or vit.pos_embed is None:
         raise ValueError(
             f"backbone {name!r} must have exactly one class token with a learned positional embedding "

@@ -1,8 +1,8 @@
 """Phase 2: Segmenter-style segmentation network (SPEC.md "Phase 2").
 
-A plain ViT encoder (timm VisionTransformer: one class token, final norm) followed by the mask-transformer decoder
-of Segmenter (Strudel et al., ICCV 2021): n_cls learned class embeddings attend jointly with the projected patch
-tokens, and each class mask is the cosine similarity between the patch features and that class's feature.
+A plain ViT encoder (timm VisionTransformer or Eva: one class token, final norm) followed by the mask-transformer
+decoder of Segmenter (Strudel et al., ICCV 2021): n_cls learned class embeddings attend jointly with the projected
+patch tokens, and each class mask is the cosine similarity between the patch features and that class's feature.
 Parameter names follow the Segmenter reference code (encoder.*, decoder.cls_emb, decoder.proj_patch, ...).
 
 Shapes: B batch, H x W input, p patch size, h x w = H/p x W/p grid, N = h*w patch tokens, D encoder width,
@@ -17,7 +17,8 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Attention, trunc_normal_
+from timm.layers import trunc_normal_
+from timm.models.eva import Eva
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
@@ -106,6 +107,7 @@ class Segmenter(nn.Module):
         depth: int | None = None,
         num_heads: int | None = None,
         drop_path_rate: float = 0.1,
+        patch_size: int | None = None,
         d_model: int | None = None,
         decoder_depth: int = 2,
         decoder_heads: int | None = None,
@@ -123,9 +125,12 @@ class Segmenter(nn.Module):
         self.arch = arch
         # The official Segmenter's own ViT uses LayerNorm's default eps 1e-5 where timm's DeiT uses 1e-6.
         norm = {} if encoder_norm_eps is None else {"norm_layer": functools.partial(nn.LayerNorm, eps=encoder_norm_eps)}
+        # patch_size 16 on a 14-px backbone (DINOv2, EVA-02) resamples its pretrained patch embedding, as the
+        # official phase 2 runs them (dinov2_small_patch16_224, eva02_small_patch16_224).
+        patch = {} if patch_size is None else {"patch_size": patch_size}
         self.encoder = create_backbone(
             backbone, pretrained=pretrained, weights_path=weights_path, **backbone_shape(arch),
-            dynamic_img_size=True, **norm,
+            dynamic_img_size=True, **norm, **patch,
         )
         _check_encoder(self.encoder, backbone)
         self.normalization = input_normalization(self.encoder, normalization)  # (mean, std) its inputs get
@@ -140,7 +145,7 @@ class Segmenter(nn.Module):
             dropout=dropout,
         )
         for module in self.modules():
-            if isinstance(module, Attention):
+            if hasattr(module, "fused_attn"):  # timm's Attention and Eva's EvaAttention
                 module.fused_attn = fused_attn
 
     @property
@@ -192,8 +197,11 @@ class Segmenter(nn.Module):
 
         timm's forward_features, but for the position embedding at grids other than the stored one: resampled
         bilinearly (the official Segmenter's ``resize_pos_embed``) where timm resamples bicubically with
-        antialiasing, so that official checkpoints give the official logits at every input size."""
+        antialiasing, so that official checkpoints give the official logits at every input size. An Eva encoder
+        runs its own forward_features: its rotary embedding is computed for each input's grid."""
         vit = self.encoder
+        if isinstance(vit, Eva):  # final norm: timm's Eva keeps it as fc_norm (for its pooled token) by default
+            return final_norm(vit)(vit.forward_features(x))[:, vit.num_prefix_tokens:]  # [B, N, D]
         x = vit.patch_embed(x)  # [B, h, w, D]: dynamic_img_size keeps the grid
         B, h, w, D = x.shape
         pos_cls, pos_patch = vit.pos_embed[:, :1], vit.pos_embed[:, 1:]  # [1, 1, D], [1, h0 * w0, D]
@@ -225,5 +233,12 @@ def _check_encoder(vit: nn.Module, name: str) -> None:
             f"backbone {name!r} must have exactly one class token and a learned positional embedding "
             "(DeiT / ViT layout; no register or distillation tokens)"
         )
-    if isinstance(vit.norm, nn.Identity):
+    if isinstance(final_norm(vit), nn.Identity):
         raise ValueError(f"backbone {name!r} has no final norm on its tokens (a global-pool ViT?)")
+
+
+def final_norm(vit: nn.Module) -> nn.Module:
+    """The encoder's last norm, applied to every token: ``norm``, or an Eva's ``fc_norm`` (timm's Eva keeps its
+    final norm there, for the pooled token, unless built with ``use_fc_norm=False``; the official EVA-02 encoder
+    applies it to every token, as a ViT does). An Eva with ``norm`` has an identity ``fc_norm``, and the reverse."""
+    return vit.fc_norm if isinstance(vit, Eva) and isinstance(vit.norm, nn.Identity) else vit.norm

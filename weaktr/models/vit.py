@@ -1,4 +1,7 @@
-"""Shared helpers for timm ViT backbones (phase-1 CAM model and phase-2 Segmenter encoder)."""
+"""Shared helpers for timm ViT backbones (phase-1 CAM model and phase-2 Segmenter encoder).
+
+Backbones are timm models with one class token: a ``VisionTransformer`` (DeiT, ViT augreg, DINOv2) in both phases,
+or an ``Eva`` (EVA-02: rotary position embedding, SwiGLU MLPs) as the phase-2 encoder."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import load_state_dict
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
 
@@ -46,8 +51,8 @@ def create_backbone(
     num_heads: int | None = None,
     drop_path_rate: float = 0.0,
     **timm_kwargs: Any,
-) -> VisionTransformer:
-    """A timm VisionTransformer without classifier head (num_classes=0).
+) -> VisionTransformer | Eva:
+    """A timm VisionTransformer or Eva without classifier head (num_classes=0).
 
     embed_dim / depth / num_heads, when given, override the named architecture (tests build tiny models this
     way). pretrained=True downloads timm's weights for `name`; weights_path instead loads a local timm/DeiT
@@ -76,15 +81,15 @@ def create_backbone(
             f"this machine reach the Hugging Face hub (or a cache of it: HF_HOME), or set weights_path "
             f"(model.weights_path, seg_model.weights_path) to a local .safetensors/.pth file with pretrained: false"
         ) from None
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"backbone {name!r} is a {type(model).__name__}, expected a timm VisionTransformer")
+    if not isinstance(model, (VisionTransformer, Eva)):
+        raise ValueError(f"backbone {name!r} is a {type(model).__name__}, expected a timm VisionTransformer or Eva")
     if weights_path is not None:
         load_backbone_weights(model, weights_path)
     return model
 
 
 def input_normalization(
-    model: VisionTransformer, normalization: str = "backbone"
+    model: VisionTransformer | Eva, normalization: str = "backbone"
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of an input in 0..1: with "backbone", what the backbone's pretrained weights expect (timm's
     pretrained config: ImageNet's for DeiT, 0.5 everywhere for the ImageNet-21k augreg ViTs, CLIP's for EVA-02);
@@ -95,14 +100,15 @@ def input_normalization(
     return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
-def load_backbone_weights(model: VisionTransformer, weights_path: str | os.PathLike) -> None:
+def load_backbone_weights(model: VisionTransformer | Eva, weights_path: str | os.PathLike) -> None:
     """Load a ViT checkpoint (a local file or a URI, ``weaktr.storage``) into `model` (in place, strict).
 
     The file is a state dict, possibly nested under "model" / "state_dict" (DeiT releases, timm training
     checkpoints), possibly with DDP "module." prefixes; it is read with torch.load(weights_only=True). The
     classifier head is dropped, and timm's checkpoint filter converts foreign layouts and resamples the
-    positional embedding to the model's grid. A weaktr phase-1 checkpoint (its directory or checkpoint.pt) also
-    loads: see ``vit_state_from_phase1``.
+    positional embedding to the model's grid and the patch embedding to its patch size (DINOv2's and EVA-02's
+    14-px patches at 16 px, as the official phase 2 runs them). A weaktr phase-1 checkpoint (its directory or
+    checkpoint.pt) also loads into a VisionTransformer: see ``vit_state_from_phase1``.
     """
     path = checkpoint_file(weights_path)  # a weaktr checkpoint directory's file, or the file itself
     if not storage.exists(path):
@@ -114,12 +120,17 @@ def load_backbone_weights(model: VisionTransformer, weights_path: str | os.PathL
         if local != path:
             os.unlink(local)
     from_phase1 = "cls_tokens" in state_dict
+    if from_phase1 and isinstance(model, Eva):
+        raise ValueError(f"{path} is a phase-1 (ViT) checkpoint; the backbone {type(model).__name__} cannot take it")
     if from_phase1:
         state_dict = vit_state_from_phase1(state_dict)
     classifier = model.pretrained_cfg.get("classifier", "head")
     heads = (f"{classifier}.", "head.", "head_dist.")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
-    state_dict = checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
+    if isinstance(model, Eva):
+        state_dict = eva_checkpoint_filter_fn(state_dict, model)
+    else:
+        state_dict = checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if from_phase1:  # phase 1 has no final norm: the encoder keeps its freshly initialized one
         missing = [key for key in missing if not key.startswith("norm.")]
