@@ -346,9 +346,14 @@ def test_convert_command_for_each_layout(voc_root, coco_root, image_folder, tmp_
     assert main(["convert", "voc", str(root), str(tmp_path / "voc"), "--aug-list", str(tmp_path / "train_aug.txt")]) == 0
     voc = Manifest.load(tmp_path / "voc")
     assert {s: i.num_samples for s, i in voc.splits.items()} == {"train": 2, "val": 2, "train_aug": 2}
-    assert main(["convert", "coco", str(coco_root), str(tmp_path / "coco")]) == 0
+    assert main(["convert", "coco", str(coco_root), str(tmp_path / "coco"), "--samples-per-shard", "1"]) == 0
     coco = Manifest.load(tmp_path / "coco")
     assert coco.classes == ["person", "car", "toothbrush"] and coco.splits["val"].num_samples == 2
+    assert coco.splits["val"].shard_sizes == [1, 1]
+    # The polygon, the crowd's RLE and the sparse category ids (1, 3, 90) as the shards hold them.
+    first, second = read_split(coco, "val").values()
+    assert (first.labels, second.labels) == ([0, 1], [2])
+    assert (first.mask[7:13, 7:13] == 1).all() and (first.mask[20:25, 30:38] == 2).all() and second.mask[2, 2] == 3
     folder, masks, _ = image_folder
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({"a.png": "cat", "b.jpg": "dog", "f.png": "cat", "g.png": "dog"}))
