@@ -41,27 +41,6 @@ def test_a_dead_ray_address_fails_fast_naming_it():
     assert time.monotonic() - started < 30
 
 
-@pytest.mark.ray  # starts a local Ray in a subprocess
-def test_a_stale_ray_address_file_starts_a_local_ray_instead_of_hanging():
-    # What a killed `ray start --head` leaves: <Ray temp dir>/ray_current_cluster naming a dead head. Ray's temp
-    # dir is $RAY_TMPDIR/ray; short, because Ray's unix sockets live under it.
-    tmp = tempfile.mkdtemp(prefix="wtr-stale-", dir="/tmp")
-    try:
-        (Path(tmp) / "ray").mkdir()
-        dead = f"127.0.0.1:{_free_port()}"
-        (Path(tmp) / "ray" / "ray_current_cluster").write_text(dead)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
-        proc = _run(INIT_RAY, env, timeout=120)  # joining the dead address never returned
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"named the Ray head {dead}, which does not answer" in proc.stderr
-        # Removed: Ray's state API and Ray Train's placement-group cleaner would otherwise still read it.
-        assert not (Path(tmp) / "ray" / "ray_current_cluster").exists()
-        connected = proc.stdout.split("connected", 1)[1].split()[0]
-        assert connected != dead
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # Run in a fresh job process: start a local Ray as the jobs do, then ask its GCS (the port every Ray client and
 # worker talks to) for the cluster id without a token, with a wrong one and with the cluster's own.
 EXPOSURE_PROBE = """
@@ -94,7 +73,8 @@ token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
 dashboard_port = int(ray._private.worker.get_dashboard_url().rsplit(":", 1)[1])
 node_ip = gcs.rsplit(":", 1)[0]
 print(json.dumps({
-    "node_ip": node_ip, "no token": ask_gcs(None), "wrong token": ask_gcs("not-the-token"), "token": ask_gcs(token),
+    "gcs": gcs, "node_ip": node_ip,
+    "no token": ask_gcs(None), "wrong token": ask_gcs("not-the-token"), "token": ask_gcs(token),
     "dashboard on loopback": listens("127.0.0.1", dashboard_port),
     "dashboard on the node's address": listens(node_ip, dashboard_port),
 }))
@@ -102,21 +82,33 @@ print(json.dumps({
 
 
 @pytest.mark.ray  # starts a local Ray in a subprocess
-def test_a_local_ray_answers_only_its_token_and_keeps_its_dashboard_on_loopback(tmp_path):
-    """What a job run directly opens. Ray 2.60 binds its gRPC servers (GCS, raylet, workers) to every interface
-    whatever the node address (``_node_ip_address="127.0.0.1"`` was tried: no change), so what guards them is
-    the token authentication a local Ray turns on by itself (the token in ``~/.ray/auth_token``, made on first
-    use). The dashboard and job server, which run any code sent to them, listen on loopback only."""
-    home = tmp_path / "home"  # a user without a token yet
+def test_a_job_run_directly_past_a_dead_heads_address_file_starts_a_local_ray_that_answers_only_its_token(tmp_path):
+    """What a job run directly finds and opens, on a machine where a killed ``ray start --head`` left
+    ``<Ray temp dir>/ray_current_cluster`` naming a dead head (a plain ``ray.init()`` would join it and never return),
+    as a user without a token yet (a fresh HOME).
+
+    The job removes the file and starts a local Ray. Ray 2.60 binds its gRPC servers (GCS, raylet, workers) to
+    every interface whatever the node address (``_node_ip_address="127.0.0.1"`` was tried: no change), so what
+    guards them is the token authentication a local Ray turns on by itself (the token in ``~/.ray/auth_token``, made
+    on first use). The dashboard and job server, which run any code sent to them, listen on loopback only."""
+    home = tmp_path / "home"
     home.mkdir()
-    temp = tempfile.mkdtemp(prefix="wtr-exp-", dir="/tmp")  # short: Ray's unix sockets live under it
+    # Ray's temp dir is $RAY_TMPDIR/ray; short, because Ray's unix sockets live under it.
+    temp = tempfile.mkdtemp(prefix="wtr-exp-", dir="/tmp")
     try:
+        (Path(temp) / "ray").mkdir()
+        dead = f"127.0.0.1:{_free_port()}"
+        (Path(temp) / "ray" / "ray_current_cluster").write_text(dead)
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
         proc = _run(EXPOSURE_PROBE, env | {"HOME": str(home), "RAY_TMPDIR": temp}, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"named the Ray head {dead}, which does not answer" in proc.stderr
+        # Removed: Ray's state API and Ray Train's placement-group cleaner would otherwise still read it.
+        assert not (Path(temp) / "ray" / "ray_current_cluster").exists()
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["gcs"] != dead
     assert (home / ".ray" / "auth_token").exists()
     assert (seen["no token"], seen["wrong token"], seen["token"]) == ("UNAUTHENTICATED", "UNAUTHENTICATED", "answered")
     assert seen["dashboard on loopback"]

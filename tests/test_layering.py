@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 RAY_FREE = ["weaktr.ops", "weaktr.runtime", "weaktr.metrics", "weaktr.crf", "weaktr.config", "weaktr.models",
             "weaktr.models.build", "weaktr.models.inference", "weaktr.data", "weaktr.data.stream", "weaktr.data.voc",
@@ -29,8 +27,7 @@ def test_library_modules_import_without_ray():
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
-@pytest.mark.parametrize("module", ["weaktr.train.cam_loop", "weaktr.train.seg_loop"])
-def test_training_loops_are_where_ray_train_comes_in(module):  # the probe above sees Ray where it is imported
-    probe = f"import sys, {module}; print('ray.train' in sys.modules)"
+def test_the_probe_sees_ray_where_it_is_imported():  # a training loop brings Ray Train in
+    probe = "import sys, weaktr.train.cam_loop; print('ray.train' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-3000:]
