@@ -52,11 +52,14 @@ def _check_shards_exist(shards: Sequence[str]) -> None:
         raise DataError(f"{len(missing)} shard(s) do not exist, first: {missing[0]}")
 
 
-def read_records(urls: Sequence[str], on_failure: Callable[[Failure], None], keep_going: bool = True) -> Iterator[dict]:
+def read_records(
+    urls: Sequence[str], on_failure: Callable[[Failure], None], keep_going: bool = True
+) -> Iterator[dict]:
     """The raw webdataset records (dicts of bytes) of ``urls`` (local paths or URIs, ``weaktr.storage``) in order.
     An unreadable shard (missing, cut short) is reported once to ``on_failure`` with its url; then the stream goes
     on with the next shard (``keep_going``) or ends."""
     current = [""]  # the shard being read: shards are opened one at a time, as the tar reader asks for the next
+    last: list[Failure] = []  # the failure reported last
 
     def handler(exn: Exception) -> bool:
         message = str(exn.args[0] if exn.args else exn).split(" @ <")[0]
@@ -80,7 +83,6 @@ def read_records(urls: Sequence[str], on_failure: Callable[[Failure], None], kee
             with stream:  # closed once the tar reader asks for the next shard
                 yield {"url": url, "stream": stream}
 
-    last: list[Failure] = []
     files = tar_file_expander(opened(), handler=handler)
     return group_by_keys(files, handler=handler)
 
