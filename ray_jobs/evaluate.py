@@ -18,6 +18,7 @@ from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.evaluate import class_names, evaluate_on_ray, report_dir, write_report  # noqa: E402
 from weaktr.launch import init_ray, prepare_data  # noqa: E402
 from weaktr.metrics import ConfusionMatrix  # noqa: E402
+from weaktr.storage import StorageUnavailable  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,14 +29,14 @@ def main(argv=None) -> int:
     if not checkpoint:
         parser.error("no checkpoint: pass --checkpoint or set eval.checkpoint")
 
-    manifest = prepare_data(cfg)
-    init_ray()
     try:
+        manifest = prepare_data(cfg)
+        init_ray()
         report = evaluate_on_ray(cfg, checkpoint)
-    except (CheckpointMismatch, DataError, FileNotFoundError) as err:
+        path = write_report(report, report_dir(cfg, checkpoint))
+    except (CheckpointMismatch, DataError, FileNotFoundError, StorageUnavailable) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    path = write_report(report, report_dir(cfg, checkpoint))
     confusion = ConfusionMatrix.from_matrix(report["confusion_matrix"])
     print(f"{report['num_images']} images of {manifest.name}/{cfg.eval.split} in {report['seconds']:.1f} s")
     print(confusion.table(class_names(manifest)))

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         save_resolved_config(cfg, "pseudo_config.yaml")
         init_ray()
         report = run_pseudo_labels(cfg, checkpoint)
-    except (ConfigError, CheckpointMismatch, PseudoLabelError, DataError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointMismatch, PseudoLabelError, DataError, FileNotFoundError,
+            storage.StorageUnavailable) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     run = report["run"]

@@ -70,3 +70,20 @@ def test_a_dataset_and_a_checkpoint_in_a_bucket_read_as_local_ones(s3_bucket, tm
     assert load_checkpoint(f"{s3_bucket}/ckpt")["epoch"] == 4
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(f"{s3_bucket}/nothing")
+
+
+def test_a_bucket_that_cannot_be_used_stops_a_job_with_one_line_naming_it(s3_server, tmp_path, capsys, monkeypatch):
+    """A bucket that does not exist (a typo, or no permission) or an object store that does not answer ends the
+    job before Ray starts, with one line naming the URI and the store's reason, not a traceback."""
+    from job_helpers import load_job
+
+    smoke = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"),
+             "--set", f"data.root={tmp_path / 'data'}"]
+    assert load_job("train_cam").main([*smoke, "--set", "run.storage_path=s3://no-such-bucket/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "error: s3://no-such-bucket/runs/smoke-cam/config.yaml: " in err and "NO_SUCH_BUCKET" in err
+    assert "Traceback" not in err
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    with pytest.raises(storage.StorageUnavailable, match="s3://weaktr/runs: .*connect"):
+        storage.list_names("s3://weaktr/runs")

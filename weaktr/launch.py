@@ -181,7 +181,7 @@ def run_training_job(parser, args, cfg: Config, *, fit, run_name: str, what: str
                      shown: Sequence[str]) -> int:
     """The body of ``train_cam.py`` and ``train_seg.py``: refuse or continue the Ray Train run ``run_name``
     (``check_resume``), prepare the data, write the resolved config as ``config_name``, join Ray, ``fit(cfg)`` and
-    print the result. A config or data problem is one line and exit code 2."""
+    print the result. A config, data or storage problem is one line and exit code 2."""
     from weaktr.data.shards import DataError
 
     try:
@@ -190,7 +190,7 @@ def run_training_job(parser, args, cfg: Config, *, fit, run_name: str, what: str
         config_path = save_resolved_config(cfg, config_name)
         init_ray()
         result = fit(cfg)
-    except (ConfigError, DataError) as err:  # e.g. a dataset without pseudo-labels, refused before any worker starts
+    except (ConfigError, DataError, storage.StorageUnavailable) as err:  # e.g. no pseudo-labels, an unknown bucket
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print_training_result(result, config_path, score, shown)

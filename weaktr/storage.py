@@ -10,6 +10,7 @@ reader never sees half a file either way."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
@@ -18,6 +19,23 @@ from pathlib import Path
 
 TMP_SUFFIX = ".tmp"  # a local file being written (an interrupted write leaves one; readers ignore it)
 _SCHEMES = {"gcs": "gs"}  # pyarrow's file system names that differ from their URI scheme
+
+
+class StorageUnavailable(OSError):
+    """A bucket that cannot be reached, read or written (network, credentials, permissions, no such bucket): the
+    jobs stop on it with one line naming the URI."""
+
+
+@contextlib.contextmanager
+def _remote(uri: str):
+    """Turn the object store's errors for ``uri`` into one ``StorageUnavailable`` line (FileNotFoundError stays)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        reason = " ".join(str(err).split())
+        raise StorageUnavailable(f"{uri}: {reason[:300]}") from None
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -63,8 +81,9 @@ def exists(path: str | os.PathLike) -> bool:
         return os.path.exists(path)
     import pyarrow.fs
 
-    fs, inner = _filesystem(path)
-    return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+    with _remote(path):
+        fs, inner = _filesystem(path)
+        return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
 
 
 def is_dir(path: str | os.PathLike) -> bool:
@@ -73,8 +92,9 @@ def is_dir(path: str | os.PathLike) -> bool:
         return os.path.isdir(path)
     import pyarrow.fs
 
-    fs, inner = _filesystem(path)
-    return fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory
+    with _remote(path):
+        fs, inner = _filesystem(path)
+        return fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory
 
 
 def list_names(path: str | os.PathLike) -> list[str]:
@@ -84,8 +104,10 @@ def list_names(path: str | os.PathLike) -> list[str]:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
     import pyarrow.fs
 
-    fs, inner = _filesystem(path)
-    return sorted(entry.base_name for entry in fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True)))
+    with _remote(path):
+        fs, inner = _filesystem(path)
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    return sorted(entry.base_name for entry in entries)
 
 
 def open_input(path: str | os.PathLike):
@@ -93,12 +115,13 @@ def open_input(path: str | os.PathLike):
     path = os.fspath(path)
     if not is_uri(path):
         return open(path, "rb")
-    fs, inner = _filesystem(path)
-    return fs.open_input_stream(inner)
+    with _remote(path):
+        fs, inner = _filesystem(path)
+        return fs.open_input_stream(inner)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    with open_input(path) as stream:
+    with open_input(path) as stream, _remote(os.fspath(path)):
         return stream.read()
 
 
@@ -106,9 +129,10 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` whole: readers see the old file or the new one, never a part."""
     path = os.fspath(path)
     if is_uri(path):
-        fs, inner = _filesystem(path)
-        with fs.open_output_stream(inner) as stream:  # one PUT when it is closed
-            stream.write(data)
+        with _remote(path):
+            fs, inner = _filesystem(path)
+            with fs.open_output_stream(inner) as stream:  # one PUT when it is closed
+                stream.write(data)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + TMP_SUFFIX, "wb") as f:
@@ -125,8 +149,9 @@ def put_file(local_file: str | os.PathLike, path: str | os.PathLike) -> None:
         return
     import pyarrow.fs
 
-    fs, inner = _filesystem(path)
-    pyarrow.fs.copy_files(local_file, inner, destination_filesystem=fs)
+    with _remote(path):
+        fs, inner = _filesystem(path)
+        pyarrow.fs.copy_files(local_file, inner, destination_filesystem=fs)
     os.unlink(local_file)
 
 
@@ -141,12 +166,13 @@ def remove(path: str | os.PathLike) -> None:
         return
     import pyarrow.fs
 
-    fs, inner = _filesystem(path)
-    kind = fs.get_file_info(inner).type
-    if kind == pyarrow.fs.FileType.Directory:
-        fs.delete_dir(inner)
-    elif kind == pyarrow.fs.FileType.File:
-        fs.delete_file(inner)
+    with _remote(path):
+        fs, inner = _filesystem(path)
+        kind = fs.get_file_info(inner).type
+        if kind == pyarrow.fs.FileType.Directory:
+            fs.delete_dir(inner)
+        elif kind == pyarrow.fs.FileType.File:
+            fs.delete_file(inner)
 
 
 def make_dirs(path: str | os.PathLike) -> None:
@@ -161,7 +187,7 @@ def local_copy(path: str | os.PathLike, suffix: str = "") -> str:
     path = os.fspath(path)
     if not is_uri(path):
         return path
-    with open_input(path) as stream, tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
+    with open_input(path) as stream, tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f, _remote(path):
         shutil.copyfileobj(stream, f, 1 << 20)
         return f.name
 
@@ -170,5 +196,6 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
     """Copy a local directory tree to ``uri`` (e.g. a dataset converted on this machine into a bucket)."""
     import pyarrow.fs
 
-    fs, inner = _filesystem(uri)
-    pyarrow.fs.copy_files(os.fspath(local_dir), inner, destination_filesystem=fs)
+    with _remote(uri):
+        fs, inner = _filesystem(uri)
+        pyarrow.fs.copy_files(os.fspath(local_dir), inner, destination_filesystem=fs)
