@@ -75,26 +75,24 @@ def uri_of(filesystem, path: str) -> str:
     return f"{scheme}://{path}"
 
 
-def exists(path: str | os.PathLike) -> bool:
-    path = os.fspath(path)
-    if not is_uri(path):
-        return os.path.exists(path)
+def _object_kind(uri: str) -> str:
+    """What is at ``uri``: "file", "directory" (a key prefix) or "none"."""
     import pyarrow.fs
 
-    with _remote(path):
-        fs, inner = _filesystem(path)
-        return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+    with _remote(uri):
+        fs, inner = _filesystem(uri)
+        kind = fs.get_file_info(inner).type
+    return {pyarrow.fs.FileType.File: "file", pyarrow.fs.FileType.Directory: "directory"}.get(kind, "none")
+
+
+def exists(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
+    return _object_kind(path) != "none" if is_uri(path) else os.path.exists(path)
 
 
 def is_dir(path: str | os.PathLike) -> bool:
     path = os.fspath(path)
-    if not is_uri(path):
-        return os.path.isdir(path)
-    import pyarrow.fs
-
-    with _remote(path):
-        fs, inner = _filesystem(path)
-        return fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory
+    return _object_kind(path) == "directory" if is_uri(path) else os.path.isdir(path)
 
 
 def list_names(path: str | os.PathLike) -> list[str]:
@@ -164,14 +162,12 @@ def remove(path: str | os.PathLike) -> None:
         elif os.path.lexists(path):
             os.unlink(path)
         return
-    import pyarrow.fs
-
+    kind = _object_kind(path)
     with _remote(path):
         fs, inner = _filesystem(path)
-        kind = fs.get_file_info(inner).type
-        if kind == pyarrow.fs.FileType.Directory:
+        if kind == "directory":
             fs.delete_dir(inner)
-        elif kind == pyarrow.fs.FileType.File:
+        elif kind == "file":
             fs.delete_file(inner)
 
 
