@@ -159,17 +159,16 @@ def _check_value(cfg: Config, key: str, value: Any, where: str) -> None:
 
 def resolve_paths(cfg: Config) -> None:
     """Make the paths trials read absolute: Tune runs each trial in its own working directory."""
-    absolute = storage.absolute
-    cfg.run.storage_path = absolute(cfg.run.storage_path)
-    cfg.data.root = absolute(cfg.data.root)
+    cfg.run.storage_path = storage.absolute(cfg.run.storage_path)
+    cfg.data.root = storage.absolute(cfg.data.root)
     if cfg.tune.phase == "seg":
-        cfg.seg_train.data_root = absolute(cfg.seg_train.data_root or cfg.pseudo.out_dir)
+        cfg.seg_train.data_root = storage.absolute(cfg.seg_train.data_root or cfg.pseudo.out_dir)
     for section in (cfg.train, cfg.seg_train):
         if section.resume_from:
-            section.resume_from = absolute(section.resume_from)
+            section.resume_from = storage.absolute(section.resume_from)
     for section in (cfg.model, cfg.seg_model):
         if section.weights_path:
-            section.weights_path = absolute(section.weights_path)
+            section.weights_path = storage.absolute(section.weights_path)
 
 
 # --------------------------------------------------------------------------- running it on Ray Tune
