@@ -1,10 +1,11 @@
-"""Conversion speed: ``weaktr convert voc`` with one reading thread against ``--workers`` threads, in one invocation
-on the same files (issue 13: COCO's 123k images should not take one core hours).
+"""Conversion speed: ``weaktr convert voc`` with one reading thread against ``--workers`` threads (and, with
+``--ray``, against Ray tasks on a local Ray of ``--workers`` CPUs), in one invocation on the same files (issue 13:
+COCO's 123k images should not take one core hours).
 
-    .venv/bin/python bench/convert_bench.py [--images 400] [--workers N] [--repeats 2]
+    .venv/bin/python bench/convert_bench.py [--images 400] [--workers N] [--repeats 2] [--ray]
 
 Writes a VOC-layout stand-in of ``--images`` 500x375 JPEGs (VOC's typical size) with palette masks into a
-temporary folder, converts it with each thread count (best of ``--repeats``) and prints images/s and the ratio.
+temporary folder, converts it each way (best of ``--repeats``) and prints images/s and the ratio to one thread.
 """
 
 from __future__ import annotations
@@ -46,21 +47,28 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ray", action="store_true", help="also read in Ray tasks (a local Ray of --workers CPUs)")
     args = parser.parse_args(argv)
+    ways = {"1 thread": {"workers": 1}, f"{args.workers} threads": {"workers": args.workers}}
+    if args.ray:
+        import ray
+
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        ways[f"Ray tasks, {args.workers} CPUs"] = {"use_ray": True}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "VOC2012"
         write_stand_in(root, args.images)
         rates = {}
-        for workers in (1, args.workers):
+        for way, options in ways.items():
             best = float("inf")
             for _ in range(args.repeats):
                 started = time.perf_counter()
-                convert_voc(root, Path(tmp) / f"out{workers}", splits=("train",), workers=workers)
+                convert_voc(root, Path(tmp) / "out", splits=("train",), **options)
                 best = min(best, time.perf_counter() - started)
-            rates[workers] = args.images / best
+            rates[way] = args.images / best
     print(f"\n{args.images} VOC-size JPEGs, {os.cpu_count()} cores:")
-    for workers, rate in rates.items():
-        print(f"  {workers} thread(s): {rate:.0f} images/s ({rate / rates[1]:.2f}x)")
+    for way, rate in rates.items():
+        print(f"  {way}: {rate:.0f} images/s ({rate / rates['1 thread']:.2f}x)")
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -378,8 +379,38 @@ def test_reading_threads_write_the_same_dataset_as_one(image_folder, tmp_path, c
         out = tmp_path / f"out{workers}"
         assert main(["convert", "folder", str(folder), str(labels), str(out), "--mask-dir", str(masks),
                      "--workers", workers, "--val-fraction", "0.3"]) == 0
-        manifest = json.loads((out / "manifest.json").read_text()) | {"root": None}
-        trees.append(({p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))},
-                      (out / "failures.jsonl").read_bytes(), manifest))
+        trees.append(dataset_files(out))
     assert trees[0] == trees[1] and len(trees[0][0]) == 2 and b"missing.png" in trees[0][1]
     assert re.search(r"converted in \d+\.\d s \(\d+ images/s\)", capsys.readouterr().out)
+
+
+def dataset_files(out) -> tuple[dict, bytes, dict]:
+    """A converted dataset's shards (name -> bytes), failures.jsonl and manifest (without its root)."""
+    manifest = json.loads((out / "manifest.json").read_text()) | {"root": None}
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}, (out / "failures.jsonl").read_bytes(), manifest
+
+
+def test_convert_on_ray_writes_the_dataset_one_thread_writes(coco_root, tmp_path, monkeypatch, ray_session):
+    """--ray reads in Ray tasks of the connected cluster (one image per task here, so several are in flight):
+    the shards, failures and manifest are byte for byte those of one thread, downscaling and a skipped image
+    included."""
+    from ray.util.state import list_tasks
+
+    from weaktr.cli import main
+    from weaktr.data import convert
+
+    (coco_root / "train2014" / "COCO_train2014_000000000001.jpg").unlink()
+    monkeypatch.setattr(convert, "RAY_BATCH", 1)
+    trees = []
+    for how in (["--workers", "1"], ["--ray"]):
+        out = tmp_path / how[0]
+        assert main(["convert", "coco", str(coco_root), str(out), "--max-side", "20", *how]) == 0
+        trees.append(dataset_files(out))
+    assert trees[0] == trees[1] and b"listed in" in trees[0][1]
+    assert trees[0][2]["meta"]["downscaled"] == {"train": 1, "val": 2}
+    for _ in range(50):  # the workers report their tasks to the head every second
+        tasks = list_tasks(filters=[("func_or_class_name", "=", "_attempt_batch")], raise_on_missing_output=False)
+        if len(tasks) >= 4:
+            break
+        time.sleep(0.2)
+    assert len(tasks) == 4 and {t.state for t in tasks} == {"FINISHED"}  # 1 + 2 images read, 1 missing

@@ -6,7 +6,7 @@
     weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [SIZES]
     weaktr convert coco COCO_ROOT OUT [--official-ids] [SIZES]
     weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F] [SIZES]
-        SIZES: [--max-side PX] [--samples-per-shard N] [--workers N]
+        SIZES: [--max-side PX] [--samples-per-shard N] [--workers N | --ray]
 
 ``predict`` labels any images with a phase-2 checkpoint: for each it writes ``{name}.png`` (dataset ids as a
 VOC-palette PNG: 0 background, c+1 for class c) and ``{name}_overlay.jpg`` (the colours blended over the image).
@@ -17,7 +17,9 @@ skipped; the exit code is then 1.
 ``convert`` writes a dataset of shards from the standard VOC / COCO layouts or a labelled folder (the
 ``weaktr.data`` converters): unreadable items are skipped with their reason in ``OUT/failures.jsonl``, images
 longer than ``--max-side`` are stored downscaled, and a summary of both is printed. OUT may be a bucket
-(``s3://…``, ``gs://…``): the dataset is written to a temporary directory here, then uploaded.
+(``s3://…``, ``gs://…``): the dataset is written to a temporary directory here, then uploaded. Images are
+read in ``--workers`` threads, or with ``--ray`` in Ray tasks over a cluster's nodes while this process writes
+the shards.
 
 ``import-official`` turns a checkpoint of the official WeakTr code into a weaktr checkpoint directory
 (``weaktr.official``): the architecture from the config's ``model`` / ``seg_model`` section, the class names from
@@ -180,7 +182,16 @@ def convert_command(args) -> int:
     from weaktr.data.folder import convert_folder
     from weaktr.data.voc import convert_voc
 
-    common = {"max_side": args.max_side or None, "workers": args.workers, "samples_per_shard": args.samples_per_shard}
+    common = {"max_side": args.max_side or None, "workers": args.workers, "samples_per_shard": args.samples_per_shard,
+              "use_ray": args.ray}
+    if args.ray:
+        from weaktr.launch import RayUnavailable, init_ray  # imports Ray: only with --ray
+
+        try:
+            init_ray()
+        except RayUnavailable as err:
+            print(f"weaktr convert {args.layout}: error: {err}", file=sys.stderr)
+            return 2
     # A dataset for a bucket is written here first: the writers rename finished shards into place.
     staging = tempfile.mkdtemp(prefix="weaktr-convert-") if storage.is_uri(args.out) else None
     out = staging or args.out
@@ -253,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"samples per tar shard (default {SAMPLES_PER_SHARD}); training needs a shard per worker")
     sizes.add_argument("--workers", type=int, default=CONVERT_WORKERS, metavar="N",
                        help=f"threads reading images (default: the cores, {CONVERT_WORKERS} here)")
+    sizes.add_argument("--ray", action="store_true",
+                       help="read images in Ray tasks over the cluster instead (RAY_ADDRESS, as under `ray job "
+                            "submit`, or the head `ray start` started here, else a local Ray); the source folder "
+                            "must be at the same path on every node")
     voc = layouts.add_parser("voc", parents=[sizes],
                              help="PASCAL VOC 2012 (VOCdevkit/VOC2012), optionally with SBD train_aug")
     voc.add_argument("root", help="the VOC2012 folder (JPEGImages/, SegmentationClass/, ImageSets/)")

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
-from weaktr.data.shards import IGNORE, MAX_SIDE, SAMPLES_PER_SHARD, Manifest, Sample, Skipped
+from weaktr.data.shards import IGNORE, MAX_SIDE, SAMPLES_PER_SHARD, Encoded, Manifest, Sample, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def _load_annotations(annotation_path: str) -> dict:
 
 def _coco_samples(
     image_dir: str, annotation_path: str, classes: list[str], with_masks: bool, loaded: dict, official_ids: bool,
-    *, workers: int, progress: str,
-) -> Iterator[Sample | Skipped]:
+    *, progress: str, reading: dict,
+) -> Iterator[Encoded | Skipped]:
     """One split's samples; its JSON is loaded only when the split is written (one at a time)."""
     coco = loaded.pop(annotation_path, None) or _load_annotations(annotation_path)
     category_index, names = category_table(coco, annotation_path, official_ids)
@@ -152,10 +152,10 @@ def _coco_samples(
             yield Skipped(f"annotation {ann.get('id')}", f"image_id {ann.get('image_id')} is not in 'images'")
             continue
         by_image[ann["image_id"]].append(ann)
-    unannotated = 0
 
-    def read(info: dict) -> Sample:
-        annotations = by_image[info["id"]]
+    # An item carries its own annotations: a Ray task is sent its batch's, not the split's whole index.
+    def read(item: tuple[dict, list[dict]]) -> Sample:
+        info, annotations = item
         unknown = sorted({a["category_id"] for a in annotations} - set(category_index))
         if unknown:  # the image's mask would be missing those objects: not a sample to train or score on
             raise Unusable(f"annotations with category ids {unknown}, not in 'categories'")
@@ -170,14 +170,12 @@ def _coco_samples(
         key = os.path.splitext(os.path.basename(info["file_name"]))[0].replace(".", "_")
         return Sample(key=key, image=image, labels=labels, mask=mask, image_bytes=data)
 
-    annotated = []
-    for info in sorted(coco["images"], key=lambda i: i["id"]):
-        if by_image.get(info["id"]):
-            annotated.append(info)
-        else:
-            unannotated += 1  # COCO's images without objects: nothing to learn from, not a failure
-    yield from read_each(annotated, read, source=lambda info: info.get("file_name", f"image {info.get('id')}"),
-                         workers=workers, progress=progress)
+    images = sorted(coco["images"], key=lambda i: i["id"])
+    annotated = [(info, by_image[info["id"]]) for info in images if by_image.get(info["id"])]
+    del coco, by_image  # the items hold what is still needed
+    yield from read_each(annotated, read, source=lambda item: item[0].get("file_name", f"image {item[0].get('id')}"),
+                         progress=progress, **reading)
+    unannotated = len(images) - len(annotated)  # COCO's images without objects: nothing to learn from, no failure
     if unannotated:
         log.info("%s: left out %d images without annotations", annotation_path, unannotated)
 
@@ -193,11 +191,12 @@ def convert_coco(
     official_ids: bool = False,
     max_side: Optional[int] = MAX_SIDE,
     workers: int = CONVERT_WORKERS,
+    use_ray: bool = False,
 ) -> Manifest:
     """Write each split ``name -> (image_dir, instances_json)`` (see :func:`coco2014_splits`). Classes are the
     annotations' categories in id order (80), or with ``official_ids`` the official WeakTr layout of 90 classes,
     one per category id (``category_table``): what official COCO checkpoints (90 class tokens, 91 segmentation
-    classes) need."""
+    classes) need. ``workers``, ``use_ray``: ``read_each``."""
     started = time.perf_counter()
     if not splits:
         raise ValueError("no COCO splits given")
@@ -210,12 +209,13 @@ def convert_coco(
     first_annotations = next(iter(splits.values()))[1]
     loaded = {first_annotations: _load_annotations(first_annotations)}
     _, classes = category_table(loaded[first_annotations], first_annotations, official_ids)
+    reading = {"image_format": "jpg", "max_side": max_side, "workers": workers, "use_ray": use_ray}
     split_samples = {
-        split: _coco_samples(image_dir, annotation_path, classes, with_masks, loaded, official_ids, workers=workers,
-                             progress=f"{name}/{split}")
+        split: _coco_samples(image_dir, annotation_path, classes, with_masks, loaded, official_ids,
+                             progress=f"{name}/{split}", reading=reading)
         for split, (image_dir, annotation_path) in splits.items()
     }
     return write_converted(
-        out_dir, name, classes, split_samples, meta={"source": "coco"}, started=started, image_format="jpg",
+        out_dir, name, classes, split_samples, meta={"source": "coco"}, started=started,
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, max_side=max_side,
     )

@@ -9,15 +9,16 @@ import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 from PIL import Image
 from tqdm import tqdm
 
-from weaktr.data.shards import FAILURES_NAME, Manifest, Sample, Skipped, write_dataset
+from weaktr.data.shards import FAILURES_NAME, Encoded, Manifest, Sample, Skipped, encode_for_shard, write_dataset
 
 T = TypeVar("T")
 CONVERT_WORKERS = os.cpu_count() or 1  # the converters' reading threads (read_each)
+RAY_BATCH = 32  # items per Ray task when converting on a cluster: ~1 s of work per task, a few MB back
 
 
 class Unusable(ValueError):
@@ -30,38 +31,67 @@ ITEM_ERRORS = (OSError, ValueError, KeyError, SyntaxError, Image.DecompressionBo
 
 
 def read_each(
-    items: Sequence[T], read: Callable[[T], Sample], source: Callable[[T], str], *, workers: int = 1,
-    progress: Optional[str] = None,
-) -> Iterator[Sample | Skipped]:
-    """``read(item)`` for every item, in order, or a ``Skipped`` naming ``source(item)`` and the reason it could
-    not be read: one bad file costs one sample, never the conversion.
+    items: Sequence[T], read: Callable[[T], Sample], source: Callable[[T], str], *, image_format: str,
+    max_side: Optional[int], workers: int = 1, use_ray: bool = False, progress: Optional[str] = None,
+) -> Iterator[Encoded | Skipped]:
+    """``read(item)`` encoded for a shard (``encode_for_shard``) for every item, in order, or a ``Skipped`` naming
+    ``source(item)`` and the reason it could not be read: one bad file costs one sample, never the conversion.
 
     ``workers`` threads read ahead (PIL decodes and zlib compresses without holding the GIL), at most 4 per
-    worker waiting, so memory stays flat on COCO's 82k images; ``progress``: a progress bar with that title."""
+    worker waiting, so memory stays flat on COCO's 82k images. ``use_ray``: Ray tasks of ``RAY_BATCH`` items
+    read instead, over every node of the connected cluster (the source files must be at the same path on all of
+    them, a shared file system); ``progress``: a progress bar with that title."""
 
-    def attempt(item: T) -> Sample | Skipped:
+    def attempt(item: T) -> Encoded | Skipped:
         try:
-            return read(item)
+            return encode_for_shard(read(item), image_format, max_side)
         except ITEM_ERRORS as err:
             return Skipped(source(item), str(err) if isinstance(err, Unusable) else describe(err))
 
     with tqdm(total=len(items), desc=progress, unit="img", disable=progress is None, file=sys.stderr,
               mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        if workers <= 1:
-            for item in items:
-                yield attempt(item)
-                bar.update()
-            return
-        with ThreadPoolExecutor(workers) as pool:
-            waiting: collections.deque = collections.deque()
-            for item in items:
-                waiting.append(pool.submit(attempt, item))
-                if len(waiting) >= 4 * workers:
-                    yield waiting.popleft().result()
-                    bar.update()
-            while waiting:
+        if use_ray:
+            results = _on_ray(attempt, items)
+        elif workers > 1:
+            results = _in_threads(attempt, items, workers)
+        else:
+            results = map(attempt, items)
+        for result in results:
+            yield result
+            bar.update()
+
+
+def _in_threads(attempt: Callable[[T], Any], items: Sequence[T], workers: int) -> Iterator:
+    with ThreadPoolExecutor(workers) as pool:
+        waiting: collections.deque = collections.deque()
+        for item in items:
+            waiting.append(pool.submit(attempt, item))
+            if len(waiting) >= 4 * workers:
                 yield waiting.popleft().result()
-                bar.update()
+        while waiting:
+            yield waiting.popleft().result()
+
+
+def _attempt_batch(attempt: Callable[[T], Any], batch: Sequence[T]) -> list:
+    return [attempt(item) for item in batch]
+
+
+def _on_ray(attempt: Callable[[T], Any], items: Sequence[T]) -> Iterator:
+    """``attempt`` over ``items`` in Ray tasks of ``RAY_BATCH``, results in order; two tasks per CPU of the
+    cluster in flight, so the driver (which writes the shards) never holds more than that many batches."""
+    import ray
+
+    attempt_ref = ray.put(attempt)  # shipped once, not with every task
+    remote = ray.remote(num_cpus=1)(_attempt_batch)
+    in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    batches = (items[i:i + RAY_BATCH] for i in range(0, len(items), RAY_BATCH))
+    waiting: collections.deque = collections.deque()
+    for batch in batches:
+        waiting.append(remote.remote(attempt_ref, batch))
+        if len(waiting) >= in_flight:
+            yield from ray.get(waiting.popleft())
+    while waiting:
+        yield from ray.get(waiting.popleft())
 
 
 def describe(err: BaseException) -> str:

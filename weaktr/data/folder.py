@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Sequence
 
 from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
-from weaktr.data.shards import MAX_SIDE, SAMPLES_PER_SHARD, Manifest, Sample, Skipped
+from weaktr.data.shards import MAX_SIDE, SAMPLES_PER_SHARD, Encoded, Manifest, Sample, Skipped
 from weaktr.data.voc import read_label_png
 
 _HEADER_NAMES = {"filename", "file", "image", "path", "name"}
@@ -71,8 +71,8 @@ def key_for(filename: str) -> str:
 
 def _folder_samples(
     image_dir: str, files: Sequence[str], table: dict[str, list[str]], classes: list[str], mask_dir: Optional[str],
-    *, workers: int, progress: str,
-) -> Iterator[Sample | Skipped]:
+    *, progress: str, reading: dict,
+) -> Iterator[Encoded | Skipped]:
     index = {name: i for i, name in enumerate(classes)}
 
     def read(filename: str) -> Sample:
@@ -95,7 +95,7 @@ def _folder_samples(
                     raise Unusable(f"mask {mask_path} is {mask.shape}, the image is {image.shape[:2]}")
         return Sample(key_for(filename), image, sorted({index[name] for name in names}), mask, image_bytes=data)
 
-    return read_each(files, read, source=lambda filename: filename, workers=workers, progress=progress)
+    return read_each(files, read, source=lambda filename: filename, progress=progress, **reading)
 
 
 def convert_folder(
@@ -112,9 +112,10 @@ def convert_folder(
     max_shard_bytes: int = 256 * 2**20,
     max_side: Optional[int] = MAX_SIDE,
     workers: int = CONVERT_WORKERS,
+    use_ray: bool = False,
 ) -> Manifest:
     """Write a "train" split (and a "val" split of ``val_fraction`` of the images, chosen with
-    ``seed``) from ``image_dir`` labelled by ``label_file``."""
+    ``seed``) from ``image_dir`` labelled by ``label_file``. ``workers``, ``use_ray``: ``read_each``."""
     started = time.perf_counter()
     image_dir = os.fspath(image_dir)
     if not os.path.isdir(image_dir):
@@ -140,11 +141,12 @@ def convert_folder(
     split_files = {"train": [f for f in files if f not in val_files]}
     if val_files:
         split_files["val"] = [f for f in files if f in val_files]
+    reading = {"image_format": "png", "max_side": max_side, "workers": workers, "use_ray": use_ray}
     split_samples = {
-        split: _folder_samples(image_dir, names, table, classes, mask_dir, workers=workers, progress=f"{name}/{split}")
+        split: _folder_samples(image_dir, names, table, classes, mask_dir, progress=f"{name}/{split}", reading=reading)
         for split, names in split_files.items()
     }
     return write_converted(
-        out_dir, name, classes, split_samples, meta={"source": "folder"}, started=started, image_format="png",
+        out_dir, name, classes, split_samples, meta={"source": "folder"}, started=started,
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, max_side=max_side,
     )

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import webdataset as wds
@@ -77,6 +77,16 @@ class Skipped(NamedTuple):
 
     source: str  # what the user would look for: a file name, an image or annotation id
     reason: str
+
+
+class Encoded(NamedTuple):
+    """A sample as a shard stores it (``encode_for_shard``): what the converters' readers hand the writer, since a
+    decoded image is ~10x its JPEG on the way back from a reading thread or a Ray task on another node."""
+
+    key: str
+    labels: list[int]
+    record: dict  # encode_sample's {"__key__", "jpg"|"png", "labels.json", ...}
+    downscaled: bool  # stored smaller than its source (``downscale``)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -281,7 +291,7 @@ def decode_sample(raw: dict, label_maps: Sequence[str] = LABEL_MAPS, num_classes
 
 
 def write_split(
-    samples: Iterable[Sample | Skipped],
+    samples: Iterable[Sample | Encoded | Skipped],
     out_dir: str | os.PathLike,
     split: str,
     *,
@@ -292,6 +302,7 @@ def write_split(
     skipped: Optional[list[Skipped]] = None,
 ) -> SplitInfo:
     """Stream ``samples`` into ``{out_dir}/{split}-NNNNNN.tar`` shards; ``Skipped`` items go to ``skipped``.
+    A ``Sample`` is encoded here as ``image_format``; an ``Encoded`` one is written as it is.
 
     A shard closes when it holds ``samples_per_shard`` samples or its payload reaches
     ``max_shard_bytes`` (so a shard exceeds that by at most one sample plus tar headers).
@@ -325,7 +336,8 @@ def write_split(
             seen_keys.add(sample.key)
             if num_classes is not None and any(not 0 <= c < num_classes for c in sample.labels):
                 raise ValueError(f"sample {sample.key}: labels {sample.labels} outside 0..{num_classes - 1}")
-            writer.write(encode_sample(sample, image_format))
+            encoded = sample if isinstance(sample, Encoded) else encode_for_shard(sample, image_format)
+            writer.write(encoded.record)
             counts[writer.fname] = counts.get(writer.fname, 0) + 1
     finally:
         last = writer.fname
@@ -356,13 +368,20 @@ def downscale(sample: Sample, max_side: int) -> Sample:
     )
 
 
-def _downscaled(samples: Iterable[Sample | Skipped], max_side: Optional[int], keys: list[str]):
+def encode_for_shard(sample: Sample, image_format: str = "png", max_side: Optional[int] = None) -> Encoded:
+    """``sample`` downscaled to ``max_side`` (``downscale``; None keeps it) and encoded (``encode_sample``)."""
+    stored = downscale(sample, max_side) if max_side is not None else sample
+    return Encoded(stored.key, list(stored.labels), encode_sample(stored, image_format), stored is not sample)
+
+
+def _encoded(samples: Iterable[Sample | Encoded | Skipped], image_format: str, max_side: Optional[int],
+             downscaled: list[str]) -> Iterator[Encoded | Skipped]:
+    """Every ``Sample`` of ``samples`` encoded; the keys of those stored smaller go to ``downscaled``."""
     for item in samples:
-        if max_side is not None and isinstance(item, Sample):
-            smaller = downscale(item, max_side)
-            if smaller is not item:
-                keys.append(item.key)
-            item = smaller
+        if isinstance(item, Sample):
+            item = encode_for_shard(item, image_format, max_side)
+        if isinstance(item, Encoded) and item.downscaled:
+            downscaled.append(item.key)
         yield item
 
 
@@ -373,13 +392,16 @@ def write_dataset(
     splits: dict[str, Iterable[Sample]],
     *,
     meta: Optional[dict] = None,
+    image_format: str = "png",
     max_side: Optional[int] = None,
     **writer_options: Any,
 ) -> Manifest:
     """Write every split's shards, then ``manifest.json`` last (atomically): a dataset directory
     either has a manifest describing complete shards or none at all. Items a converter could not read
     (``Skipped``) are listed in ``failures.jsonl`` and counted per split in the manifest's ``meta.skipped``.
-    Images longer than ``max_side`` are stored downscaled (``downscale``), counted in ``meta.downscaled``."""
+    Images longer than ``max_side`` are stored downscaled (``downscale``), counted in ``meta.downscaled``;
+    samples the caller already encoded (``Encoded``, e.g. in its reading threads) must have used the same
+    ``max_side``."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
@@ -389,7 +411,7 @@ def write_dataset(
     for split, samples in splits.items():
         skipped: list[Skipped] = []
         downscaled: list[str] = []
-        infos[split] = write_split(_downscaled(samples, max_side, downscaled), out_dir, split,
+        infos[split] = write_split(_encoded(samples, image_format, max_side, downscaled), out_dir, split,
                                    num_classes=len(classes), skipped=skipped, **writer_options)
         failures += [{"split": split, "source": s.source, "reason": s.reason} for s in skipped]
         skipped_counts[split] = len(skipped)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
-from weaktr.data.shards import IGNORE, MAX_SIDE, SAMPLES_PER_SHARD, Manifest, Sample, Skipped
+from weaktr.data.shards import IGNORE, MAX_SIDE, SAMPLES_PER_SHARD, Encoded, Manifest, Sample, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def labels_from_mask(mask: np.ndarray) -> list[int]:
 
 def _voc_samples(
     root: str, ids: Sequence[str], mask_dirs: Sequence[str], cls_labels: Optional[dict[str, list[int]]], *,
-    workers: int, progress: str,
-) -> Iterator[Sample | Skipped]:
+    progress: str, reading: dict,
+) -> Iterator[Encoded | Skipped]:
     def read(image_id: str) -> Sample:
         image_path = os.path.join(root, "JPEGImages", f"{image_id}.jpg")
         if not os.path.exists(image_path):
@@ -124,7 +124,7 @@ def _voc_samples(
             raise Unusable("no foreground class")
         return Sample(key=image_id, image=image, labels=labels, mask=mask, image_bytes=data)
 
-    return read_each(ids, read, source=lambda image_id: image_id, workers=workers, progress=progress)
+    return read_each(ids, read, source=lambda image_id: image_id, progress=progress, **reading)
 
 
 def convert_voc(
@@ -140,27 +140,29 @@ def convert_voc(
     max_shard_bytes: int = 256 * 2**20,
     max_side: Optional[int] = MAX_SIDE,
     workers: int = CONVERT_WORKERS,
+    use_ray: bool = False,
 ) -> Manifest:
     """Write ``splits`` (from ImageSets/Segmentation/{split}.txt) and, with ``aug_list``, a
     "train_aug" split whose masks come from ``aug_mask_dir`` (default SegmentationClassAug/
-    when present), falling back to SegmentationClass/."""
+    when present), falling back to SegmentationClass/. ``workers``, ``use_ray``: ``read_each``."""
     started = time.perf_counter()
     root = os.fspath(voc_root)
     labels = load_cls_labels(cls_labels) if cls_labels is not None else None
     seg_dir = os.path.join(root, "SegmentationClass")
+    reading = {"image_format": "jpg", "max_side": max_side, "workers": workers, "use_ray": use_ray}
     split_samples = {}
     for split in splits:
         list_path = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
         if not os.path.exists(list_path):
             raise FileNotFoundError(f"VOC split list not found: {list_path}")
-        split_samples[split] = _voc_samples(root, read_id_list(list_path), [seg_dir], labels, workers=workers,
-                                            progress=f"{name}/{split}")
+        split_samples[split] = _voc_samples(root, read_id_list(list_path), [seg_dir], labels,
+                                            progress=f"{name}/{split}", reading=reading)
     if aug_list is not None:
         aug_dir = os.fspath(aug_mask_dir) if aug_mask_dir is not None else os.path.join(root, "SegmentationClassAug")
         split_samples["train_aug"] = _voc_samples(root, read_id_list(aug_list), [aug_dir, seg_dir], labels,
-                                                  workers=workers, progress=f"{name}/train_aug")
+                                                  progress=f"{name}/train_aug", reading=reading)
     return write_converted(
         out_dir, name, VOC_CLASSES, split_samples, meta={"source": "voc", "voc_root": os.path.abspath(root)},
-        started=started, image_format="jpg",
+        started=started,
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, max_side=max_side,
     )
