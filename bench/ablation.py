@@ -90,15 +90,15 @@ def cam_readouts(cfg: Config, records: dict, samples: int, fixed: float) -> dict
 def retrain(cfg: Config, directory: Path, clip: bool) -> float:
     """Val mIoU of phase 2 retrained on the seed's pseudo-labels with ``seg_train.clip`` = ``clip``."""
     from weaktr.evaluate import evaluate_variants_on_ray
+    from weaktr.launch import best_checkpoint
     from weaktr.pipeline import PipelineError, stage_config
     from weaktr.train import seg_loop
 
-    arm = stage_config(with_values(cfg, {"seg_train.clip": clip}), directory)
+    arm = stage_config(with_values(cfg, {"seg_train.clip": clip}), str(directory))
     result = seg_loop.fit(arm, name=f"phase2_{ARM[clip]}")
     if result.checkpoint is None:
         raise PipelineError(f"phase-2 retraining ({ARM[clip]}) ended without a checkpoint ({result.error})")
-    best = result.get_best_checkpoint("val_mIoU", "max") if result.best_checkpoints else result.checkpoint
-    (report,) = evaluate_variants_on_ray(arm, best.path, [False])
+    (report,) = evaluate_variants_on_ray(arm, best_checkpoint(result, "val_mIoU"), [False])
     return report["miou"]
 
 

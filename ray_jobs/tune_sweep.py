@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from weaktr.config import ConfigError, job_arg_parser, parse_job_args, save_config  # noqa: E402
 from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.launch import init_ray, prepare_data  # noqa: E402
+from weaktr.storage import StorageUnavailable  # noqa: E402
 from weaktr.sweep import prepare_sweep, run_sweep, summary_table, trial_rows, write_results  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     try:
         saved = prepare_sweep(cfg, resume=args.resume)  # a bad search space fails here, before Ray or any trial
         prepare_data(cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, StorageUnavailable) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     save_config(cfg, saved)

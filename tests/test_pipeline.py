@@ -1,6 +1,7 @@
 """The whole pipeline (weaktr.pipeline): configs/voc12.yaml (tiny model, CPU) on a VOC-layout fixture that holds
 what a real folder of photos holds (unreadable files, masks that do not fit, 1x1, grayscale, CMYK, 16-bit, EXIF-rotated
-and oversized images) and shards damaged after conversion, every stage for real as a Ray job on the shared head,
+and oversized images) and shards damaged after conversion, every stage for real as a Ray job on the shared head with
+the dataset and the run directory in a bucket of the loopback S3 server (a cluster without a shared file system),
 then reruns that skip, and a removed stage output that reruns that stage and everything after it. The skip/rerun
 rules alone are also checked with stage bodies that only record their calls (the orchestration is what those tests
 exercise)."""
@@ -10,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +19,7 @@ import pytest
 
 from recipe_fixtures import TINY_ON_CPU, add_hostile_voc_items, check_chain, damage_shards, write_voc_layout
 
-from weaktr import pipeline
+from weaktr import pipeline, storage
 from weaktr.config import load_config
 from weaktr.data.shards import FAILURES_NAME
 from weaktr.data.stream import FailureTracker, iter_samples
@@ -33,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def full_run(ray_session, tmp_path_factory):
     """The VOC recipe's whole pipeline submitted as a Ray job to the session's head, as the README does it on a
     cluster, on a converted VOC-layout fixture (16 train_aug images, 8 of them VOC train, 4 val; plus the hostile
-    items of add_hostile_voc_items, then damage_shards on train_aug)."""
+    items of add_hostile_voc_items, then damage_shards on train_aug) uploaded to a bucket, the run directory in the
+    bucket too."""
+    import boto3
+
     _, dashboard = ray_session
     tmp_path = tmp_path_factory.mktemp("pipeline")
     voc_root, aug_list = write_voc_layout(tmp_path)
@@ -41,10 +44,12 @@ def full_run(ray_session, tmp_path_factory):
     # max_side 320 (default 1024) so the oversized image is downscaled without making the test slow.
     manifest = convert_voc(voc_root, tmp_path / "voc12", aug_list=aug_list, samples_per_shard=8, max_side=320)
     damage = damage_shards(manifest.shard_paths("train_aug"))
+    boto3.client("s3").create_bucket(Bucket="weaktr-pipeline")
+    storage.upload_dir(tmp_path / "voc12", "s3://weaktr-pipeline/voc12")
     # bg_threshold null: the pseudo-labels take the threshold phase 1's CAM-mIoU sweep chose for its checkpoint.
     # max_failure_fraction: the damaged shards hold ~20% broken samples, which the default 1% would refuse.
-    overrides = [*TINY_ON_CPU, "run.name=pipe", f"run.storage_path={tmp_path / 'runs'}",
-                 f"data.root={tmp_path / 'voc12'}", "pseudo.bg_threshold=null", "data.max_failure_fraction=0.5",
+    overrides = [*TINY_ON_CPU, "run.name=pipe", "run.storage_path=s3://weaktr-pipeline/runs",
+                 "data.root=s3://weaktr-pipeline/voc12", "pseudo.bg_threshold=null", "data.max_failure_fraction=0.5",
                  "pseudo.overlay_samples=4"]  # overlays go to the first 4 positions, 2 of them damaged
     command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
                "--working-dir", str(ROOT), "--", sys.executable, "ray_jobs/pipeline.py",
@@ -54,9 +59,12 @@ def full_run(ray_session, tmp_path_factory):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cfg = load_config(ROOT / "configs" / "voc12.yaml", overrides)
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    records = {stage: pipeline.load_record(run_dir, stage) for stage in STAGES}
+    records = {stage: pipeline.load_record(run_dir(cfg), stage) for stage in STAGES}
     return cfg, proc.stdout, records, (fate, damage, manifest)
+
+
+def run_dir(cfg) -> str:
+    return storage.join(cfg.run.storage_path, cfg.run.name)
 
 
 def readable_train_aug(manifest) -> list[str]:
@@ -99,8 +107,9 @@ def test_hostile_input_is_processed_or_skipped_with_its_reason_and_every_stage_c
     # Pseudo-labels: one per readable sample, and every damaged one recorded with its reason.
     pseudo = records["pseudo"]["metrics"]
     assert pseudo["num_samples"] == len(readable)
-    out = Path(records["pseudo"]["outputs"]["report"]).parent
-    recorded = [json.loads(line) for line in (out / FAILURES_NAME).read_text().splitlines()]
+    out = storage.parent(records["pseudo"]["outputs"]["report"])
+    assert out == "s3://weaktr-pipeline/runs/pipe/pseudo"
+    recorded = [json.loads(line) for line in storage.read_bytes(storage.join(out, FAILURES_NAME)).splitlines()]
     past, unlabelled = list(damage)[:2]
     reasons = {f["key"]: f["reason"] for f in recorded}
     assert "outside 0..19" in reasons[past] and "no labels.json" in reasons[unlabelled]
@@ -115,61 +124,64 @@ def test_hostile_input_is_processed_or_skipped_with_its_reason_and_every_stage_c
 
 def test_the_report_has_every_section(full_run):
     cfg, _, records, _ = full_run
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    report = json.loads((run_dir / "report.json").read_text())
+    report = json.loads(storage.read_bytes(storage.join(run_dir(cfg), "report.json")))
     assert [row["split"] for row in report["miou"]] == ["train_aug", "train_aug", "val", "val"]
     assert all(0 <= row["miou"] <= 1 for row in report["miou"])
     assert set(report["miou"][0]["per_class"]) == {"background", *VOC_CLASSES}
     assert [m["epoch"] for m in report["curves"]["phase1"]] == [0, 1]
     assert report["bg_sweep"]["curve"] and report["stages"]["eval"]["headline"].startswith("val mIoU")
 
-    page = (run_dir / "report.html").read_text()
+    page = storage.read_bytes(storage.join(run_dir(cfg), "report.html")).decode()
     for title in ("Stages", "mIoU at each stage", "Phase 1: CAM training", "Phase 2: retraining",
                   "Background threshold", "Samples", "Config"):
         assert title in page
     figures = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert len(figures) == 4 and all(base64.b64decode(f)[:4] == b"\x89PNG" for f in figures)
-    assert (run_dir / "samples.png").read_bytes() == base64.b64decode(figures[-1])  # the grid, also on its own
+    # The grid, also on its own.
+    assert storage.read_bytes(storage.join(run_dir(cfg), "samples.png")) == base64.b64decode(figures[-1])
     # The retrained model's figure in the table is the evaluation's.
     assert f"{100 * records['eval']['metrics']['eval']['miou']:.2f}" in page
 
 
 def test_a_rerun_skips_finished_stages_and_a_removed_output_reruns_what_follows(full_run):
     cfg, _, records, _ = full_run
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
     again = run_pipeline(cfg)
     assert [again[s]["status"] for s in STAGES] == ["skipped"] * len(STAGES)
 
     phase1_checkpoint = records["phase1"]["outputs"]["checkpoint"]
-    shutil.rmtree(run_dir / "pseudo")
+    storage.remove(storage.join(run_dir(cfg), "pseudo"))
     rerun = run_pipeline(cfg)
     assert [rerun[s]["status"] for s in STAGES] == ["skipped", "skipped", "ran", "ran", "ran", "ran"]
     assert rerun["phase1"]["outputs"]["checkpoint"] == phase1_checkpoint
     # Phase 2 started over on the new pseudo-labels rather than continuing the finished run.
     assert [m["epoch"] for m in rerun["phase2"]["metrics"]["history"]] == [0]
-    assert (run_dir / "pseudo" / "manifest.json").exists() and (run_dir / "report.html").exists()
+    assert storage.exists(storage.join(run_dir(cfg), "pseudo", "manifest.json"))
+    assert storage.exists(storage.join(run_dir(cfg), "report.html"))
 
 
 # ------------------------------------------------------------------------------ the rules, with recording stages
 
 
-@pytest.fixture
-def recording_stages(monkeypatch, tmp_path):
-    """Stage bodies that write one file each and record their order."""
+@pytest.fixture(params=["local", "bucket"])
+def recording_stages(request, monkeypatch, tmp_path):
+    """Stage bodies that write one file each and record their order, in a run directory on disk or in a bucket of
+    the loopback S3 server (the stage records, the outputs' checks and the clearing of a stage's outputs go
+    through weaktr.storage either way)."""
     calls = []
 
     def runner(stage):
         def run(cfg, directory, records):
             calls.append(stage)
-            out = directory / f"{stage}.out"
-            out.write_text(str(len(calls)))
-            return StageResult(outputs={"file": str(out)}, metrics={})
+            out = storage.join(directory, f"{stage}.out")
+            storage.write_bytes(out, str(len(calls)).encode())
+            return StageResult(outputs={"file": out}, metrics={})
         return run
 
     monkeypatch.setattr(pipeline, "RUNNERS", {stage: runner(stage) for stage in STAGES})
     monkeypatch.setattr(pipeline, "STAGE_DIRS", {stage: (f"{stage}.out",) for stage in STAGES})
-    cfg = load_config(None, ["run.name=rules", f"run.storage_path={tmp_path}"])
-    return cfg, calls, tmp_path / "rules"
+    runs = str(tmp_path) if request.param == "local" else f"{request.getfixturevalue('s3_bucket')}/runs"
+    cfg = load_config(None, ["run.name=rules", f"run.storage_path={runs}"])
+    return cfg, calls, storage.join(runs, "rules")
 
 
 def test_from_reruns_that_stage_and_every_later_one(recording_stages):
@@ -179,6 +191,16 @@ def test_from_reruns_that_stage_and_every_later_one(recording_stages):
     calls.clear()
     run_pipeline(cfg, from_stage="phase2", log=lambda _: None)
     assert calls == ["phase2", "eval", "report"]
+
+
+def test_a_removed_output_reruns_its_stage_and_every_later_one(recording_stages):
+    cfg, calls, run_dir = recording_stages
+    run_pipeline(cfg, log=lambda _: None)
+    storage.remove(storage.join(run_dir, "phase2.out"))
+    calls.clear()
+    records = run_pipeline(cfg, log=lambda _: None)
+    assert calls == ["phase2", "eval", "report"] and records["phase1"]["status"] == "skipped"
+    assert storage.read_bytes(storage.join(run_dir, "report.out")) == b"3"  # rewritten by the rerun
 
 
 def test_an_interrupted_stage_reruns_without_touching_earlier_ones(recording_stages, monkeypatch):
@@ -193,7 +215,7 @@ def test_an_interrupted_stage_reruns_without_touching_earlier_ones(recording_sta
     monkeypatch.setattr(pipeline, "RUNNERS", failing)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, log=lambda _: None)
-    assert calls == ["data", "phase1"] and not (run_dir / "stages" / "pseudo.json").exists()
+    assert calls == ["data", "phase1"] and not storage.exists(pipeline.record_path(run_dir, "pseudo"))
     monkeypatch.setattr(pipeline, "RUNNERS", recording)
     calls.clear()
     run_pipeline(cfg, log=lambda _: None)

@@ -4,6 +4,7 @@ stops trials early, --resume skips finished trials, and the best trial's config 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -16,10 +17,11 @@ import numpy as np
 import pytest
 import yaml
 
+from weaktr import storage
 from weaktr.checkpoint import load_checkpoint
 from weaktr.config import ConfigError, load_config, save_config, to_dict, with_values
 from weaktr.data.synthetic import SyntheticSpec, iter_synthetic
-from weaktr.sweep import check_sweep, objective
+from weaktr.sweep import RESULT_FILES, SAVED_CONFIG, check_sweep, objective
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ray_jobs"))
@@ -111,6 +113,33 @@ def test_the_job_refuses_a_bad_space_before_anything_starts(tmp_path):
     assert len(lines) == 1 and "'tune.space.model.heads': unknown config key" in lines[0], proc.stderr
     assert not any(tmp_path.iterdir())  # no sweep directory, no data, no Ray
     assert time.monotonic() - started < 60
+
+
+def test_a_sweep_in_a_bucket_keeps_its_config_and_results_there(s3_bucket, tmp_path):
+    """run.storage_path may be a bucket's URI (Tune keeps its experiment there itself): the sweep's own files (the
+    config it started with, trials.csv, best_config.yaml, objective.png) go there, and --resume checks it."""
+    from weaktr.sweep import prepare_sweep, sweep_dir, write_results
+
+    cfg = sweep_config(f"run.storage_path={s3_bucket}/sweeps", "run.name=fusion")
+    saved = prepare_sweep(cfg, resume=False)
+    assert saved == f"{s3_bucket}/sweeps/fusion/sweep_config.yaml" == storage.join(sweep_dir(cfg), SAVED_CONFIG)
+    save_config(cfg, saved)
+    with pytest.raises(ConfigError, match=f"--resume: no sweep to continue at {s3_bucket}/sweeps/fusion"):
+        prepare_sweep(sweep_config(f"run.storage_path={s3_bucket}/sweeps", "run.name=fusion"), resume=True)
+
+    drawn = [{"model.reduction": 2, "model.feat_reduction": 8, "model.pool": "avg", "train.lr": 2e-3},
+             {"model.reduction": 4, "model.feat_reduction": 2, "model.pool": "max", "train.lr": 5e-4}]
+    assert set(drawn[0]) == set(cfg.tune.space)
+    rows = [{"trial": f"t{i}", **values, "cam_mIoU": 0.6 - i / 10, "best_epoch": 1, "cam_bg_threshold": 0.4,
+             "epochs_run": 1, "status": "completed"} for i, values in enumerate(drawn)]
+    paths = write_results(cfg, rows)
+    assert set(paths.values()) == {storage.join(sweep_dir(cfg), name) for name in RESULT_FILES}
+    table = list(csv.DictReader(io.StringIO(storage.read_bytes(paths["trials.csv"]).decode())))
+    assert [(row["trial"], row["model.pool"]) for row in table] == [("t0", "avg"), ("t1", "max")]
+    assert storage.read_bytes(paths["objective.png"])[:4] == b"\x89PNG"
+    (tmp_path / "best.yaml").write_bytes(storage.read_bytes(paths["best_config.yaml"]))
+    best = load_config(tmp_path / "best.yaml")
+    assert best.run.name == "fusion-best" and (best.model.reduction, best.model.pool, best.train.lr) == (2, "avg", 2e-3)
 
 
 def test_noisy_pseudo_labels_leave_images_and_masks_as_they_were():

@@ -204,8 +204,14 @@ def print_training_result(result, config_path: str, score: str, shown: Sequence[
     print(f"config: {config_path}")
     figures = " ".join(f"{key} {metrics.get(key, float('nan')):.4f}" for key in shown)
     print(f"final epoch {metrics.get('epoch')}: {figures}")
+    print(f"best checkpoint (by {score}): {best_checkpoint(result, score)}")
+
+
+def best_checkpoint(result, score: str) -> Optional[str]:
+    """The path or URI of a Ray Train ``Result``'s best checkpoint by ``score`` (its last one when none was scored;
+    None when it has none)."""
     best = result.get_best_checkpoint(score, "max") if result.best_checkpoints else result.checkpoint
-    print(f"best checkpoint (by {score}): {storage.uri_of(best.filesystem, best.path) if best else None}")
+    return storage.uri_of(best.filesystem, best.path) if best else None
 
 
 def put_model(model) -> list:

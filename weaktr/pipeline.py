@@ -1,6 +1,7 @@
 """The whole method in one run: data -> phase 1 -> pseudo-labels -> phase 2 -> evaluation -> report.
 
-Everything a run makes lives in its run directory, ``{run.storage_path}/{run.name}``:
+Everything a run makes lives in its run directory, ``{run.storage_path}/{run.name}`` (a local path or a bucket's
+URI, ``weaktr.storage``):
 
     config.yaml            the resolved config
     stages/<stage>.json    what each finished stage made (paths) and measured (metrics, seconds)
@@ -20,16 +21,15 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable, Optional
 
 from weaktr import storage
 from weaktr.config import Config, ConfigError
+from weaktr.data.shards import MANIFEST_NAME
 
 STAGES = ("data", "phase1", "pseudo", "phase2", "eval", "report")
 
@@ -46,89 +46,88 @@ class StageResult:
     metrics: dict
 
 
-def stage_config(cfg: Config, directory: Path) -> Config:
+def stage_config(cfg: Config, directory: str) -> Config:
     """``cfg`` with the stage outputs pointed into the run directory (the user's copy stays as it was)."""
     cfg = copy.deepcopy(cfg)
-    cfg.run.storage_path = str(directory)  # the Ray Train runs: <run dir>/phase1, <run dir>/phase2
-    cfg.pseudo.out_dir = str(directory / "pseudo")
-    cfg.seg_train.data_root = str(directory / "pseudo")
+    cfg.run.storage_path = directory  # the Ray Train runs: <run dir>/phase1, <run dir>/phase2
+    cfg.pseudo.out_dir = cfg.seg_train.data_root = storage.join(directory, "pseudo")
     return cfg
 
 
 # ----------------------------------------------------------------------------------------------- the stages
 
 
-def run_data(cfg: Config, directory: Path, records: dict) -> StageResult:
+def run_data(cfg: Config, directory: str, records: dict) -> StageResult:
     from weaktr.launch import prepare_data
 
     manifest = prepare_data(cfg)
     return StageResult(
-        outputs={"manifest": str(Path(manifest.root) / "manifest.json")},
+        outputs={"manifest": storage.join(manifest.root, MANIFEST_NAME)},
         metrics={"name": manifest.name, "classes": list(manifest.classes),
                  "splits": {name: split.num_samples for name, split in manifest.splits.items()},
                  "skipped": sum(manifest.meta.get("skipped", {}).values())},
     )
 
 
-def run_phase1(cfg: Config, directory: Path, records: dict) -> StageResult:
+def run_phase1(cfg: Config, directory: str, records: dict) -> StageResult:
     from weaktr.train import cam_loop
 
     result = cam_loop.fit(cfg, name="phase1")
     return _training_result(result, cam_loop.selection_metric(cfg))
 
 
-def run_pseudo(cfg: Config, directory: Path, records: dict) -> StageResult:
+def run_pseudo(cfg: Config, directory: str, records: dict) -> StageResult:
     from weaktr.pseudo import run_pseudo_labels
 
     report = run_pseudo_labels(cfg, records["phase1"]["outputs"]["checkpoint"])
-    out = Path(cfg.pseudo.out_dir)
-    return StageResult(outputs={"dataset": str(out / "manifest.json"), "report": str(out / "report.json")},
+    out = cfg.pseudo.out_dir
+    return StageResult(outputs={"dataset": storage.join(out, MANIFEST_NAME), "report": storage.join(out, "report.json")},
                        metrics=report)
 
 
-def run_phase2(cfg: Config, directory: Path, records: dict) -> StageResult:
+def run_phase2(cfg: Config, directory: str, records: dict) -> StageResult:
     from weaktr.train import seg_loop
 
     result = seg_loop.fit(cfg, name="phase2")
     return _training_result(result, "val_mIoU")
 
 
-def run_eval(cfg: Config, directory: Path, records: dict) -> StageResult:
+def run_eval(cfg: Config, directory: str, records: dict) -> StageResult:
     from weaktr.evaluate import evaluate_variants_on_ray, write_report
 
     # One inference pass scored twice: the retrained model as it is, and refined by the dense CRF.
     reports = evaluate_variants_on_ray(cfg, records["phase2"]["outputs"]["checkpoint"], [False, True])
     outputs, metrics = {}, {}
     for name, report in zip(("eval", "eval_crf"), reports):
-        outputs[name] = str(write_report(report, directory / name))
+        outputs[name] = str(write_report(report, storage.join(directory, name)))
         metrics[name] = report
     return StageResult(outputs=outputs, metrics=metrics)
 
 
-def run_report(cfg: Config, directory: Path, records: dict) -> StageResult:
+def run_report(cfg: Config, directory: str, records: dict) -> StageResult:
     from weaktr.report import write_html_report
 
     html, data = write_html_report(cfg, directory, records)
-    return StageResult(outputs={"html": str(html), "json": str(data)}, metrics={})
+    return StageResult(outputs={"html": html, "json": data}, metrics={})
 
 
 def _training_result(result, score: str) -> StageResult:
     """The best checkpoint by ``score`` and the run's per-epoch history (kept in every checkpoint)."""
     from weaktr.checkpoint import load_checkpoint
+    from weaktr.launch import best_checkpoint
 
     if result.checkpoint is None:
         raise PipelineError(f"training ended without a checkpoint ({result.error})")
-    best = result.get_best_checkpoint(score, "max") if result.best_checkpoints else result.checkpoint
-    last = load_checkpoint(result.checkpoint.path)
-    history = last.get("history", [])
+    last = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path)  # Ray's path has no scheme
+    history = load_checkpoint(last).get("history", [])
     best_metrics = max(history, key=lambda m: m[score] if m[score] == m[score] else float("-inf"), default={})
     return StageResult(
-        outputs={"checkpoint": best.path, "last_checkpoint": result.checkpoint.path},
+        outputs={"checkpoint": best_checkpoint(result, score), "last_checkpoint": last},
         metrics={"history": history, "best": best_metrics, "score": score},
     )
 
 
-RUNNERS: dict[str, Callable[[Config, Path, dict], StageResult]] = {
+RUNNERS: dict[str, Callable[[Config, str, dict], StageResult]] = {
     "data": run_data, "phase1": run_phase1, "pseudo": run_pseudo, "phase2": run_phase2, "eval": run_eval,
     "report": run_report,
 }
@@ -140,31 +139,20 @@ STAGE_DIRS = {"phase1": ("phase1",), "pseudo": ("pseudo",), "phase2": ("phase2",
 # ----------------------------------------------------------------------------------------------- orchestration
 
 
-def record_path(directory: Path, stage: str) -> Path:
-    return directory / "stages" / f"{stage}.json"
+def record_path(directory: str, stage: str) -> str:
+    return storage.join(directory, "stages", f"{stage}.json")
 
 
-def load_record(directory: Path, stage: str) -> Optional[dict]:
-    path = record_path(directory, stage)
+def load_record(directory: str, stage: str) -> Optional[dict]:
+    """The stage's record, or None when there is none (or an unreadable one: the stage runs again)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(storage.read_bytes(record_path(directory, stage)))
+    except (FileNotFoundError, ValueError):
         return None
 
 
 def missing_outputs(record: dict) -> list[str]:
-    return [path for path in record["outputs"].values() if not Path(path).exists()]
-
-
-def local_run_directory(cfg: Config) -> Path:
-    """``{run.storage_path}/{run.name}``, which must be local: ConfigError for a URI."""
-    if storage.is_uri(cfg.run.storage_path):
-        raise ConfigError(
-            f"run.storage_path is a URI ({cfg.run.storage_path}): the pipeline keeps its run directory (stage "
-            "records, report) on this machine; the single jobs (train_cam.py, make_pseudo_labels.py, train_seg.py, "
-            "evaluate.py) take URIs"
-        )
-    return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+    return [path for path in record["outputs"].values() if not storage.exists(path)]
 
 
 def run_pipeline(cfg: Config, from_stage: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
@@ -173,9 +161,7 @@ def run_pipeline(cfg: Config, from_stage: Optional[str] = None, log: Callable[[s
 
     if from_stage is not None and from_stage not in STAGES:
         raise PipelineError(f"unknown stage {from_stage!r}; the stages are {', '.join(STAGES)}")
-    local_run_directory(cfg)
-    directory = Path(save_resolved_config(cfg)).parent
-    (directory / "stages").mkdir(parents=True, exist_ok=True)
+    directory = storage.parent(save_resolved_config(cfg))
     stage_cfg = stage_config(cfg, directory)
 
     records: dict[str, dict] = {}
@@ -196,10 +182,10 @@ def run_pipeline(cfg: Config, from_stage: Optional[str] = None, log: Callable[[s
             records[stage] = record | {"status": "skipped"}
             continue
 
-        record_path(directory, stage).unlink(missing_ok=True)
+        storage.remove(record_path(directory, stage))
         if start_over or stage == from_stage:
             for name in STAGE_DIRS.get(stage, ()):
-                _remove(directory / name)
+                storage.remove(storage.join(directory, name))
         log(f"[{stage}] running ({reason})")
         started = time.perf_counter()
         result = RUNNERS[stage](stage_cfg, directory, records)
@@ -208,21 +194,12 @@ def run_pipeline(cfg: Config, from_stage: Optional[str] = None, log: Callable[[s
             "seconds": round(time.perf_counter() - started, 1),
             "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         }
-        # Written last and atomically: a record exists only for a stage that finished.
-        tmp = record_path(directory, stage).with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(record_path(directory, stage))
+        # Written last and whole (storage.write_bytes): a record exists only for a stage that finished.
+        storage.write_bytes(record_path(directory, stage), json.dumps(record, indent=1).encode())
         records[stage] = record | {"status": "ran"}
         log(f"[{stage}] finished in {record['seconds']:.0f} s")
         start_over = True
     return records
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def summary_table(records: dict) -> str:
@@ -271,7 +248,7 @@ def _pct(value: Optional[float]) -> str:
 def main(argv=None, prog: Optional[str] = None) -> int:
     """``ray_jobs/pipeline.py`` and ``weaktr pipeline``: run or resume the pipeline, print the stage table."""
     from weaktr.config import job_arg_parser, parse_job_args
-    from weaktr.launch import check_resume, init_ray
+    from weaktr.launch import check_resume, init_ray, run_dir
 
     parser = job_arg_parser("Run the whole WeakTr pipeline: data, phase 1, pseudo-labels, phase 2, evaluation, "
                             "report.", resumes="pipeline run (finished stages are skipped)")
@@ -281,17 +258,17 @@ def main(argv=None, prog: Optional[str] = None) -> int:
                         help="rerun this stage and every later one (of a run that exists)")
     args, cfg = parse_job_args(parser, argv)
     try:  # --from on a run that exists asks to redo part of it, which continues it as --resume does
-        directory = local_run_directory(cfg)
-        exists = any(record_path(directory, stage).exists() for stage in STAGES)
-        check_resume(args.resume or (exists and args.from_stage is not None), str(directory) if exists else None,
-                     str(directory), "pipeline run",
+        directory = run_dir(cfg)
+        exists = any(storage.exists(record_path(directory, stage)) for stage in STAGES)
+        check_resume(args.resume or (exists and args.from_stage is not None), directory if exists else None,
+                     directory, "pipeline run",
                      "--from STAGE to redo a stage and those after it, or set another run.name")
-    except ConfigError as err:
+        init_ray()
+        started = time.perf_counter()
+        records = run_pipeline(cfg, args.from_stage)
+    except (ConfigError, storage.StorageUnavailable) as err:  # e.g. a bucket that does not exist
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    init_ray()
-    started = time.perf_counter()
-    records = run_pipeline(cfg, args.from_stage)
     print()
     print(summary_table(records))
     print(f"pipeline: {(time.perf_counter() - started) / 60:.1f} min in this invocation")

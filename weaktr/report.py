@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-from pathlib import Path
 
 import matplotlib
 
@@ -23,6 +22,7 @@ import yaml  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from weaktr import storage  # noqa: E402
 from weaktr.config import Config, to_dict  # noqa: E402
 
 SAMPLE_ROWS = 6  # images in the sample grid
@@ -44,9 +44,9 @@ def miou_table(records: dict) -> list[dict]:
     return rows
 
 
-def write_html_report(cfg: Config, directory: Path, records: dict) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.json`` into ``directory`` (and the sample grid alone as ``samples.png``);
-    returns the first two's paths."""
+def write_html_report(cfg: Config, directory: str, records: dict) -> tuple[str, str]:
+    """Write ``report.html`` and ``report.json`` into ``directory`` (local or a URI; and the sample grid alone as
+    ``samples.png``); returns the first two's paths."""
     from weaktr.pipeline import headline
 
     classes = ["background", *records["data"]["metrics"]["classes"]]
@@ -65,8 +65,8 @@ def write_html_report(cfg: Config, directory: Path, records: dict) -> tuple[Path
         "checkpoints": {phase: records[phase]["outputs"]["checkpoint"] for phase in ("phase1", "phase2")},
         "config": to_dict(cfg),
     }
-    json_path = directory / "report.json"
-    json_path.write_text(json.dumps(data, indent=1))
+    json_path = storage.join(directory, "report.json")
+    storage.write_bytes(json_path, json.dumps(data, indent=1).encode())
 
     figures = {
         "Phase 1: CAM training": _png(_phase1_figure(data["curves"]["phase1"])),
@@ -78,14 +78,19 @@ def write_html_report(cfg: Config, directory: Path, records: dict) -> tuple[Path
     grid = _sample_grid(cfg, directory, records, classes)
     if grid is not None:
         samples = _png_bytes(grid)
-        (directory / SAMPLES_PNG).write_bytes(samples)
+        storage.write_bytes(storage.join(directory, SAMPLES_PNG), samples)
         figures["Samples"] = base64.b64encode(samples).decode("ascii")
-    html_path = directory / "report.html"
-    html_path.write_text(_html(cfg, data, classes, figures))
+    html_path = storage.join(directory, "report.html")
+    storage.write_bytes(html_path, _html(cfg, data, classes, figures).encode())
     return html_path, json_path
 
 
 # ----------------------------------------------------------------------------------------------- figures
+
+
+def _image(path: str) -> np.ndarray:
+    with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
+        return np.asarray(image)
 
 
 def _png_bytes(figure) -> bytes:
@@ -155,7 +160,7 @@ def _sweep_figure(sweep: dict, used: float):
     return figure
 
 
-def _sample_grid(cfg: Config, directory: Path, records: dict, classes: list[str]):
+def _sample_grid(cfg: Config, directory: str, records: dict, classes: list[str]):
     """Rows of (image, CAM, pseudo-label, prediction, ground truth) for the first samples with a CAM overlay."""
     from weaktr.cli import colorize
     from weaktr.data.shards import Manifest
@@ -163,11 +168,12 @@ def _sample_grid(cfg: Config, directory: Path, records: dict, classes: list[str]
     from weaktr.data.voc import voc_palette
     from weaktr.evaluate import inference_kwargs, load_segmenter, predict_labels
 
-    pseudo_dir = Path(records["pseudo"]["outputs"]["dataset"]).parent
-    overlays = {p.stem: p for p in sorted((pseudo_dir / "overlays").glob("*.jpg"))}
+    pseudo_dir = storage.parent(records["pseudo"]["outputs"]["dataset"])
+    overlay_dir = storage.join(pseudo_dir, "overlays")
+    overlays = {name.removesuffix(".jpg") for name in storage.list_names(overlay_dir) if name.endswith(".jpg")}
     if not overlays:
         return None
-    manifest = Manifest.load(Path(records["data"]["outputs"]["manifest"]).parent)
+    manifest = Manifest.load(records["data"]["outputs"]["manifest"])
     samples = []
     # Broken samples are the other stages' to count (and refuse above data.max_failure_fraction); a figure skips them.
     shards = manifest.shard_paths(records["pseudo"]["metrics"]["split"])
@@ -183,8 +189,8 @@ def _sample_grid(cfg: Config, directory: Path, records: dict, classes: list[str]
     titles = ("image", "CAM, strongest class", "pseudo-label", "retrained model", "ground truth")
     for row, sample in zip(axes, samples):
         prediction = predict_labels(model, sample.image, amp=False, **inference_kwargs(e))
-        pseudo = np.asarray(Image.open(pseudo_dir / "pseudo_png" / f"{sample.key}.png"))
-        panels = (sample.image, np.asarray(Image.open(overlays[sample.key])), colorize(pseudo, palette),
+        pseudo = _image(storage.join(pseudo_dir, "pseudo_png", f"{sample.key}.png"))
+        panels = (sample.image, _image(storage.join(overlay_dir, f"{sample.key}.jpg")), colorize(pseudo, palette),
                   colorize(prediction, palette), colorize(sample.mask, palette))
         for axes_, panel in zip(row, panels):
             axes_.imshow(panel)

@@ -10,7 +10,7 @@ training jobs run. Tune reserves only the driver (no CPU: ``DRIVER_MEMORY``) and
 ``tune.max_concurrent_trials`` bounds how many trials run at once; the workers queue for Ray's resources as any
 Ray Train run does.
 
-Results go to ``<run.storage_path>/<run.name>/``: Tune's experiment (one directory per trial), each trial's Ray
+Results go to ``<run.storage_path>/<run.name>/`` (a local path or a bucket's URI): Tune's experiment (one directory per trial), each trial's Ray
 Train run under ``trials/``, and ``trials.csv``, ``best_config.yaml`` and ``objective.png`` (``write_results``).
 """
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import typing
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -201,33 +201,28 @@ def run_trial(params: dict, base: dict, trials_dir: str) -> None:
     fit(cfg, name=ray.tune.get_context().get_trial_id(), callbacks=[TuneReportCallback()])
 
 
-def sweep_dir(cfg: Config) -> Path:
-    return Path(cfg.run.storage_path) / cfg.run.name
+def sweep_dir(cfg: Config) -> str:
+    return storage.join(cfg.run.storage_path, cfg.run.name)
 
 
 def sweep_started(cfg: Config) -> bool:
     """Whether Tune has saved an experiment for this sweep (one that ``--resume`` continues)."""
     from ray import tune
 
-    return tune.Tuner.can_restore(str(sweep_dir(cfg)))
+    return tune.Tuner.can_restore(sweep_dir(cfg))
 
 
-def prepare_sweep(cfg: Config, resume: bool) -> Path:
+def prepare_sweep(cfg: Config, resume: bool) -> str:
     """Check the sweep (``check_sweep``), make its paths absolute, and check that ``resume`` matches what is on
     disk: a new sweep must not land on an existing one, a resumed one must exist and have the config it started
     with. Returns where that config is kept (``SAVED_CONFIG``); ConfigError otherwise, before Ray starts."""
     check_sweep(cfg)
-    if storage.is_uri(cfg.run.storage_path):
-        raise ConfigError(
-            f"run.storage_path is a URI ({cfg.run.storage_path}): a sweep keeps its trials and results on this "
-            "machine (data.root and the other inputs may be URIs)"
-        )
     resolve_paths(cfg)
-    saved = sweep_dir(cfg) / SAVED_CONFIG
+    saved = storage.join(sweep_dir(cfg), SAVED_CONFIG)
     if resume:
         if not sweep_started(cfg):
             raise ConfigError(f"--resume: no sweep to continue at {sweep_dir(cfg)}")
-        changed = saved_config_differences(cfg, saved) if saved.exists() else []
+        changed = saved_config_differences(cfg, saved) if storage.exists(saved) else []
         if changed:
             raise ConfigError(f"--resume: the config differs from the one the sweep started with ({saved}) at "
                               f"{', '.join(changed[:5])}")
@@ -249,13 +244,13 @@ def run_sweep(cfg: Config, resume: bool = False):
     t = cfg.tune
     directory = sweep_dir(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(cfg), trials_dir=str(directory / "trials")),
+        tune.with_parameters(run_trial, base=to_dict(cfg), trials_dir=storage.join(directory, "trials")),
         {"CPU": 0, "memory": DRIVER_MEMORY},
     )
     if resume:
         # Finished trials are kept as they are; unfinished and failed ones start again and their Ray Train runs
         # continue from their last checkpoints.
-        tuner = tune.Tuner.restore(str(directory), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
     if t.scheduler == "asha":
         scheduler = ASHAScheduler(
@@ -293,7 +288,8 @@ def trial_rows(cfg: Config, results) -> list[dict]:
     rows = []
     for result in results:
         history = result.metrics_dataframe
-        row: dict[str, Any] = {"trial": (result.metrics or {}).get("trial_id") or Path(result.path).name}
+        trial_dir = result.path.rstrip("/").rsplit("/", 1)[-1]  # Tune's trial directory (a local path or a URI's)
+        row: dict[str, Any] = {"trial": (result.metrics or {}).get("trial_id") or trial_dir}
         row |= {key: result.config.get(key) for key in cfg.tune.space}
         best = None
         if history is not None and metric in history and history[metric].notna().any():
@@ -316,15 +312,16 @@ def trial_rows(cfg: Config, results) -> list[dict]:
     return sorted(rows, key=lambda r: -r[metric] if r[metric] == r[metric] else math.inf)
 
 
-def write_results(cfg: Config, rows: list[dict]) -> dict[str, Path]:
+def write_results(cfg: Config, rows: list[dict]) -> dict[str, str]:
     """``trials.csv``, ``best_config.yaml`` (the best trial's full config under the run name ``<run.name>-best``,
     for ``train_cam.py`` / ``train_seg.py`` as it is) and ``objective.png`` in the sweep's directory."""
     directory = sweep_dir(cfg)
-    paths = {name: directory / name for name in RESULT_FILES}
-    with open(paths["trials.csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    paths = {name: storage.join(directory, name) for name in RESULT_FILES}
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_bytes(paths["trials.csv"], table.getvalue().encode())
     metric = objective(cfg)
     best = rows[0]
     if best[metric] == best[metric]:  # not NaN: some trial was scored
@@ -337,7 +334,7 @@ def write_results(cfg: Config, rows: list[dict]) -> dict[str, Path]:
     return paths
 
 
-def plot_objective(cfg: Config, rows: list[dict], path: Path) -> None:
+def plot_objective(cfg: Config, rows: list[dict], path: str) -> None:
     """The objective of every trial against each swept key, one panel per key; trials stopped early hollow."""
     import matplotlib
 
@@ -366,8 +363,10 @@ def plot_objective(cfg: Config, rows: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
     figure.suptitle(f"{cfg.run.name}: {metric} per trial (hollow: stopped early)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
     plt.close(figure)
+    storage.write_bytes(path, image.getvalue())
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -385,9 +384,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def saved_config_differences(cfg: Config, saved_path: Path) -> list[str]:
+def saved_config_differences(cfg: Config, saved_path: str) -> list[str]:
     """The dotted keys whose values differ between ``cfg`` and the config a sweep started with."""
-    saved = yaml.safe_load(saved_path.read_text())
+    saved = yaml.safe_load(storage.read_bytes(saved_path))
     return _differences(to_dict(cfg), saved, "")
 
 
