@@ -26,10 +26,10 @@ def main(argv=None) -> int:
     try:
         saved = prepare_sweep(cfg, resume=args.resume)  # a bad search space fails here, before Ray or any trial
         prepare_data(cfg)
-    except (ConfigError, DataError, StorageUnavailable) as err:
+        save_config(cfg, saved)
+    except (ConfigError, DataError, StorageUnavailable) as err:  # e.g. a bucket that does not exist
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    save_config(cfg, saved)
     init_ray()
     results = run_sweep(cfg, resume=args.resume)
     rows = trial_rows(cfg, results)

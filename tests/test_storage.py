@@ -83,6 +83,14 @@ def test_a_bucket_that_cannot_be_used_stops_a_job_with_one_line_naming_it(s3_ser
     err = capsys.readouterr().err
     assert "error: s3://no-such-bucket/runs/smoke-cam/config.yaml: " in err and "NO_SUCH_BUCKET" in err
     assert "Traceback" not in err
+    # The pipeline and a sweep keep their run directory there: the same one line.
+    tune = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tune_fusion.yaml"),
+            "--set", f"data.root={tmp_path / 'data'}", "--set", "data.synthetic.num_train=8",
+            "--set", "data.synthetic.num_val=4"]
+    for job, args in (("pipeline", smoke), ("tune_sweep", tune)):
+        assert load_job(job).main([*args, "--set", "run.storage_path=s3://no-such-bucket/runs"]) == 2
+        err = capsys.readouterr().err
+        assert "error: s3://no-such-bucket/runs/" in err and "NO_SUCH_BUCKET" in err and "Traceback" not in err, err
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
     with pytest.raises(storage.StorageUnavailable, match="s3://weaktr/runs: .*connect"):

@@ -248,7 +248,7 @@ def _pct(value: Optional[float]) -> str:
 def main(argv=None, prog: Optional[str] = None) -> int:
     """``ray_jobs/pipeline.py`` and ``weaktr pipeline``: run or resume the pipeline, print the stage table."""
     from weaktr.config import job_arg_parser, parse_job_args
-    from weaktr.launch import check_resume, init_ray, run_dir
+    from weaktr.launch import check_resume, init_ray, run_dir, save_resolved_config
 
     parser = job_arg_parser("Run the whole WeakTr pipeline: data, phase 1, pseudo-labels, phase 2, evaluation, "
                             "report.", resumes="pipeline run (finished stages are skipped)")
@@ -263,6 +263,7 @@ def main(argv=None, prog: Optional[str] = None) -> int:
         check_resume(args.resume or (exists and args.from_stage is not None), directory if exists else None,
                      directory, "pipeline run",
                      "--from STAGE to redo a stage and those after it, or set another run.name")
+        save_resolved_config(cfg)  # (run_pipeline writes it too) here first: a bucket that fails, before Ray starts
         init_ray()
         started = time.perf_counter()
         records = run_pipeline(cfg, args.from_stage)
