@@ -71,6 +71,18 @@ def test_a_dataset_and_a_checkpoint_in_a_bucket_read_as_local_ones(s3_bucket, tm
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(f"{s3_bucket}/nothing")
 
+    # Backbone weights for a cluster without internet (model.weights_path), as the hub ships them.
+    import safetensors.torch
+
+    from weaktr.models.vit import create_backbone
+
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 32}
+    source = create_backbone(**tiny)
+    safetensors.torch.save_file(source.state_dict(), tmp_path / "deit.safetensors")
+    storage.put_file(tmp_path / "deit.safetensors", f"{s3_bucket}/weights/deit.safetensors")
+    loaded = create_backbone(weights_path=f"{s3_bucket}/weights/deit.safetensors", **tiny)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
+
 
 def test_a_bucket_that_cannot_be_used_stops_a_job_with_one_line_naming_it(s3_server, tmp_path, capsys, monkeypatch):
     """A bucket that does not exist (a typo, or no permission) or an object store that does not answer ends the
