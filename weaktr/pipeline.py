@@ -81,8 +81,8 @@ def run_pseudo(cfg: Config, directory: str, records: dict) -> StageResult:
 
     report = run_pseudo_labels(cfg, records["phase1"]["outputs"]["checkpoint"])
     out = cfg.pseudo.out_dir
-    return StageResult(outputs={"dataset": storage.join(out, MANIFEST_NAME), "report": storage.join(out, "report.json")},
-                       metrics=report)
+    outputs = {"dataset": storage.join(out, MANIFEST_NAME), "report": storage.join(out, "report.json")}
+    return StageResult(outputs=outputs, metrics=report)
 
 
 def run_phase2(cfg: Config, directory: str, records: dict) -> StageResult:

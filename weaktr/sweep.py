@@ -10,8 +10,9 @@ training jobs run. Tune reserves only the driver (no CPU: ``DRIVER_MEMORY``) and
 ``tune.max_concurrent_trials`` bounds how many trials run at once; the workers queue for Ray's resources as any
 Ray Train run does.
 
-Results go to ``<run.storage_path>/<run.name>/`` (a local path or a bucket's URI): Tune's experiment (one directory per trial), each trial's Ray
-Train run under ``trials/``, and ``trials.csv``, ``best_config.yaml`` and ``objective.png`` (``write_results``).
+Results go to ``<run.storage_path>/<run.name>/`` (a local path or a bucket's URI): Tune's experiment (one directory
+per trial), each trial's Ray Train run under ``trials/``, and ``trials.csv``, ``best_config.yaml`` and
+``objective.png`` (``write_results``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from weaktr.data.shards import FAILURES_NAME, Encoded, Manifest, Sample, Skipped
 
 T = TypeVar("T")
 CONVERT_WORKERS = os.cpu_count() or 1  # the converters' reading threads (read_each)
-RAY_BATCH = 32  # items per Ray task when converting on a cluster: ~1 s of work per task, a few MB back
+RAY_BATCH = 32  # items per Ray task on a cluster: ~0.15 s of work at VOC size (BENCHMARKS.md, Conversion), ~2 MB back
+MIN_RAY_TASKS = 32  # Ray tasks kept in flight however few CPUs the cluster has yet (_on_ray)
 
 
 class Unusable(ValueError):
@@ -77,18 +78,19 @@ def _attempt_batch(attempt: Callable[[T], Any], batch: Sequence[T]) -> list:
 
 
 def _on_ray(attempt: Callable[[T], Any], items: Sequence[T]) -> Iterator:
-    """``attempt`` over ``items`` in Ray tasks of ``RAY_BATCH``, results in order; two tasks per CPU of the
-    cluster in flight, so the driver (which writes the shards) never holds more than that many batches."""
+    """``attempt`` over ``items`` in Ray tasks of ``RAY_BATCH``, results in order. Two tasks per CPU the cluster
+    has now are in flight (counted again as nodes join), and at least ``MIN_RAY_TASKS``: the tasks waiting for a
+    CPU are the demand for which an autoscaling cluster adds nodes. Results that arrive out of order wait in Ray's
+    object store, never more than that many batches."""
     import ray
 
     attempt_ref = ray.put(attempt)  # shipped once, not with every task
     remote = ray.remote(num_cpus=1)(_attempt_batch)
-    in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     batches = (items[i:i + RAY_BATCH] for i in range(0, len(items), RAY_BATCH))
     waiting: collections.deque = collections.deque()
     for batch in batches:
         waiting.append(remote.remote(attempt_ref, batch))
-        if len(waiting) >= in_flight:
+        if len(waiting) >= max(MIN_RAY_TASKS, 2 * int(ray.cluster_resources().get("CPU", 0))):
             yield from ray.get(waiting.popleft())
     while waiting:
         yield from ray.get(waiting.popleft())

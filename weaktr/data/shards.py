@@ -81,7 +81,8 @@ class Skipped(NamedTuple):
 
 class Encoded(NamedTuple):
     """A sample as a shard stores it (``encode_for_shard``): what the converters' readers hand the writer, since a
-    decoded image is ~10x its JPEG on the way back from a reading thread or a Ray task on another node."""
+    decoded image is several times its JPEG (500 x 375: 562 KB decoded, tens of KB as JPEG) on the way back
+    from a Ray task."""
 
     key: str
     labels: list[int]
