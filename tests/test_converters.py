@@ -390,7 +390,7 @@ def dataset_files(out) -> tuple[dict, bytes, dict]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}, (out / "failures.jsonl").read_bytes(), manifest
 
 
-def test_convert_on_ray_writes_the_dataset_one_thread_writes(coco_root, tmp_path, monkeypatch, ray_session):
+def test_convert_on_ray_writes_the_dataset_one_thread_writes(coco_root, tmp_path, monkeypatch, ray_session, capsys):
     """--ray reads in Ray tasks of the connected cluster (one image per task here, so several are in flight):
     the shards, failures and manifest are byte for byte those of one thread, downscaling and a skipped image
     included."""
@@ -408,6 +408,7 @@ def test_convert_on_ray_writes_the_dataset_one_thread_writes(coco_root, tmp_path
         trees.append(dataset_files(out))
     assert trees[0] == trees[1] and b"listed in" in trees[0][1]
     assert trees[0][2]["meta"]["downscaled"] == {"train": 1, "val": 2}
+    assert "reading in Ray tasks: 4 CPUs on 1 node(s) now" in capsys.readouterr().out  # the shared head's
     for _ in range(50):  # the workers report their tasks to the head every second
         tasks = list_tasks(filters=[("func_or_class_name", "=", "_attempt_batch")], raise_on_missing_output=False)
         if len(tasks) >= 4:

@@ -192,6 +192,10 @@ def convert_command(args) -> int:
         except RayUnavailable as err:
             print(f"weaktr convert {args.layout}: error: {err}", file=sys.stderr)
             return 2
+        import ray
+
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        print(f"reading in Ray tasks: {ray.cluster_resources().get('CPU', 0):.0f} CPUs on {nodes} node(s) now")
     # A dataset for a bucket is written here first: the writers rename finished shards into place.
     staging = tempfile.mkdtemp(prefix="weaktr-convert-") if storage.is_uri(args.out) else None
     out = staging or args.out
