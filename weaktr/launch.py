@@ -211,7 +211,12 @@ def best_checkpoint(result, score: str) -> Optional[str]:
     """The path or URI of a Ray Train ``Result``'s best checkpoint by ``score`` (its last one when none was scored;
     None when it has none)."""
     best = result.get_best_checkpoint(score, "max") if result.best_checkpoints else result.checkpoint
-    return storage.uri_of(best.filesystem, best.path) if best else None
+    return checkpoint_uri(best) if best else None
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A Ray Train ``Checkpoint``'s local path or URI (Ray's own path has no scheme for a bucket)."""
+    return storage.uri_of(checkpoint.filesystem, checkpoint.path)
 
 
 def put_model(model) -> list:

@@ -99,7 +99,7 @@ def run_eval(cfg: Config, directory: str, records: dict) -> StageResult:
     reports = evaluate_variants_on_ray(cfg, records["phase2"]["outputs"]["checkpoint"], [False, True])
     outputs, metrics = {}, {}
     for name, report in zip(("eval", "eval_crf"), reports):
-        outputs[name] = str(write_report(report, storage.join(directory, name)))
+        outputs[name] = write_report(report, storage.join(directory, name))
         metrics[name] = report
     return StageResult(outputs=outputs, metrics=metrics)
 
@@ -114,11 +114,11 @@ def run_report(cfg: Config, directory: str, records: dict) -> StageResult:
 def _training_result(result, score: str) -> StageResult:
     """The best checkpoint by ``score`` and the run's per-epoch history (kept in every checkpoint)."""
     from weaktr.checkpoint import load_checkpoint
-    from weaktr.launch import best_checkpoint
+    from weaktr.launch import best_checkpoint, checkpoint_uri
 
     if result.checkpoint is None:
         raise PipelineError(f"training ended without a checkpoint ({result.error})")
-    last = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path)  # Ray's path has no scheme
+    last = checkpoint_uri(result.checkpoint)
     history = load_checkpoint(last).get("history", [])
     best_metrics = max(history, key=lambda m: m[score] if m[score] == m[score] else float("-inf"), default={})
     return StageResult(
