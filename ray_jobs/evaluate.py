@@ -13,10 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from weaktr.checkpoint import CheckpointMismatch  # noqa: E402
-from weaktr.config import job_arg_parser, parse_job_args  # noqa: E402
+from weaktr.config import ConfigError, job_arg_parser, parse_job_args  # noqa: E402
 from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.evaluate import class_names, evaluate_on_ray, report_dir, write_report  # noqa: E402
-from weaktr.launch import init_ray, prepare_data  # noqa: E402
+from weaktr.launch import EVAL_PATHS, connect, prepare_data  # noqa: E402
 from weaktr.metrics import ConfusionMatrix  # noqa: E402
 from weaktr.storage import StorageUnavailable  # noqa: E402
 
@@ -31,10 +31,10 @@ def main(argv=None) -> int:
 
     try:
         manifest = prepare_data(cfg)
-        init_ray()
+        connect(cfg, EVAL_PATHS)
         report = evaluate_on_ray(cfg, checkpoint)
         path = write_report(report, report_dir(cfg, checkpoint))
-    except (CheckpointMismatch, DataError, FileNotFoundError, StorageUnavailable) as err:
+    except (CheckpointMismatch, ConfigError, DataError, FileNotFoundError, StorageUnavailable) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     confusion = ConfusionMatrix.from_matrix(report["confusion_matrix"])

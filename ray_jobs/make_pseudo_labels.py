@@ -17,7 +17,7 @@ from weaktr import storage  # noqa: E402
 from weaktr.checkpoint import CheckpointMismatch  # noqa: E402
 from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.config import ConfigError, job_arg_parser, parse_job_args  # noqa: E402
-from weaktr.launch import check_resume, init_ray, prepare_data, save_resolved_config  # noqa: E402
+from weaktr.launch import PSEUDO_PATHS, check_resume, connect, prepare_data, save_resolved_config  # noqa: E402
 from weaktr.pseudo import PseudoLabelError, run_pseudo_labels  # noqa: E402
 from weaktr.pseudo.outputs import RUN_CONFIG  # noqa: E402
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                          "pass --overwrite to start over, or choose another pseudo.out_dir")
         prepare_data(cfg)
         save_resolved_config(cfg, "pseudo_config.yaml")
-        init_ray()
+        connect(cfg, PSEUDO_PATHS)
         report = run_pseudo_labels(cfg, checkpoint)
     except (ConfigError, CheckpointMismatch, PseudoLabelError, DataError, FileNotFoundError,
             storage.StorageUnavailable) as err:

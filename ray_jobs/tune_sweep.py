@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from weaktr.config import ConfigError, job_arg_parser, parse_job_args, save_config  # noqa: E402
 from weaktr.data.shards import DataError  # noqa: E402
-from weaktr.launch import init_ray, prepare_data  # noqa: E402
+from weaktr.launch import PHASE1_PATHS, PHASE2_PATHS, connect, prepare_data  # noqa: E402
 from weaktr.storage import StorageUnavailable  # noqa: E402
 from weaktr.sweep import prepare_sweep, run_sweep, summary_table, trial_rows, write_results  # noqa: E402
 
@@ -27,10 +27,10 @@ def main(argv=None) -> int:
         saved = prepare_sweep(cfg, resume=args.resume)  # a bad search space fails here, before Ray or any trial
         prepare_data(cfg)
         save_config(cfg, saved)
+        connect(cfg, PHASE1_PATHS if cfg.tune.phase == "cam" else PHASE2_PATHS)
     except (ConfigError, DataError, StorageUnavailable) as err:  # e.g. a bucket that does not exist
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    init_ray()
     results = run_sweep(cfg, resume=args.resume)
     rows = trial_rows(cfg, results)
     paths = write_results(cfg, rows)

@@ -135,12 +135,13 @@ def ray_head(s3_server, tmp_path_factory):
                 ray.shutdown()
 
 
-def _wait_for_job_agent(url: str, timeout: float = 180) -> None:
+def _wait_for_job_agent(url: str, timeout: float = 180, token: str | None = None) -> None:
     """The job server answers before its agent can run jobs ("No available agent to submit
-    job, please try again later"): submit a no-op job until one is accepted and finishes."""
+    job, please try again later"): submit a no-op job until one is accepted and finishes. ``token``: the head's
+    auth token, when it has token authentication on."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(url)
+    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"} if token else None)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -89,7 +89,7 @@ def test_a_trial_asks_for_fractional_gpus_per_worker():
     from weaktr.train.common import make_trainer
 
     cfg = sweep_config("train.use_gpu=true", "train.gpus_per_worker=0.5", "train.cpus_per_worker=4")
-    trainer = make_trainer(train_loop_per_worker, cfg, cfg.train, name="x", score_attribute="cam_mIoU")
+    trainer = make_trainer(train_loop_per_worker, cfg, cfg.train, name="x", score_attribute="cam_mIoU", paths=())
     assert trainer.scaling_config.num_workers == 1
     assert trainer.scaling_config.resources_per_worker == {"CPU": 4, "GPU": 0.5}
 

@@ -2,42 +2,99 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import ray
 
 from weaktr import storage
-from weaktr.config import Config, ConfigError, save_config
-from weaktr.data.shards import Manifest
+from weaktr.config import Config, ConfigError, get_value, save_config
+from weaktr.data.shards import MANIFEST_NAME, Manifest
 
 # How long a Ray Data pipeline waits for room for the first actor of a pool (e.g. for the autoscaler).
 WAIT_FOR_FIRST_ACTOR_S = 600
 
+# The path keys each job's Ray workers and actors read or write (on any node), besides what its driver reads.
+PHASE1_PATHS = ("data.root", "run.storage_path", "model.weights_path", "train.resume_from")
+PHASE2_PATHS = ("data.root", "run.storage_path", "seg_train.data_root", "seg_model.weights_path",
+                "seg_train.resume_from")
+PSEUDO_PATHS = ("data.root", "pseudo.out_dir")  # out_dir: phase 2 reads it on every node
+EVAL_PATHS = ("data.root", "eval.out_dir")
+PIPELINE_PATHS = tuple(dict.fromkeys(PHASE1_PATHS + PHASE2_PATHS))  # pseudo/ and eval/ live in the run directory
+
 
 def prepare_data(cfg: Config) -> Manifest:
     """Make ``data.root`` absolute (workers run elsewhere; a URI stays as it is) and, when
-    ``data.synthetic.enabled``, make sure the built-in synthetic dataset is there."""
+    ``data.synthetic.enabled``, make sure the built-in synthetic dataset is there (generated on this machine, then
+    uploaded when ``data.root`` is a URI)."""
     cfg.data.root = root = storage.absolute(cfg.data.root)
-    if cfg.data.synthetic.enabled and storage.is_uri(root):
-        raise ConfigError(
-            f"data.synthetic.enabled writes the synthetic dataset on this machine, but data.root is a URI ({root}): "
-            "generate it at a local path, or set data.synthetic.enabled=false for a dataset already at the URI"
-        )
-    manifest_path = Path(root) / "manifest.json"
+    manifest_path = storage.join(root, MANIFEST_NAME)
+    existing = Manifest.load(manifest_path) if storage.exists(manifest_path) else None
     # Only a synthetic dataset may be (re)generated in place: never overwrite a converted one.
-    if cfg.data.synthetic.enabled and not (
-        manifest_path.exists() and "synthetic_spec" not in Manifest.load(manifest_path).meta
-    ):
-        from weaktr.data.synthetic import write_synthetic
+    if not cfg.data.synthetic.enabled or (existing is not None and "synthetic_spec" not in existing.meta):
+        return existing or Manifest.load(root)
+    from weaktr.data.synthetic import write_synthetic
 
-        # write_synthetic reuses the shards when they were made from the same spec.
-        return write_synthetic(root, cfg.data.synthetic.spec())
+    spec = cfg.data.synthetic.spec()
+    if not storage.is_uri(root):
+        return write_synthetic(root, spec)  # it reuses the shards when they were made from the same spec
+    if existing is not None and existing.meta["synthetic_spec"] == dataclasses.asdict(spec):
+        return existing  # uploaded whole earlier: the manifest goes up last
+    staging = tempfile.mkdtemp(prefix="weaktr-synthetic-")
+    manifest_file = f"{staging}.json"
+    try:
+        write_synthetic(staging, spec)
+        os.rename(os.path.join(staging, MANIFEST_NAME), manifest_file)
+        storage.upload_dir(staging, root)
+        storage.put_file(manifest_file, manifest_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        Path(manifest_file).unlink(missing_ok=True)
     return Manifest.load(root)
+
+
+def connect(cfg: Config, keys: Sequence[str]) -> None:
+    """Join Ray (``init_ray``), then refuse, before any work, a local path among ``keys`` that a node other than
+    this one would read or write (``check_paths_reach_every_node``)."""
+    init_ray()
+    check_paths_reach_every_node(cfg, keys)
+
+
+def work_elsewhere() -> Optional[str]:
+    """Why this job's tasks and actors may run on another machine than its driver (in words), or None when the
+    connected Ray cluster is this one machine."""
+    here = ray.get_runtime_context().get_node_id()
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    if any(node["NodeID"] != here for node in alive):
+        return f"the Ray cluster has {len(alive)} nodes"
+    if not next((node["Resources"].get("CPU", 0) for node in alive if node["NodeID"] == here), 0):
+        return "this Ray node offers no CPU, so the work runs on nodes that join later"
+    return None
+
+
+def check_paths_reach_every_node(cfg: Config, keys: Sequence[str]) -> None:
+    """ConfigError naming the first of ``keys`` that is a local path when work may run on other nodes
+    (``work_elsewhere``) and ``run.shared_filesystem`` does not say every node mounts it: each node would read or
+    write a disk of its own (Ray Train fails at its first checkpoint, after a whole epoch; other readers would miss
+    files). Needs a connected Ray."""
+    local = [key for key in keys if get_value(cfg, key) and not storage.is_uri(get_value(cfg, key))]
+    if not local or cfg.run.shared_filesystem or not ray.is_initialized():  # not joined yet: Ray starts locally
+        return
+    reason = work_elsewhere()
+    if reason is not None:
+        key = local[0]
+        raise ConfigError(
+            f"config key '{key}' is a local path ({get_value(cfg, key)}), but {reason}, each with a disk of its "
+            f"own: use a bucket URI (s3://bucket/...) for {', '.join(local)}, or, if they are on a file system "
+            "mounted at the same path on every node (NFS), set run.shared_filesystem=true"
+        )
 
 
 class RayUnavailable(RuntimeError):
@@ -178,17 +235,18 @@ def progress(total: int, what: str):
 
 
 def run_training_job(parser, args, cfg: Config, *, fit, run_name: str, what: str, config_name: str, score: str,
-                     shown: Sequence[str]) -> int:
+                     shown: Sequence[str], paths: Sequence[str]) -> int:
     """The body of ``train_cam.py`` and ``train_seg.py``: refuse or continue the Ray Train run ``run_name``
-    (``check_resume``), prepare the data, write the resolved config as ``config_name``, join Ray, ``fit(cfg)`` and
-    print the result. A config, data or storage problem is one line and exit code 2."""
+    (``check_resume``), prepare the data, write the resolved config as ``config_name``, join Ray (``connect``: the
+    path keys ``paths`` must reach every node), ``fit(cfg)`` and print the result. A config, data or storage problem
+    is one line and exit code 2."""
     from weaktr.data.shards import DataError
 
     try:
         check_resume(args.resume, *training_run(cfg.run.storage_path, run_name), what, "set another run.name")
         prepare_data(cfg)
         config_path = save_resolved_config(cfg, config_name)
-        init_ray()
+        connect(cfg, paths)
         result = fit(cfg)
     except (ConfigError, DataError, storage.StorageUnavailable) as err:  # e.g. no pseudo-labels, an unknown bucket
         print(f"{parser.prog}: error: {err}", file=sys.stderr)

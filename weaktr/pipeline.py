@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 from weaktr import storage
 from weaktr.config import Config, ConfigError
-from weaktr.data.shards import MANIFEST_NAME
+from weaktr.data.shards import MANIFEST_NAME, DataError
 
 STAGES = ("data", "phase1", "pseudo", "phase2", "eval", "report")
 
@@ -248,7 +248,7 @@ def _pct(value: Optional[float]) -> str:
 def main(argv=None, prog: Optional[str] = None) -> int:
     """``ray_jobs/pipeline.py`` and ``weaktr pipeline``: run or resume the pipeline, print the stage table."""
     from weaktr.config import job_arg_parser, parse_job_args
-    from weaktr.launch import check_resume, init_ray, run_dir, save_resolved_config
+    from weaktr.launch import PIPELINE_PATHS, check_resume, connect, run_dir, save_resolved_config
 
     parser = job_arg_parser("Run the whole WeakTr pipeline: data, phase 1, pseudo-labels, phase 2, evaluation, "
                             "report.", resumes="pipeline run (finished stages are skipped)")
@@ -264,10 +264,10 @@ def main(argv=None, prog: Optional[str] = None) -> int:
                      directory, "pipeline run",
                      "--from STAGE to redo a stage and those after it, or set another run.name")
         save_resolved_config(cfg)  # (run_pipeline writes it too) here first: a bucket that fails, before Ray starts
-        init_ray()
+        connect(cfg, PIPELINE_PATHS)
         started = time.perf_counter()
         records = run_pipeline(cfg, args.from_stage)
-    except (ConfigError, storage.StorageUnavailable) as err:  # e.g. a bucket that does not exist
+    except (ConfigError, DataError, storage.StorageUnavailable) as err:  # e.g. a bucket that does not exist
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print()

@@ -27,7 +27,9 @@ from typing import Any
 import yaml
 
 from weaktr import storage
-from weaktr.config import Config, ConfigError, SweepConfig, from_dict, save_config, to_dict, with_values
+from weaktr.config import (
+    Config, ConfigError, SweepConfig, from_dict, resolve_paths, save_config, to_dict, with_values,
+)
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 # The sections a phase's training reads: a swept key elsewhere would change nothing.
@@ -158,20 +160,6 @@ def _check_value(cfg: Config, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"config key '{where}': value {value!r}: {err}") from None
 
 
-def resolve_paths(cfg: Config) -> None:
-    """Make the paths trials read absolute: Tune runs each trial in its own working directory."""
-    cfg.run.storage_path = storage.absolute(cfg.run.storage_path)
-    cfg.data.root = storage.absolute(cfg.data.root)
-    if cfg.tune.phase == "seg":
-        cfg.seg_train.data_root = storage.absolute(cfg.seg_train.data_root or cfg.pseudo.out_dir)
-    for section in (cfg.train, cfg.seg_train):
-        if section.resume_from:
-            section.resume_from = storage.absolute(section.resume_from)
-    for section in (cfg.model, cfg.seg_model):
-        if section.weights_path:
-            section.weights_path = storage.absolute(section.weights_path)
-
-
 # --------------------------------------------------------------------------- running it on Ray Tune
 
 
@@ -218,7 +206,7 @@ def prepare_sweep(cfg: Config, resume: bool) -> str:
     disk: a new sweep must not land on an existing one, a resumed one must exist and have the config it started
     with. Returns where that config is kept (``SAVED_CONFIG``); ConfigError otherwise, before Ray starts."""
     check_sweep(cfg)
-    resolve_paths(cfg)
+    resolve_paths(cfg)  # Tune runs each trial in its own working directory
     saved = storage.join(sweep_dir(cfg), SAVED_CONFIG)
     if resume:
         if not sweep_started(cfg):

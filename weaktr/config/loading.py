@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
-from weaktr.config.schema import Config, ConfigError, per_worker_batch
+from weaktr import storage
+from weaktr.config.schema import PATH_KEYS, Config, ConfigError, per_worker_batch
 
 
 def to_dict(cfg: Any) -> dict:
@@ -185,11 +186,28 @@ def job_arg_parser(description: str, resumes: Optional[str] = None) -> argparse.
 
 
 def parse_job_args(parser: argparse.ArgumentParser, argv: Optional[typing.Sequence[str]] = None, cls: type = Config):
-    """Parse a job's command line; a bad config exits with one line and code 2."""
+    """Parse a job's command line; a bad config exits with one line and code 2. The config's paths come back
+    absolute (``resolve_paths``)."""
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, cls)
     except ConfigError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    resolve_paths(cfg)
     return args, cfg
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    """The value of a dotted ``section.name`` key."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def resolve_paths(cfg: Config) -> None:
+    """Make every path in ``cfg`` (``PATH_KEYS``) absolute against this process's directory, as the user meant
+    them: Ray workers, actors and Tune trials run in directories of their own. URIs stay as they are."""
+    for key in PATH_KEYS:
+        if get_value(cfg, key):
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, storage.absolute(get_value(cfg, key)))

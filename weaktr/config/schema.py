@@ -283,6 +283,18 @@ class RunConfig:
     name: str = "weaktr"
     storage_path: str = "runs"  # Ray Train storage (local dir or cloud URI)
     seed: int = 0
+    # True: local paths (data.root, run.storage_path, ...) are on a file system mounted at the same place on every
+    # node (NFS, EFS, Lustre). False: on a cluster of several nodes a local path is refused (launch.connect), since
+    # each node would read and write its own disk; use a bucket URI.
+    shared_filesystem: bool = False
+
+
+# Every config key that names a file or directory (a local path or a URI). Made absolute on the driver
+# (launch.resolve_paths): workers, actors and Tune trials run in other directories.
+PATH_KEYS = (
+    "data.root", "run.storage_path", "model.weights_path", "train.resume_from", "pseudo.checkpoint", "pseudo.out_dir",
+    "seg_model.weights_path", "seg_train.data_root", "seg_train.resume_from", "eval.checkpoint", "eval.out_dir",
+)
 
 
 @dataclass

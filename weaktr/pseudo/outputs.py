@@ -41,7 +41,9 @@ class _ShardResult:
 
     def __init__(self, total: int, num_classes: int, num_thresholds: int):
         self.total = total
-        self.received = 0
+        # The rows taken, by what they are about: a row delivered twice (Ray Data retries the tasks of an actor
+        # that died) must not make the shard look complete while another row is still on its way.
+        self.received: set[tuple] = set()
         self.files: dict[int, dict] = {}  # sample index -> key, pseudo, pseudo_color, cams, overlay
         self.failures: list[dict] = []
         K = num_classes + 1
@@ -50,8 +52,11 @@ class _ShardResult:
         self.sweep = np.zeros((num_thresholds + 1, K, K), np.int64) if num_thresholds else None
 
     def add(self, row: dict) -> bool:
-        """Take one row; True once the shard is complete."""
-        self.received += 1
+        """Take one row (again: ignored); True once the shard is complete."""
+        identity = (row["kind"], int(row["index"]), row["reason"])
+        if identity in self.received:
+            return False
+        self.received.add(identity)
         if row["kind"] == "failure":
             self.failures.append({"index": int(row["index"]), "key": row["key"], "reason": row["reason"]})
         elif row["kind"] == "sample":
@@ -62,7 +67,7 @@ class _ShardResult:
             _add_sparse(self.crf_cm, row["crf_cm"])
             if self.sweep is not None:
                 _add_sparse(self.sweep, row["sweep"])
-        return self.received == self.total
+        return len(self.received) == self.total
 
 
 def _commit_shard(out_dir: str, shard: str, src_path: str, result: _ShardResult) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from weaktr import storage
 from weaktr.config import Config
-from weaktr.data.shards import FAILURES_NAME, Manifest, SplitInfo
+from weaktr.data.shards import FAILURES_NAME, DataError, Manifest, SplitInfo
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, parse_sweep
 from weaktr.pseudo.outputs import (
     RUN_CONFIG, STATS_DIR, _clear_outputs, _commit_shard, _json_bytes, _load_stats, _remove_stale_temps,
@@ -158,14 +158,19 @@ def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
 def _consume(
     dataset, out_dir: str, split: SplitInfo, shard_paths: list[str], settings: StageSettings, num_images: int
 ) -> None:
-    """Drive the pipeline; commit each shard as soon as all its rows (one per image) are in."""
+    """Drive the pipeline; commit each shard as soon as all its rows (one per image) are in. A shard that could not
+    be read is not committed (a rerun with ``--resume`` tries it again): DataError naming it once the others are."""
     from weaktr.launch import progress
 
     num_thresholds = len(settings.sweep_thresholds or [])
     pending: dict[int, _ShardResult] = {}
+    unreadable: dict[int, str] = {}
     with progress(num_images, "pseudo-labels") as bar:
         for row in dataset.iter_rows():
             shard_id = int(row["shard_id"])
+            if row["kind"] == "unreadable":
+                unreadable[shard_id] = row["reason"]
+                continue
             result = pending.get(shard_id)
             if result is None:
                 total = int(row["shard_total"])
@@ -173,6 +178,12 @@ def _consume(
             bar.update(1)
             if result.add(row):
                 _commit_shard(out_dir, split.shards[shard_id], shard_paths[shard_id], pending.pop(shard_id))
+    if unreadable:
+        raise DataError(
+            f"{len(unreadable)} shard(s) could not be read and were not committed, first: "
+            f"{next(iter(unreadable.values()))}. Every node reads the dataset: data.root must be where all of them "
+            "see it (a bucket, or a file system mounted at the same path on every node); then rerun with --resume"
+        )
     if pending:
         raise RuntimeError(f"the pipeline ended with incomplete shards: {[split.shards[i] for i in pending]}")
 

@@ -132,11 +132,21 @@ def read_shard(item: dict, settings: StageSettings) -> list[dict]:
 
     shard_total is how many rows the driver will receive for this shard: one per valid sample, one per failure
     (one "empty" row for a shard with neither).
+
+    A shard that cannot be opened at all (missing on this node, unreadable) is one "unreadable" row instead, which
+    the driver never commits: committed with no sample it would count as done, and ``--resume`` would skip it for
+    ever. A shard cut short keeps the samples before the cut and counts the cut as one failure.
     """
-    samples, failures = [], []
+    samples, failures, unreadable = [], [], []
 
     def shard_error(failure) -> None:
-        failures.append(_failure(-1, "", f"unreadable shard {item['path']}: {failure.reason}"))
+        if not samples and not failures:
+            from ray.util import get_node_ip_address  # Ray: only inside the task
+
+            unreadable.append(f"shard {item['path']} cannot be read on the node at {get_node_ip_address()}: "
+                              f"{failure.reason}")
+        else:
+            failures.append(_failure(-1, "", f"unreadable shard {item['path']}: {failure.reason}"))
 
     # A broken shard stops this (single-shard) stream; the samples read before the break are kept.
     for index, raw in enumerate(read_records([item["path"]], shard_error, keep_going=False)):
@@ -160,6 +170,9 @@ def read_shard(item: dict, settings: StageSettings) -> list[dict]:
             "mask": raw.get("mask.png", b""),
             "overlay": item["offset"] + index < settings.overlay_samples,
         })
+    if unreadable:
+        payload = {"samples": [], "failures": [], "empty": False, "unreadable": unreadable[0]}
+        return [{"shard_id": item["shard_id"], "shard_total": 1, "payload": pickle.dumps(payload)}]
     empty = not samples and not failures
     total = len(samples) + len(failures) + empty
     # Same-size images next to each other -> same-grid groups in a chunk share forward passes.
@@ -210,6 +223,8 @@ class CamStage:
         for shard_id, total, payload in zip(batch["shard_id"], batch["shard_total"], batch["payload"]):
             chunk = pickle.loads(payload)
             meta = {"shard_id": int(shard_id), "shard_total": int(total)}
+            if chunk.get("unreadable"):
+                rows.append({**meta, "kind": "unreadable", "index": -1, "key": "", "reason": chunk["unreadable"]})
             for failure in chunk["failures"]:
                 rows.append({**meta, "kind": "failure", **failure})
             if chunk["empty"]:

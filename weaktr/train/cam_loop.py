@@ -21,6 +21,7 @@ from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_
 from weaktr.data.transforms import (
     CamExample, batch_random_erasing, cam_eval_transform, cam_train_transform, multi_hot, normalize_batch,
 )
+from weaktr.launch import PHASE1_PATHS
 from weaktr.metrics import BackgroundSweep, mean_average_precision, normalize_cams, parse_sweep
 from weaktr.models.build import build_cam_model
 from weaktr.models.cam import WeakTrCAM
@@ -262,6 +263,6 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
         check_cam_eval_split(Manifest.load(cfg.data.root), ce.split)
     trainer = make_trainer(
         train_loop_per_worker, cfg, cfg.train, name=name or cfg.run.name, score_attribute=selection_metric(cfg),
-        callbacks=callbacks,
+        paths=PHASE1_PATHS, callbacks=callbacks,
     )
     return trainer.fit()

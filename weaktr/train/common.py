@@ -20,18 +20,23 @@ from ray.train.torch import TorchTrainer
 from weaktr.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from weaktr.config import Config, from_dict, to_dict
 from weaktr.data.stream import FailureTracker
+from weaktr.launch import check_paths_reach_every_node
 from weaktr.runtime import rng_state, seed_rngs, set_rng_state, unwrap
 
 log = logging.getLogger(__name__)
 
 
 def make_trainer(
-    loop: Callable[[dict], None], cfg: Config, runner, *, name: str, score_attribute: str, callbacks: Sequence = ()
+    loop: Callable[[dict], None], cfg: Config, runner, *, name: str, score_attribute: str, paths: Sequence[str],
+    callbacks: Sequence = (),
 ) -> TorchTrainer:
     """A TorchTrainer running ``loop`` on ``cfg`` with the workers, resources, failure and checkpoint settings of
     ``runner`` (``cfg.train`` or ``cfg.seg_train``), storing under ``run.storage_path``/``name`` and ranking the
-    kept checkpoints by ``score_attribute`` (higher is better). ``callbacks``: Ray Train callbacks (a Tune trial
-    passes the one that forwards each report to Tune, ``weaktr.sweep``)."""
+    kept checkpoints by ``score_attribute`` (higher is better). ``paths``: the path keys the workers read, refused
+    here if local on a cluster whose nodes do not share a disk (``launch.check_paths_reach_every_node``): Ray Train
+    itself would notice only at the first checkpoint. ``callbacks``: Ray Train callbacks (a Tune trial passes the
+    one that forwards each report to Tune, ``weaktr.sweep``)."""
+    check_paths_reach_every_node(cfg, paths)
     storage_path = cfg.run.storage_path
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())

@@ -26,6 +26,7 @@ from weaktr.data.shards import DataError, Manifest
 from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, normalize_batch, normalize_image
 from weaktr.evaluate import inference_kwargs
+from weaktr.launch import PHASE2_PATHS
 from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import predict_probs
 from weaktr.models.build import build_segmenter
@@ -239,7 +240,7 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
         cfg.seg_train.init_encoder_from_phase1 = False  # ... as a plain weights_path, a config that loads again
     trainer = make_trainer(
         train_loop_per_worker, cfg, cfg.seg_train, name=name or seg_run_name(cfg), score_attribute="val_mIoU",
-        callbacks=callbacks,
+        paths=PHASE2_PATHS, callbacks=callbacks,
     )
     return trainer.fit()
 
