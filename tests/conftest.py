@@ -211,5 +211,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         code = getattr(getattr(item, "function", None), "__code__", None)
         starts_a_head = code is not None and "ray_head_process" in code.co_names
-        if "ray_session" in getattr(item, "fixturenames", ()) or starts_a_head:
+        fixtures = getattr(item, "fixturenames", ())
+        if "ray_session" in fixtures or "multinode" in fixtures or starts_a_head:
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(scope="session")
+def multinode(s3_server, tmp_path_factory):
+    """The session's simulated multi-node cluster (``tests/sim_cluster.py``): a head with no CPU and three worker
+    nodes of 2 CPUs on private disks, two of them offering ``cam_node`` (standing in for GPU nodes) and one
+    ``cpu_node`` (a CPU-only node type for the CRF), as ``cluster.yaml``'s node types do. Yields the ``SimCluster``;
+    a test that kills a node adds its replacement."""
+    from sim_cluster import simulated_cluster
+
+    workers = [dict(num_cpus=2, resources={"cam_node": 1}), dict(num_cpus=2, resources={"cam_node": 1}),
+               dict(num_cpus=2, resources={"cpu_node": 2})]
+    with simulated_cluster(tmp_path_factory.mktemp("multinode"), workers) as cluster:
+        yield cluster

@@ -97,19 +97,19 @@ class SimCluster:
             os.killpg(node.process.pid, signal.SIGKILL)
         node.process.wait(timeout=30)
 
-    def state(self, resource: str, **filters: str) -> list[dict]:
+    def state(self, resource: str) -> list[dict]:
         """Ray's state API (``nodes``, ``actors``, ``tasks``, ...) as the dashboard serves it, with the token."""
-        query = "&".join(f"filter_keys={key}&filter_predicates=%3D&filter_values={value}"
-                         for key, value in filters.items())
-        request = urllib.request.Request(f"{self.dashboard}/api/v0/{resource}?limit=10000&{query}",
+        request = urllib.request.Request(f"{self.dashboard}/api/v0/{resource}?limit=10000",
                                          headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())["data"]["result"]["result"]
 
     def nodes_of(self, class_name: str) -> set[str]:
-        """The addresses of the nodes on which actors of ``class_name`` ran (alive or dead since)."""
+        """The addresses of the nodes on which actors of ``class_name`` ran (alive or dead since); Ray Data's
+        actors count by the class they wrap ("MapWorker(MapBatches(CamStage))" for CamStage)."""
         ips = {n["node_id"]: n["node_ip"] for n in self.state("nodes")}
-        return {ips.get(actor["node_id"], actor["node_id"]) for actor in self.state("actors", class_name=class_name)}
+        return {ips.get(actor["node_id"], actor["node_id"]) for actor in self.state("actors")
+                if actor["class_name"] == class_name or f"({class_name})" in actor["class_name"]}
 
     def submit(self, *job: str, timeout: float = 600, no_wait: bool = False) -> subprocess.CompletedProcess | str:
         """``ray job submit --working-dir .`` of ``job`` (e.g. "python", "ray_jobs/x.py", ...), as a user sends
@@ -122,6 +122,27 @@ class SimCluster:
         if proc.returncode != 0:
             raise RuntimeError(f"job submission failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         return next(line.split("'")[1] for line in proc.stdout.splitlines() if "submitted successfully" in line)
+
+    def _jobs(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+
+    def job_status(self, submission_id: str) -> str:
+        return str(self._jobs().get_job_status(submission_id).value)
+
+    def job_logs(self, submission_id: str) -> str:
+        return self._jobs().get_job_logs(submission_id)
+
+    def wait_for_job(self, submission_id: str, timeout: float) -> str:
+        """The job's final status (SUCCEEDED, FAILED, STOPPED); TimeoutError naming it after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while (status := self.job_status(submission_id)) in ("PENDING", "RUNNING"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {submission_id} still {status} after {timeout} s: "
+                                   f"{self.job_logs(submission_id)[-3000:]}")
+            time.sleep(1)
+        return status
 
     def close(self) -> None:
         for node in self.nodes:

@@ -178,9 +178,11 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
         fn_constructor_kwargs={"model_ref": model_ref, "config": to_dict(cfg), "crf_variants": list(crf_variants)},
         batch_size=1,  # images differ in size; one image per call keeps batches rectangular
         batch_format="numpy",
-        compute=actor_pool("eval.actors", cfg.eval.actors, num_cpus or 0, cfg.eval.gpus_per_actor),
+        compute=actor_pool("eval.actors", cfg.eval.actors, num_cpus or 0, cfg.eval.gpus_per_actor,
+                           cfg.eval.actor_resources),
         num_gpus=cfg.eval.gpus_per_actor,
         num_cpus=num_cpus,
+        resources=cfg.eval.actor_resources or None,
     )
     confusions = [ConfusionMatrix(num_classes) for _ in crf_variants]
     num_images = 0

@@ -188,8 +188,9 @@ def save_resolved_config(cfg: Config, filename: str = "config.yaml") -> str:
     return path
 
 
-def actor_pool(setting: str, size: int, num_cpus: float, num_gpus: float = 0.0):
-    """A Ray Data actor pool of 1 to ``size`` actors; ``setting`` is the config key that asked for ``size``.
+def actor_pool(setting: str, size: int, num_cpus: float, num_gpus: float = 0.0, resources: Optional[dict] = None):
+    """A Ray Data actor pool of 1 to ``size`` actors of ``num_cpus`` CPUs, ``num_gpus`` GPUs and custom
+    ``resources`` each (give the map the same); ``setting`` is the config key that asked for ``size``.
 
     A fixed pool of ``size`` actors that the cluster cannot hold beside the pipeline's read tasks
     waits for resources forever (``eval.actors: 2`` on a 2-CPU machine did). This pool starts with
@@ -201,12 +202,13 @@ def actor_pool(setting: str, size: int, num_cpus: float, num_gpus: float = 0.0):
     if size < 1:
         raise ValueError(f"{setting} must be >= 1, got {size}")
     have = ray.cluster_resources()
-    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    fit = min(cpus // num_cpus if num_cpus else size, gpus // num_gpus if num_gpus else size)
+    need = {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}
+    fit = min((have.get(name, 0.0) // amount for name, amount in need.items() if amount), default=size)
     if fit < size:
-        asked = f"{size * num_cpus:g} CPUs" + (f" and {size * num_gpus:g} GPUs" if num_gpus else "")
+        asked = ", ".join(f"{size * amount:g} {name}" for name, amount in need.items() if amount)
+        there = ", ".join(f"{have.get(name, 0.0):g} {name}" for name, amount in need.items() if amount)
         print(
-            f"weaktr: {setting}={size} asks for {asked}; the cluster has {cpus:g} CPUs and {gpus:g} GPUs now, so "
+            f"weaktr: {setting}={size} asks for {asked}; the cluster has {there} now, so "
             f"the pool starts with 1 actor and grows to {size} as resources allow", file=sys.stderr, flush=True,
         )
     if fit < 1:

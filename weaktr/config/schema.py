@@ -97,6 +97,9 @@ class RunnerConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction packs several workers (or Tune trials) on one GPU
+    # Custom Ray resources each worker also needs, to place the workers on a node type (cluster.yaml gives each
+    # type its own, e.g. {gpu_node: 0.01}); {}: any node with the CPUs/GPUs.
+    resources_per_worker: dict = field(default_factory=dict)
     amp: bool = True  # bf16 autocast, GPU only
     compile: bool = False  # torch.compile the model (pays off on GPU once its compile time is amortized)
     fused_optimizer: bool = True  # fused optimizer kernels (torch's fused=True), GPU only; same updates up to rounding
@@ -182,6 +185,10 @@ class PseudoConfig:
     cam_gpus_per_actor: float = 0.0  # a fraction shares a GPU between actors; 0 runs on CPU
     cam_cpus_per_actor: float = 1.0
     crf_actors: int = 1
+    # Custom Ray resources each CAM / CRF actor also needs, to place the pools on node types: CAM inference on GPU
+    # nodes and the CPU-bound CRF on cheap CPU-only ones (cluster.yaml's cpu_worker offers {cpu_node: 1000}).
+    cam_resources: dict = field(default_factory=dict)
+    crf_resources: dict = field(default_factory=dict)
     save_cams: bool = False  # also write the raw CAM arrays (.npy)
     overlay_samples: int = 16  # CAM overlay images for the first N samples
     sweep_bg: Optional[str] = None  # "START:STOP:STEP", e.g. "0.30:0.60:0.01"
@@ -256,6 +263,7 @@ class EvalConfig:
     crf_params: CRFParams = field(default_factory=lambda: CRFParams(gaussian_sxy=3.0))  # official phase-2 VOC
     actors: int = 2
     gpus_per_actor: float = 0.0
+    actor_resources: dict = field(default_factory=dict)  # custom Ray resources per actor (see pseudo.cam_resources)
     out_dir: Optional[str] = None  # where to write the report; None: beside the checkpoint
 
 

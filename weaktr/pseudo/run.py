@@ -146,12 +146,15 @@ def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
             "num_threads": max(1, int(p.cam_cpus_per_actor)),
         },
         batch_size=1, batch_format="numpy",
-        compute=actor_pool("pseudo.cam_actors", p.cam_actors, p.cam_cpus_per_actor, p.cam_gpus_per_actor),
-        num_gpus=p.cam_gpus_per_actor, num_cpus=p.cam_cpus_per_actor,
+        compute=actor_pool("pseudo.cam_actors", p.cam_actors, p.cam_cpus_per_actor, p.cam_gpus_per_actor,
+                           p.cam_resources),
+        num_gpus=p.cam_gpus_per_actor, num_cpus=p.cam_cpus_per_actor, resources=p.cam_resources or None,
     )
     return dataset.map_batches(
         CrfStage, fn_constructor_kwargs={"settings": settings},
-        batch_size=1, batch_format="numpy", compute=actor_pool("pseudo.crf_actors", p.crf_actors, 1), num_cpus=1,
+        batch_size=1, batch_format="numpy",
+        compute=actor_pool("pseudo.crf_actors", p.crf_actors, 1, resources=p.crf_resources),
+        num_cpus=1, resources=p.crf_resources or None,
     )
 
 

@@ -47,7 +47,8 @@ def make_trainer(
             num_workers=runner.num_workers,
             use_gpu=runner.use_gpu,
             resources_per_worker={
-                "CPU": runner.cpus_per_worker, **({"GPU": runner.gpus_per_worker} if runner.use_gpu else {})
+                "CPU": runner.cpus_per_worker, **({"GPU": runner.gpus_per_worker} if runner.use_gpu else {}),
+                **runner.resources_per_worker,
             },
         ),
         run_config=RunConfig(

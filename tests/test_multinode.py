@@ -1,0 +1,164 @@
+"""weaktr on a simulated multi-node cluster (``tests/sim_cluster.py``, conftest ``multinode``): a head with no CPU,
+worker nodes on disks of their own, token authentication on, storage on the loopback S3 server, every job sent with
+``ray job submit --working-dir .`` as a user sends it.
+
+What one machine hides: a path that only the head's disk has, actors placed by node type, a node lost mid-run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from job_helpers import bucket_objects
+from test_pseudo import _tree, pseudo_overrides, tiny_model
+
+from weaktr import storage
+from weaktr.checkpoint import save_checkpoint
+from weaktr.data.shards import Manifest
+from weaktr.data.synthetic import SyntheticSpec, write_synthetic
+from weaktr.pseudo import run_pseudo_labels
+from weaktr.config import Config, with_values
+
+NUM_SHARDS = 8
+# The actors placed by node type: CAM inference on the two `cam_node` workers (GPU nodes on a real cluster), the
+# CRF on the `cpu_node` one (a cheap CPU-only node).
+PLACEMENT = {"pseudo.cam_actors": 2, "pseudo.cam_resources": {"cam_node": 1},
+             "pseudo.crf_actors": 2, "pseudo.crf_resources": {"cpu_node": 1}}
+# What names its own paths, so differs between two runs of the same outputs at different places.
+NAMES_ITS_PATHS = {"manifest.json", "run_config.json"}
+
+
+@pytest.fixture(scope="module")
+def local_dataset(tmp_path_factory) -> Manifest:
+    """A small synthetic dataset on the head's disk (pytest's tmp_path: no worker node sees it)."""
+    spec = SyntheticSpec(num_classes=3, num_train=2 * NUM_SHARDS, num_val=0, min_size=48, max_size=64,
+                         samples_per_shard=2, seed=5)
+    return write_synthetic(tmp_path_factory.mktemp("multinode-data") / "data", spec)
+
+
+@pytest.fixture(scope="module")
+def phase1_checkpoint(local_dataset, tmp_path_factory) -> str:
+    model = tiny_model()
+    path = tmp_path_factory.mktemp("multinode-ckpt") / "cam"
+    save_checkpoint(path, kind="cam", model_state=model.state_dict(), arch=model.arch,
+                    classes=local_dataset.classes, config={}, epoch=0)
+    return str(path)  # read by the driver only, on the head
+
+
+@pytest.fixture(scope="module")
+def bucket_dataset(local_dataset, s3_server) -> str:
+    """The same dataset in a bucket every node reaches."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="weaktr-multinode")
+    storage.upload_dir(local_dataset.root, "s3://weaktr-multinode/data")
+    return "s3://weaktr-multinode/data"
+
+
+@pytest.fixture(scope="module")
+def single_node_run(local_dataset, phase1_checkpoint, ray_session, tmp_path_factory) -> dict[str, bytes]:
+    """The reference: the same pseudo-labels on the shared single-node head, every file's bytes."""
+    out_dir = tmp_path_factory.mktemp("multinode-ref") / "pseudo"
+    overrides = pseudo_overrides(local_dataset, out_dir) | {"pseudo.cam_actors": 2, "pseudo.crf_actors": 2}
+    run_pseudo_labels(with_values(Config(), overrides), phase1_checkpoint)
+    return _tree(out_dir)
+
+
+def pseudo_job(checkpoint: str, overrides: dict, *flags: str) -> list[str]:
+    command = [sys.executable, "ray_jobs/make_pseudo_labels.py", "--checkpoint", checkpoint, *flags]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    return command
+
+
+def bucket_tree(prefix: str) -> dict[str, bytes]:
+    bucket, _, key = prefix.removeprefix("s3://").partition("/")
+    return {name.removeprefix(f"{key}/"): storage.read_bytes(f"s3://{bucket}/{name}")
+            for name in bucket_objects(f"s3://{bucket}") if name.startswith(f"{key}/")}
+
+
+def same_outputs(outputs: dict[str, bytes], reference: dict[str, bytes]) -> list[str]:
+    """The files that are missing, extra or differ (but for those naming their own paths)."""
+    names = set(outputs) | set(reference)
+    return sorted(name for name in names if Path(name).name not in NAMES_ITS_PATHS
+                  and outputs.get(name) != reference.get(name))
+
+
+def test_local_paths_are_refused_before_any_work_on_a_cluster_of_several_nodes(
+    multinode, local_dataset, phase1_checkpoint, bucket_dataset, tmp_path,
+):
+    """A local data.root would be read by actors on nodes that do not have it; a local run.storage_path would get
+    Ray Train's checkpoints scattered over the workers' disks (Ray Train notices only at the first checkpoint)."""
+    out_dir = tmp_path / "pseudo"
+    proc = multinode.submit(*pseudo_job(phase1_checkpoint, pseudo_overrides(local_dataset, out_dir)))
+    assert proc.returncode != 0
+    assert "config key 'data.root' is a local path" in proc.stdout, proc.stdout[-3000:]
+    assert "the Ray cluster has 4 nodes" in proc.stdout and "run.shared_filesystem=true" in proc.stdout
+    assert not (out_dir / "stats").exists()  # nothing started
+
+    train = multinode.submit(
+        sys.executable, "ray_jobs/train_cam.py", "--config", "configs/smoke.yaml", "--set", f"data.root={bucket_dataset}",
+        "--set", "data.synthetic.enabled=false", "--set", f"run.storage_path={tmp_path / 'runs'}",
+    )
+    assert train.returncode != 0
+    assert "config key 'run.storage_path' is a local path" in train.stdout, train.stdout[-3000:]
+
+
+def test_a_shard_no_node_can_read_is_never_committed(multinode, local_dataset, phase1_checkpoint, s3_server):
+    """The dataset only on the head's disk, declared shared (run.shared_filesystem=true) though it is not: the
+    shards read on other nodes cannot be opened there. Before, each became a failure row, the driver committed the
+    shard with 0 samples and the job SUCCEEDED with a shard gone, which --resume then skipped for ever."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="weaktr-unshared")
+    out_dir = "s3://weaktr-unshared/pseudo"
+    overrides = pseudo_overrides(local_dataset, out_dir) | PLACEMENT | {"run.shared_filesystem": True}
+    proc = multinode.submit(*pseudo_job(phase1_checkpoint, overrides))
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "could not be read and were not committed" in proc.stdout, proc.stdout[-3000:]
+    assert "cannot be read on the node at 127.0.0." in proc.stdout
+    sizes = dict(zip(local_dataset.splits["train"].shards, local_dataset.splits["train"].shard_sizes))
+    committed = {name.removeprefix("stats/").removesuffix(".json"): json.loads(data)
+                 for name, data in bucket_tree(out_dir).items() if name.startswith("stats/")}
+    assert len(committed) < NUM_SHARDS
+    for shard, stats in committed.items():  # what was committed is whole
+        assert stats["num_samples"] + len(stats["failures"]) == sizes[shard]
+
+
+def test_pseudo_labels_across_nodes_equal_a_single_node_run_with_each_pool_on_its_node_type(
+    multinode, bucket_dataset, local_dataset, phase1_checkpoint, single_node_run,
+):
+    out_dir = "s3://weaktr-multinode/pseudo"
+    overrides = pseudo_overrides(local_dataset, out_dir) | PLACEMENT | {"data.root": bucket_dataset}
+    proc = multinode.submit(*pseudo_job(phase1_checkpoint, overrides))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert same_outputs(bucket_tree(out_dir), single_node_run) == []
+    # Ray's state API: where the pools' actors ran (the pools start with one actor and grow with the work).
+    cam_nodes, crf_nodes = multinode.nodes_of("CamStage"), multinode.nodes_of("CrfStage")
+    assert cam_nodes and cam_nodes <= {node.address for node in multinode.nodes[:2]}, (cam_nodes, crf_nodes)
+    assert crf_nodes == {multinode.nodes[2].address}
+
+
+def test_a_node_lost_mid_pass_is_replaced_and_the_outputs_equal_an_uninterrupted_run(
+    multinode, bucket_dataset, local_dataset, phase1_checkpoint, single_node_run,
+):
+    """Every process of a CAM node SIGKILLed once some shards are committed; a replacement node of the same type
+    joins; the job finishes with every shard exactly once, byte for byte the uninterrupted run's."""
+    out_dir = "s3://weaktr-multinode/pseudo-lost-node"
+    overrides = pseudo_overrides(local_dataset, out_dir) | PLACEMENT | {"data.root": bucket_dataset}
+    job = multinode.submit(*pseudo_job(phase1_checkpoint, overrides), no_wait=True)
+    deadline = time.monotonic() + 180
+    while not any(name.startswith("stats/") for name in bucket_tree(out_dir)):
+        assert multinode.job_status(job) in ("PENDING", "RUNNING"), multinode.job_logs(job)[-3000:]
+        assert time.monotonic() < deadline, "no shard was committed in time"
+        time.sleep(0.2)
+    multinode.kill_node(multinode.nodes[1])
+    done_at_kill = sum(name.startswith("stats/") for name in bucket_tree(out_dir))
+    assert done_at_kill < NUM_SHARDS, "the kill should land mid-run"
+    multinode.add_node(num_cpus=2, resources={"cam_node": 1})
+    status = multinode.wait_for_job(job, timeout=300)
+    assert status == "SUCCEEDED", multinode.job_logs(job)[-4000:]
+    assert same_outputs(bucket_tree(out_dir), single_node_run) == []
