@@ -162,3 +162,20 @@ def test_a_node_lost_mid_pass_is_replaced_and_the_outputs_equal_an_uninterrupted
     status = multinode.wait_for_job(job, timeout=300)
     assert status == "SUCCEEDED", multinode.job_logs(job)[-4000:]
     assert same_outputs(bucket_tree(out_dir), single_node_run) == []
+
+
+def test_convert_with_ray_refuses_a_source_folder_the_reading_nodes_do_not_have(multinode, bucket_dataset, tmp_path):
+    """The images on the head's disk only: every item read on a worker node used to be skipped as "missing", so the
+    conversion ended with a dataset short of every image read elsewhere."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (24, 20), (40, 90, 200)).save(images / f"{name}.png")
+    (tmp_path / "labels.csv").write_text("a.png,cat\nb.png,dog\nc.png,cat\n")
+    proc = multinode.submit(sys.executable, "-m", "weaktr.cli", "convert", "folder", str(images),
+                            str(tmp_path / "labels.csv"), "s3://weaktr-multinode/converted", "--ray")
+    assert proc.returncode != 0
+    assert f"error: {images} is not on the Ray node at 127.0.0." in proc.stdout, proc.stdout[-3000:]
+    assert not [name for name in bucket_objects("s3://weaktr-multinode") if name.startswith("converted/")]

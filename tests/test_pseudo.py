@@ -354,3 +354,21 @@ def test_phase1_cam_eval_ranks_read_disjoint_shares_of_the_first_samples(tmp_pat
     cfg.train.cam_eval.split, cfg.train.cam_eval.sweep = "train", "0.6:0.4:0.1"
     with pytest.raises(ConfigError, match="train.cam_eval.sweep"):
         fit(cfg)
+
+
+def test_a_row_delivered_twice_does_not_complete_its_shard_early():
+    """Ray Data retries the tasks of an actor that died (a lost node): a row may reach the driver twice. Counted
+    twice, a shard of three images looked complete after two and was committed without the third."""
+    from weaktr.pseudo.outputs import _ShardResult
+
+    def row(kind: str, index: int, reason: str = "") -> dict:
+        return {"kind": kind, "index": index, "key": f"k{index}", "reason": reason, "pseudo": b"", "pseudo_color": b"",
+                "cams": b"", "overlay": b"", "cam_cm": b"", "crf_cm": b"", "sweep": b""}
+
+    shard = _ShardResult(total=3, num_classes=NUM_CLASSES, num_thresholds=0)
+    assert not shard.add(row("sample", 0))
+    assert not shard.add(row("sample", 0))  # again
+    assert not shard.add(row("failure", 1, "cannot decode"))
+    assert not shard.add(row("failure", 1, "cannot decode"))  # again
+    assert shard.add(row("sample", 2))
+    assert sorted(shard.files) == [0, 2] and len(shard.failures) == 1

@@ -174,7 +174,7 @@ def _coco_samples(
     annotated = [(info, by_image[info["id"]]) for info in images if by_image.get(info["id"])]
     del coco, by_image  # the items hold what is still needed
     yield from read_each(annotated, read, source=lambda item: item[0].get("file_name", f"image {item[0].get('id')}"),
-                         progress=progress, **reading)
+                         source_dir=image_dir, progress=progress, **reading)
     unannotated = len(images) - len(annotated)  # COCO's images without objects: nothing to learn from, no failure
     if unannotated:
         log.info("%s: left out %d images without annotations", annotation_path, unannotated)

@@ -26,6 +26,10 @@ class Unusable(ValueError):
     """A source item that reads but cannot be a sample (no label, unknown class, mask of another size, ...)."""
 
 
+class SourceNotShared(ValueError):
+    """``--ray``: the source folder is not at its path on a node that reads it (each item there would be "missing")."""
+
+
 # What reading one source item may raise: missing or unreadable files (OSError, PIL's UnidentifiedImageError), bad
 # contents (ValueError, SyntaxError from some broken PNGs, PIL's decompression-bomb guard), a missing entry.
 ITEM_ERRORS = (OSError, ValueError, KeyError, SyntaxError, Image.DecompressionBombError)
@@ -33,7 +37,8 @@ ITEM_ERRORS = (OSError, ValueError, KeyError, SyntaxError, Image.DecompressionBo
 
 def read_each(
     items: Sequence[T], read: Callable[[T], Sample], source: Callable[[T], str], *, image_format: str,
-    max_side: Optional[int], workers: int = 1, use_ray: bool = False, progress: Optional[str] = None,
+    max_side: Optional[int], workers: int = 1, use_ray: bool = False, source_dir: Optional[str] = None,
+    progress: Optional[str] = None,
 ) -> Iterator[Encoded | Skipped]:
     """``read(item)`` encoded for a shard (``encode_for_shard``) for every item, in order, or a ``Skipped`` naming
     ``source(item)`` and the reason it could not be read: one bad file costs one sample, never the conversion.
@@ -41,7 +46,8 @@ def read_each(
     ``workers`` threads read ahead (PIL decodes and zlib compresses without holding the GIL), at most 4 per
     worker waiting, so memory stays flat on COCO's 82k images. ``use_ray``: Ray tasks of ``RAY_BATCH`` items
     read instead, over every node of the connected cluster (the source files must be at the same path on all of
-    them, a shared file system); ``progress``: a progress bar with that title."""
+    them, a shared file system: a task on a node without ``source_dir`` raises ``SourceNotShared`` rather than
+    skip each of its items as missing); ``progress``: a progress bar with that title."""
 
     def attempt(item: T) -> Encoded | Skipped:
         try:
@@ -52,7 +58,7 @@ def read_each(
     with tqdm(total=len(items), desc=progress, unit="img", disable=progress is None, file=sys.stderr,
               mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         if use_ray:
-            results = _on_ray(attempt, items)
+            results = _on_ray(attempt, items, source_dir)
         elif workers > 1:
             results = _in_threads(attempt, items, workers)
         else:
@@ -73,11 +79,19 @@ def _in_threads(attempt: Callable[[T], Any], items: Sequence[T], workers: int) -
             yield waiting.popleft().result()
 
 
-def _attempt_batch(attempt: Callable[[T], Any], batch: Sequence[T]) -> list:
+def _attempt_batch(attempt: Callable[[T], Any], batch: Sequence[T], source_dir: Optional[str]) -> list:
+    if source_dir is not None and not os.path.isdir(source_dir):
+        from ray.util import get_node_ip_address  # in a Ray task
+
+        raise SourceNotShared(
+            f"{source_dir} is not on the Ray node at {get_node_ip_address()}: weaktr convert --ray reads the source "
+            "on every node, so it must be on a file system mounted at the same path on all of them; or convert "
+            "without --ray (threads on this machine)"
+        )
     return [attempt(item) for item in batch]
 
 
-def _on_ray(attempt: Callable[[T], Any], items: Sequence[T]) -> Iterator:
+def _on_ray(attempt: Callable[[T], Any], items: Sequence[T], source_dir: Optional[str]) -> Iterator:
     """``attempt`` over ``items`` in Ray tasks of ``RAY_BATCH``, results in order. Two tasks per CPU the cluster
     has now are in flight (counted again as nodes join), and at least ``MIN_RAY_TASKS``: the tasks waiting for a
     CPU are the demand for which an autoscaling cluster adds nodes. Results that arrive out of order wait in Ray's
@@ -88,12 +102,21 @@ def _on_ray(attempt: Callable[[T], Any], items: Sequence[T]) -> Iterator:
     remote = ray.remote(num_cpus=1)(_attempt_batch)
     batches = (items[i:i + RAY_BATCH] for i in range(0, len(items), RAY_BATCH))
     waiting: collections.deque = collections.deque()
+
+    def results(task) -> list:
+        try:
+            return ray.get(task)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, SourceNotShared):
+                raise err.cause from None  # its one line, not the task's traceback
+            raise
+
     for batch in batches:
-        waiting.append(remote.remote(attempt_ref, batch))
+        waiting.append(remote.remote(attempt_ref, batch, source_dir))
         if len(waiting) >= max(MIN_RAY_TASKS, 2 * int(ray.cluster_resources().get("CPU", 0))):
-            yield from ray.get(waiting.popleft())
+            yield from results(waiting.popleft())
     while waiting:
-        yield from ray.get(waiting.popleft())
+        yield from results(waiting.popleft())
 
 
 def describe(err: BaseException) -> str:
