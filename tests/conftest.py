@@ -78,15 +78,22 @@ def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | Non
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real S3-compatible server (moto's server mode, in a process of its own) on loopback for the session; yields
-    its endpoint URL.
+    """A real S3-compatible server (``loopback_s3``) for the session; yields its endpoint URL. The shared Ray head
+    starts after it (``ray_head``), so its workers inherit its environment too."""
+    with loopback_s3(tmp_path_factory.mktemp("s3")) as endpoint:
+        yield endpoint
+
+
+@contextlib.contextmanager
+def loopback_s3(log_dir: Path):
+    """A real S3-compatible server (moto's server mode, in a process of its own) on loopback; yields its endpoint URL.
 
     Set up as a cloud user would be: credentials, region and ``AWS_ENDPOINT_URL`` (an S3-compatible endpoint such as
-    MinIO's) in the environment, where pyarrow (``weaktr.storage``, Ray Train's checkpoint storage) finds them. The
-    shared Ray head starts after it (``ray_head``), so its workers inherit that environment too."""
+    MinIO's) in this process's environment, where pyarrow (``weaktr.storage``, Ray Train's checkpoint storage) and
+    every process started later find them."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
+    log = open(log_dir / "moto.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -216,9 +223,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def multinode(s3_server, tmp_path_factory):
-    """The session's simulated multi-node cluster (``tests/sim_cluster.py``): a head with no CPU and three worker
+    """A simulated multi-node cluster for a test module (its idle nodes would slow every later test) (``tests/sim_cluster.py``): a head with no CPU and three worker
     nodes of 2 CPUs on private disks, two of them offering ``cam_node`` (standing in for GPU nodes) and one
     ``cpu_node`` (a CPU-only node type for the CRF), as ``cluster.yaml``'s node types do. Yields the ``SimCluster``;
     a test that kills a node adds its replacement."""

@@ -46,6 +46,8 @@ class SimNode:
     address: str
     process: subprocess.Popen
     log: Path
+    num_cpus: int
+    resources: dict
     node_id: Optional[str] = None  # Ray's id, once it has registered
 
     @property
@@ -80,7 +82,7 @@ class SimCluster:
                 ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", private_tmp, *start],
                 env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
             )
-        node = SimNode(address, process, log)
+        node = SimNode(address, process, log, num_cpus, resources or {})
         self.nodes.append(node)
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while node.node_id is None:
@@ -90,6 +92,16 @@ class SimCluster:
                                  if n["node_ip"] == address and n["state"] == "ALIVE"), None)
             time.sleep(0.5)
         return node
+
+    def alive_node(self, resource: str) -> SimNode:
+        """A live worker node that offers ``resource``."""
+        return next(node for node in self.nodes if node.alive and resource in node.resources)
+
+    def node_running(self, class_name: str) -> SimNode:
+        """The worker node of a live actor of ``class_name`` (``nodes_of`` names the class so too)."""
+        node_ids = {actor["node_id"] for actor in self.state("actors") if actor["state"] == "ALIVE"
+                    and (actor["class_name"] == class_name or f"({class_name})" in actor["class_name"])}
+        return next(node for node in self.nodes if node.alive and node.node_id in node_ids)
 
     def kill_node(self, node: SimNode) -> None:
         """SIGKILL every process of ``node`` at once, as when a machine is lost (no drain, nothing flushed)."""
@@ -104,12 +116,18 @@ class SimCluster:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())["data"]["result"]["result"]
 
-    def nodes_of(self, class_name: str) -> set[str]:
-        """The addresses of the nodes on which actors of ``class_name`` ran (alive or dead since); Ray Data's
-        actors count by the class they wrap ("MapWorker(MapBatches(CamStage))" for CamStage)."""
+    def actor_ids(self) -> set[str]:
+        return {actor["actor_id"] for actor in self.state("actors")}
+
+    def nodes_of(self, class_name: str, since: set[str] = frozenset()) -> set[str]:
+        """The addresses of the nodes on which actors of ``class_name`` are, or were last (a restarted actor keeps its
+        id and moves), but for the actors
+        ``since`` (``actor_ids`` before a job); Ray Data's actors count by the class they wrap
+        ("MapWorker(MapBatches(CamStage))" for CamStage)."""
         ips = {n["node_id"]: n["node_ip"] for n in self.state("nodes")}
         return {ips.get(actor["node_id"], actor["node_id"]) for actor in self.state("actors")
-                if actor["class_name"] == class_name or f"({class_name})" in actor["class_name"]}
+                if actor["actor_id"] not in since
+                and (actor["class_name"] == class_name or f"({class_name})" in actor["class_name"])}
 
     def submit(self, *job: str, timeout: float = 600, no_wait: bool = False) -> subprocess.CompletedProcess | str:
         """``ray job submit --working-dir .`` of ``job`` (e.g. "python", "ray_jobs/x.py", ...), as a user sends

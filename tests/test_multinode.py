@@ -25,8 +25,7 @@ from weaktr.config import Config, with_values
 NUM_SHARDS = 8
 # The actors placed by node type: CAM inference on the two `cam_node` workers (GPU nodes on a real cluster), the
 # CRF on the `cpu_node` one (a cheap CPU-only node).
-PLACEMENT = {"pseudo.cam_actors": 2, "pseudo.cam_resources": {"cam_node": 1},
-             "pseudo.crf_actors": 2, "pseudo.crf_resources": {"cpu_node": 1}}
+PLACEMENT = {"pseudo.cam_resources": {"cam_node": 1}, "pseudo.crf_resources": {"cpu_node": 1}}
 # What names its own paths, so differs between two runs of the same outputs at different places.
 NAMES_ITS_PATHS = {"manifest.json", "run_config.json"}
 
@@ -62,8 +61,7 @@ def bucket_dataset(local_dataset, s3_server) -> str:
 def single_node_run(local_dataset, phase1_checkpoint, ray_session, tmp_path_factory) -> dict[str, bytes]:
     """The reference: the same pseudo-labels on the shared single-node head, every file's bytes."""
     out_dir = tmp_path_factory.mktemp("multinode-ref") / "pseudo"
-    overrides = pseudo_overrides(local_dataset, out_dir) | {"pseudo.cam_actors": 2, "pseudo.crf_actors": 2}
-    run_pseudo_labels(with_values(Config(), overrides), phase1_checkpoint)
+    run_pseudo_labels(with_values(Config(), pseudo_overrides(local_dataset, out_dir)), phase1_checkpoint)
     return _tree(out_dir)
 
 
@@ -115,7 +113,7 @@ def test_a_shard_no_node_can_read_is_never_committed(multinode, local_dataset, p
 
     boto3.client("s3").create_bucket(Bucket="weaktr-unshared")
     out_dir = "s3://weaktr-unshared/pseudo"
-    overrides = pseudo_overrides(local_dataset, out_dir) | PLACEMENT | {"run.shared_filesystem": True}
+    overrides = pseudo_overrides(local_dataset, out_dir) | {"run.shared_filesystem": True}
     proc = multinode.submit(*pseudo_job(phase1_checkpoint, overrides))
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "could not be read and were not committed" in proc.stdout, proc.stdout[-3000:]
@@ -128,40 +126,90 @@ def test_a_shard_no_node_can_read_is_never_committed(multinode, local_dataset, p
         assert stats["num_samples"] + len(stats["failures"]) == sizes[shard]
 
 
-def test_pseudo_labels_across_nodes_equal_a_single_node_run_with_each_pool_on_its_node_type(
+# Phase 1 on the bucket, each rank on its own `cam_node` worker (one unit each: two ranks cannot share a node).
+PHASE1 = ["ray_jobs/train_cam.py", "--config", "configs/smoke.yaml", "--set", "run.storage_path=s3://weaktr-multinode/runs",
+          "--set", "data.root=s3://weaktr-multinode/smoke", "--set", "train.resources_per_worker={cam_node: 1}",
+          "--set", "train.max_failures=1", "--set", "train.checkpoints_to_keep=10"]
+
+
+def checkpoint_metrics(run: str) -> list[dict]:
+    """Every checkpoint's metrics of the Ray Train run ``run`` in the bucket, by epoch."""
+    from weaktr.checkpoint import load_checkpoint
+
+    where = f"s3://weaktr-multinode/runs/{run}"
+    metrics = [load_checkpoint(storage.join(where, name))["metrics"]
+               for name in storage.list_names(where) if name.startswith("checkpoint_") and not name.endswith(".json")]
+    return sorted(metrics, key=lambda m: m["epoch"])
+
+
+@pytest.fixture(scope="module")
+def phase1_on_two_nodes(multinode, bucket_dataset) -> list[dict]:
+    """Phase 1 on the simulated cluster, its synthetic dataset generated into the bucket by the job itself."""
+    before = multinode.actor_ids()
+    proc = multinode.submit(sys.executable, *PHASE1, "--set", "run.name=apart")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ranks_on = multinode.nodes_of("RayTrainWorker", before)
+    assert len(ranks_on) == 2 and all(address.startswith("127.0.0.") for address in ranks_on), ranks_on
+    return checkpoint_metrics("apart")
+
+
+def test_phase1_ranks_on_two_nodes_learn(phase1_on_two_nodes):
+    assert [m["epoch"] for m in phase1_on_two_nodes] == [0, 1]
+    assert phase1_on_two_nodes[-1]["loss"] < phase1_on_two_nodes[0]["loss"]
+    assert all(m["rank_overlap_keys"] == 0 for m in phase1_on_two_nodes)
+
+
+def test_phase1_survives_losing_a_node_after_its_first_checkpoint(multinode, phase1_on_two_nodes):
+    """Every process of a node running a rank SIGKILLed once the first checkpoint is registered; a replacement node
+    joins; Ray Train restarts the worker group from that checkpoint and the run ends where the uninterrupted one
+    did, every epoch checkpointed once."""
+    from worker_kill import KILLED_RUN_TOLERANCE
+
+    job = multinode.submit(sys.executable, *PHASE1, "--set", "run.name=lost", no_wait=True)
+    snapshot = "s3://weaktr-multinode/runs/lost/checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    while not (storage.exists(snapshot) and json.loads(storage.read_bytes(snapshot)).get("checkpoint_results")):
+        assert multinode.job_status(job) in ("PENDING", "RUNNING"), multinode.job_logs(job)[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint was registered in time"
+        time.sleep(0.2)
+    multinode.kill_node(multinode.node_running("RayTrainWorker"))
+    multinode.add_node(num_cpus=2, resources={"cam_node": 1})
+    assert multinode.wait_for_job(job, timeout=400) == "SUCCEEDED", multinode.job_logs(job)[-4000:]
+    lost = checkpoint_metrics("lost")
+    assert [m["epoch"] for m in lost] == [0, 1]
+    for key in ("loss", "val_mAP", "cam_mIoU"):
+        assert lost[-1][key] == pytest.approx(phase1_on_two_nodes[-1][key], abs=KILLED_RUN_TOLERANCE), key
+
+
+def test_pseudo_labels_across_nodes_survive_a_lost_node_and_equal_a_single_node_run(
     multinode, bucket_dataset, local_dataset, phase1_checkpoint, single_node_run,
 ):
+    """The pseudo-label job on the cluster, each pool on its node type, its data and outputs in the bucket. Every
+    process of the node running the CAM actor is SIGKILLed once some shards are committed, and a node of the same
+    type joins: the job finishes with every shard exactly once, byte for byte what one node made uninterrupted."""
     out_dir = "s3://weaktr-multinode/pseudo"
     overrides = pseudo_overrides(local_dataset, out_dir) | PLACEMENT | {"data.root": bucket_dataset}
-    proc = multinode.submit(*pseudo_job(phase1_checkpoint, overrides))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert same_outputs(bucket_tree(out_dir), single_node_run) == []
-    # Ray's state API: where the pools' actors ran (the pools start with one actor and grow with the work).
-    cam_nodes, crf_nodes = multinode.nodes_of("CamStage"), multinode.nodes_of("CrfStage")
-    assert cam_nodes and cam_nodes <= {node.address for node in multinode.nodes[:2]}, (cam_nodes, crf_nodes)
-    assert crf_nodes == {multinode.nodes[2].address}
-
-
-def test_a_node_lost_mid_pass_is_replaced_and_the_outputs_equal_an_uninterrupted_run(
-    multinode, bucket_dataset, local_dataset, phase1_checkpoint, single_node_run,
-):
-    """Every process of a CAM node SIGKILLed once some shards are committed; a replacement node of the same type
-    joins; the job finishes with every shard exactly once, byte for byte the uninterrupted run's."""
-    out_dir = "s3://weaktr-multinode/pseudo-lost-node"
-    overrides = pseudo_overrides(local_dataset, out_dir) | PLACEMENT | {"data.root": bucket_dataset}
+    before = multinode.actor_ids()
     job = multinode.submit(*pseudo_job(phase1_checkpoint, overrides), no_wait=True)
     deadline = time.monotonic() + 180
     while not any(name.startswith("stats/") for name in bucket_tree(out_dir)):
         assert multinode.job_status(job) in ("PENDING", "RUNNING"), multinode.job_logs(job)[-3000:]
         assert time.monotonic() < deadline, "no shard was committed in time"
         time.sleep(0.2)
-    multinode.kill_node(multinode.nodes[1])
+    lost = multinode.node_running("CamStage")
+    multinode.kill_node(lost)
     done_at_kill = sum(name.startswith("stats/") for name in bucket_tree(out_dir))
     assert done_at_kill < NUM_SHARDS, "the kill should land mid-run"
     multinode.add_node(num_cpus=2, resources={"cam_node": 1})
     status = multinode.wait_for_job(job, timeout=300)
     assert status == "SUCCEEDED", multinode.job_logs(job)[-4000:]
     assert same_outputs(bucket_tree(out_dir), single_node_run) == []
+    # Ray's state API: the CAM actor that ran on the lost node (an actor keeps its id when Ray restarts it) went on
+    # on another cam_node worker, the replacement or the other one; the CRF ran on the cpu_node worker only.
+    cam_nodes, crf_nodes = multinode.nodes_of("CamStage", before), multinode.nodes_of("CrfStage", before)
+    cam_type = {node.address for node in multinode.nodes if "cam_node" in node.resources}
+    assert cam_nodes and lost.address not in cam_nodes and cam_nodes <= cam_type, (cam_nodes, crf_nodes)
+    assert crf_nodes == {multinode.alive_node("cpu_node").address}
 
 
 def test_convert_with_ray_refuses_a_source_folder_the_reading_nodes_do_not_have(multinode, bucket_dataset, tmp_path):
