@@ -121,9 +121,8 @@ class SimCluster:
 
     def nodes_of(self, class_name: str, since: set[str] = frozenset()) -> set[str]:
         """The addresses of the nodes on which actors of ``class_name`` are, or were last (a restarted actor keeps its
-        id and moves), but for the actors
-        ``since`` (``actor_ids`` before a job); Ray Data's actors count by the class they wrap
-        ("MapWorker(MapBatches(CamStage))" for CamStage)."""
+        id and moves), but for the actors ``since`` (``actor_ids`` before a job); Ray Data's actors count by the
+        class they wrap ("MapWorker(MapBatches(CamStage))" for CamStage)."""
         ips = {n["node_id"]: n["node_ip"] for n in self.state("nodes")}
         return {ips.get(actor["node_id"], actor["node_id"]) for actor in self.state("actors")
                 if actor["actor_id"] not in since
