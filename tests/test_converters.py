@@ -409,9 +409,9 @@ def test_convert_on_ray_writes_the_dataset_one_thread_writes(coco_root, tmp_path
     assert trees[0] == trees[1] and b"listed in" in trees[0][1]
     assert trees[0][2]["meta"]["downscaled"] == {"train": 1, "val": 2}
     assert "reading in Ray tasks: 4 CPUs on 1 node(s) now" in capsys.readouterr().out  # the shared head's
-    for _ in range(50):  # the workers report their tasks to the head every second
+    for _ in range(50):  # the workers report their tasks' states to the head every second
         tasks = list_tasks(filters=[("func_or_class_name", "=", "_attempt_batch")], raise_on_missing_output=False)
-        if len(tasks) >= 4:
+        if len(tasks) >= 4 and {t.state for t in tasks} == {"FINISHED"}:
             break
         time.sleep(0.2)
     assert len(tasks) == 4 and {t.state for t in tasks} == {"FINISHED"}  # 1 + 2 images read, 1 missing
