@@ -128,10 +128,13 @@ class SimCluster:
                 if actor["actor_id"] not in since
                 and (actor["class_name"] == class_name or f"({class_name})" in actor["class_name"])}
 
-    def submit(self, *job: str, timeout: float = 600, no_wait: bool = False) -> subprocess.CompletedProcess | str:
+    def submit(self, *job: str, timeout: float = 600, no_wait: bool = False,
+               env_vars: Optional[dict] = None) -> subprocess.CompletedProcess | str:
         """``ray job submit --working-dir .`` of ``job`` (e.g. "python", "ray_jobs/x.py", ...), as a user sends
-        it. Waits for the end and returns the CLI's output, or with ``no_wait`` returns the submission id."""
-        command = [RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(ROOT),
+        it, ``env_vars`` in its runtime environment. Waits for the end and returns the CLI's output, or with
+        ``no_wait`` returns the submission id."""
+        runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+        command = [RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(ROOT), *runtime_env,
                    *(["--no-wait"] if no_wait else []), "--", *job]
         proc = subprocess.run(command, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         if not no_wait:

@@ -181,6 +181,18 @@ def test_phase1_survives_losing_a_node_after_its_first_checkpoint(multinode, pha
         assert lost[-1][key] == pytest.approx(phase1_on_two_nodes[-1][key], abs=KILLED_RUN_TOLERANCE), key
 
 
+def test_a_run_whose_workers_never_find_their_resources_ends_naming_them(multinode, bucket_dataset):
+    """Ray Train waits for its workers' resources and, by default, starts again for ever: a node type that never
+    comes (here a resource no node offers; on a real cluster, a lost node with no replacement) must end the job."""
+    proc = multinode.submit(
+        sys.executable, *PHASE1, "--set", "run.name=nowhere", "--set", "train.resources_per_worker={gpu_node: 1}",
+        "--set", "train.capacity_wait_s=8", env_vars={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "4"}, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert ("error: the cluster did not offer 2 Ray Train workers their resources ({'CPU': 1, 'gpu_node': 1} each) "
+            "within train.capacity_wait_s=8 s") in proc.stdout, proc.stdout[-3000:]
+
+
 def test_pseudo_labels_across_nodes_survive_a_lost_node_and_equal_a_single_node_run(
     multinode, bucket_dataset, local_dataset, phase1_checkpoint, single_node_run,
 ):

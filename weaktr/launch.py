@@ -97,6 +97,10 @@ def check_paths_reach_every_node(cfg: Config, keys: Sequence[str]) -> None:
         )
 
 
+class CapacityUnavailable(RuntimeError):
+    """The cluster did not offer a run's workers their resources within the wait its config allows."""
+
+
 class RayUnavailable(RuntimeError):
     """The Ray cluster a job was pointed at does not answer."""
 
@@ -250,7 +254,7 @@ def run_training_job(parser, args, cfg: Config, *, fit, run_name: str, what: str
         config_path = save_resolved_config(cfg, config_name)
         connect(cfg, paths)
         result = fit(cfg)
-    except (ConfigError, DataError, storage.StorageUnavailable) as err:  # e.g. no pseudo-labels, an unknown bucket
+    except (ConfigError, DataError, storage.StorageUnavailable, CapacityUnavailable) as err:  # e.g. no pseudo-labels
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print_training_result(result, config_path, score, shown)

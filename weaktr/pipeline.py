@@ -248,7 +248,7 @@ def _pct(value: Optional[float]) -> str:
 def main(argv=None, prog: Optional[str] = None) -> int:
     """``ray_jobs/pipeline.py`` and ``weaktr pipeline``: run or resume the pipeline, print the stage table."""
     from weaktr.config import job_arg_parser, parse_job_args
-    from weaktr.launch import PIPELINE_PATHS, check_resume, connect, run_dir, save_resolved_config
+    from weaktr.launch import PIPELINE_PATHS, CapacityUnavailable, check_resume, connect, run_dir, save_resolved_config
 
     parser = job_arg_parser("Run the whole WeakTr pipeline: data, phase 1, pseudo-labels, phase 2, evaluation, "
                             "report.", resumes="pipeline run (finished stages are skipped)")
@@ -267,7 +267,7 @@ def main(argv=None, prog: Optional[str] = None) -> int:
         connect(cfg, PIPELINE_PATHS)
         started = time.perf_counter()
         records = run_pipeline(cfg, args.from_stage)
-    except (ConfigError, DataError, storage.StorageUnavailable) as err:  # e.g. a bucket that does not exist
+    except (ConfigError, DataError, storage.StorageUnavailable, CapacityUnavailable) as err:  # e.g. no such bucket
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print()

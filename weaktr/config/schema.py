@@ -104,6 +104,9 @@ class RunnerConfig:
     compile: bool = False  # torch.compile the model (pays off on GPU once its compile time is amortized)
     fused_optimizer: bool = True  # fused optimizer kernels (torch's fused=True), GPU only; same updates up to rounding
     max_failures: int = 1  # worker-failure restarts from the last checkpoint
+    # How long a run waits for its workers' resources (at its start, or after losing a node) before it fails naming
+    # them; Ray Train's own default is to wait for ever for capacity that may never come.
+    capacity_wait_s: float = 600.0
     checkpoints_to_keep: int = 2
     resume_from: Optional[str] = None  # a checkpoint directory
 

@@ -28,7 +28,8 @@ from weaktr.models.cam import WeakTrCAM
 from weaktr.models.inference import multiscale_cams
 from weaktr.runtime import autocast, fused_optimizer_kwargs, unwrap
 from weaktr.train.common import (
-    all_gather, check_failures_across_ranks, epoch_metrics, make_trainer, report_epoch, start_training, start_worker,
+    all_gather, check_failures_across_ranks, epoch_metrics, fit_trainer, make_trainer, report_epoch, start_training,
+    start_worker,
 )
 
 
@@ -265,4 +266,4 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
         train_loop_per_worker, cfg, cfg.train, name=name or cfg.run.name, score_attribute=selection_metric(cfg),
         paths=PHASE1_PATHS, callbacks=callbacks,
     )
-    return trainer.fit()
+    return fit_trainer(trainer, cfg.train, "train")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -20,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from weaktr.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from weaktr.config import Config, from_dict, to_dict
 from weaktr.data.stream import FailureTracker
-from weaktr.launch import check_paths_reach_every_node
+from weaktr.launch import CapacityUnavailable, check_paths_reach_every_node
 from weaktr.runtime import rng_state, seed_rngs, set_rng_state, unwrap
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,41 @@ def make_trainer(
                 checkpoint_score_attribute=score_attribute,
                 checkpoint_score_order="max",
             ),
-            failure_config=FailureConfig(max_failures=runner.max_failures),
+            failure_config=FailureConfig(
+                max_failures=runner.max_failures, controller_failure_limit=start_retries(runner.capacity_wait_s)
+            ),
             callbacks=list(callbacks),
             # Ray Train's INFO logs (a dump of every rank's report each epoch) go to its log files only;
             # the console gets the loops' one line per epoch.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def start_retries(capacity_wait_s: float) -> int:
+    """Ray Train waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) for a worker group's resources, then starts
+    it again, for ever by default: how many times again makes ``capacity_wait_s`` in all."""
+    per_attempt = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60))
+    return max(0, math.ceil(capacity_wait_s / per_attempt) - 1)
+
+
+def fit_trainer(trainer: TorchTrainer, runner, section: str):
+    """``trainer.fit()``; CapacityUnavailable, one line naming what it waited for, when the cluster never offered
+    the workers' resources within ``{section}.capacity_wait_s``."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    try:
+        return trainer.fit()
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        wanted = trainer.scaling_config.resources_per_worker
+        raise CapacityUnavailable(
+            f"the cluster did not offer {runner.num_workers} Ray Train workers their resources ({wanted} each) "
+            f"within {section}.capacity_wait_s={runner.capacity_wait_s:g} s: add nodes that have them, or lower "
+            f"{section}.num_workers / the resources asked"
+        ) from None
 
 
 def start_worker(loop_config: dict) -> tuple[Config, int, int, torch.device]:

@@ -34,7 +34,8 @@ from weaktr.models.segmenter import Segmenter
 from weaktr.ops import segmentation_loss
 from weaktr.runtime import autocast, fused_optimizer_kwargs, unwrap
 from weaktr.train.common import (
-    all_gather, check_failures_across_ranks, epoch_metrics, make_trainer, report_epoch, start_training, start_worker,
+    all_gather, check_failures_across_ranks, epoch_metrics, fit_trainer, make_trainer, report_epoch, start_training,
+    start_worker,
 )
 
 
@@ -242,7 +243,7 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
         train_loop_per_worker, cfg, cfg.seg_train, name=name or seg_run_name(cfg), score_attribute="val_mIoU",
         paths=PHASE2_PATHS, callbacks=callbacks,
     )
-    return trainer.fit()
+    return fit_trainer(trainer, cfg.seg_train, "seg_train")
 
 
 def seg_run_name(cfg: Config) -> str:
