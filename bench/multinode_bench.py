@@ -118,14 +118,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpus", type=int, default=6, help="CPUs of every layout, split over its worker nodes")
     parser.add_argument("--images", type=int, default=48, help="images of the pseudo-label pass")
+    parser.add_argument("--logs", default=None, help="keep the nodes' logs in this folder (default: a temporary one)")
     args = parser.parse_args()
 
     rows = {}
     with tempfile.TemporaryDirectory(prefix="wtr-bench-") as tmp, loopback_s3(Path(tmp)):
+        logs = Path(args.logs or tmp)
         checkpoint = prepare(Path(tmp), args.images)
         for nodes, cpus in layouts(args.cpus).items():
             workers = [dict(num_cpus=c) for c in cpus]
-            with simulated_cluster(Path(tmp) / f"logs-{nodes}", workers) as cluster:
+            with simulated_cluster(logs / f"logs-{nodes}", workers) as cluster:
                 rows[nodes] = {"cpus": cpus,
                                "pseudo": pseudo_images_per_s(cluster, checkpoint, f"{BUCKET}/pseudo-{nodes}"),
                                "epoch": phase1_epoch_seconds(cluster, f"smoke-{nodes}")}
