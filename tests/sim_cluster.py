@@ -9,7 +9,7 @@ joining a token-authenticated head) shows up here as it would on a real cluster.
 - Every worker node has its own disk: it runs in a mount namespace of its own with a private tmpfs over /tmp
   (``unshare -m``), so it sees none of the head's temporary files (pytest's ``tmp_path`` included) and its own
   copy of a job's working directory, as a machine of a real cluster does; the checkout and its venv stand for the
-  node image. This needs root (the sandbox and CI run as root).
+  node image, and stay visible where they are even under /tmp. This needs root (the sandbox and CI run as root).
 - Token authentication is on in every process (as ``cluster.yaml`` starts Ray), through ``RAY_AUTH_MODE=token``
   and ``RAY_AUTH_TOKEN`` in each one's environment: ``ray start --address`` does not turn it on by itself.
 - Nodes are declared dead after about 5 s (Ray's default is 15-20 s), so that a lost node is noticed quickly.
@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -76,7 +77,7 @@ class SimCluster:
         start = [RAY, "start", f"--address={self.gcs_address}", "--block", f"--num-cpus={num_cpus}",
                  f"--resources={json.dumps(resources or {})}", f"--node-ip-address={address}",
                  "--temp-dir=/tmp/ray-node", "--disable-usage-stats", *ports]
-        private_tmp = 'mount -t tmpfs tmpfs /tmp && exec "$0" "$@"'
+        private_tmp = " && ".join(_private_tmp_commands()) + ' && exec "$0" "$@"'
         with open(log, "w") as out:
             process = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", private_tmp, *start],
@@ -168,6 +169,19 @@ class SimCluster:
         for node in self.nodes:
             if node.alive:
                 self.kill_node(node)
+
+
+def _private_tmp_commands() -> list[str]:
+    """Shell commands, run in a node's own mount namespace, that lay an empty tmpfs over /tmp but for the checkout and
+    its venv (the node image), which stay at their paths when they live under /tmp (a CI clone may)."""
+    keep = [path for path in (str(ROOT), sys.prefix) if path.startswith("/tmp/")]
+    keep = [path for path in keep if not any(path.startswith(f"{other}/") for other in keep)]  # nested: covered
+    commands = ["mount --bind /tmp /mnt"] if keep else []  # the shared /tmp, still reachable through /mnt
+    commands.append("mount -t tmpfs tmpfs /tmp")
+    for path in keep:
+        original = shlex.quote("/mnt/" + path.removeprefix("/tmp/"))
+        commands.append(f"mkdir -p {shlex.quote(path)} && mount --bind {original} {shlex.quote(path)}")
+    return commands
 
 
 @contextlib.contextmanager
