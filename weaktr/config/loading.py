@@ -208,6 +208,6 @@ def resolve_paths(cfg: Config) -> None:
     """Make every path in ``cfg`` (``PATH_KEYS``) absolute against this process's directory, as the user meant
     them: Ray workers, actors and Tune trials run in directories of their own. URIs stay as they are."""
     for key in PATH_KEYS:
-        if get_value(cfg, key):
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, storage.absolute(get_value(cfg, key)))
+        section, name = key.split(".")
+        if value := getattr(getattr(cfg, section), name):
+            setattr(getattr(cfg, section), name, storage.absolute(value))

@@ -21,7 +21,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
 
 from weaktr import storage
-from weaktr.config import Config
+from weaktr.config import Config, resolve_paths
 from weaktr.data.shards import DataError, Manifest
 from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, normalize_batch, normalize_image
@@ -230,10 +230,8 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
     before any worker starts. The Ray Train run is ``name``, by default ``{run.name}-seg`` so it never resumes
     a phase-1 run of the same name.
     """
-    cfg.seg_train.data_root = storage.absolute(train_data_root(cfg))
-    cfg.data.root = storage.absolute(cfg.data.root)
-    if cfg.seg_train.resume_from:
-        cfg.seg_train.resume_from = storage.absolute(cfg.seg_train.resume_from)
+    resolve_paths(cfg)
+    cfg.seg_train.data_root = train_data_root(cfg)
     pseudo_labels = Manifest.load(cfg.seg_train.data_root)
     require_pseudo_labels(pseudo_labels, cfg.data.train_split)
     if cfg.seg_train.init_encoder_from_phase1:  # resolved like the paths: workers and checkpoints see the weights
