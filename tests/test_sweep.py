@@ -239,7 +239,9 @@ def test_asha_stops_a_trial_resume_skips_finished_ones_and_the_best_config_is_th
     # best_config.yaml is what train_cam.py takes: the config the best trial trained with (its checkpoint keeps
     # it), under its own run name. (README: a phase-2 sweep's best_config.yaml retrained with train_seg.py.)
     best_trial = list(trials.values())[0]["trial"]
-    trained_with = load_checkpoint(next((sweep / "trials" / best_trial).glob("checkpoint_*")))["config"]
+    # (Ray Train keeps checkpoint_manager_snapshot.json beside its checkpoint_<time> folders.)
+    checkpoints = [p for p in (sweep / "trials" / best_trial).glob("checkpoint_*") if p.is_dir()]
+    trained_with = load_checkpoint(checkpoints[0])["config"]
     best = to_dict(load_config(sweep / "best_config.yaml"))
     assert best["run"] == {**trained_with["run"], "name": "sweep-best", "storage_path": str(tmp_path / "runs")}
     assert {k: v for k, v in best.items() if k != "run"} == {k: v for k, v in trained_with.items() if k != "run"}
