@@ -122,3 +122,50 @@ def test_one_pass_scores_without_and_with_the_crf_as_two_separate_runs(ray_sessi
         assert (report["settings"]["crf"] is not None) == crf
     cfg.eval.crf = False
     assert plain["confusion_matrix"] != refined["confusion_matrix"]  # the CRF changed some labels
+
+
+def test_a_sample_that_fails_to_decode_is_skipped_counted_and_named(ray_session, setup, tmp_path, caplog):
+    """The actors decode what the readers send as stored (a record crosses to an actor's node as its encoded bytes,
+    not its pixels), so a broken image surfaces in an actor: it is skipped and counted over the whole split against
+    data.max_failure_fraction, and beyond it the run stops naming the shard."""
+    import copy
+    import io
+    import shutil
+    import tarfile
+
+    from weaktr.data.shards import DataError, Manifest
+    from weaktr.data.stream import FailureTracker
+    from weaktr.evaluate import _read_shard, evaluate_variants_on_ray
+
+    _, cfg, manifest, checkpoint = setup
+    root = tmp_path / "damaged"
+    shutil.copytree(manifest.root, root)
+    damaged = Manifest.load(root)
+    shard = damaged.shard_paths("val")[0]
+    with tarfile.open(shard) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    broken = members[0][0].name.split(".")[0]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name.startswith(f"{broken}.") and member.name.endswith(".png") and "mask" not in member.name:
+                data = b"not an image"
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    stored = sum(len(data) for member, data in members if member.name.split(".")[0] == members[-1][0].name.split(".")[0])
+    rows = _read_shard({"shard": shard})
+    assert len(rows) == damaged.splits["val"].shard_sizes[0] and not any(row["failure"] for row in rows)
+    assert len(rows[-1]["record"]) < stored + 1024  # the stored bytes and their names, no decoded pixels
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.root, cfg.data.max_failure_fraction = str(root), 0.5
+    report = evaluate_variants_on_ray(cfg, checkpoint, [False])[0]
+    readable = list(iter_samples(damaged.shard_paths("val"), FailureTracker(1.0)))
+    model, _ = load_segmenter(checkpoint)
+    assert report["num_images"] == len(readable) == damaged.splits["val"].num_samples - 1
+    assert report["num_skipped"] == 1
+    assert np.array_equal(np.array(report["confusion_matrix"]), evaluate_samples(model, readable, cfg.eval).matrix)
+    assert any(broken in message and shard in message for message in caplog.messages)
+
+    cfg.data.max_failure_fraction = 0.01
+    with pytest.raises(DataError, match=r"1 of 12 samples failed to decode .* in 1 shard\(s\)"):
+        evaluate_variants_on_ray(cfg, checkpoint, [False])

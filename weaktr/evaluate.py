@@ -2,7 +2,7 @@
 
 Two ways to run the same per-image scoring (``score_sample``):
 - ``evaluate_samples``: a plain loop in this process (tests, small sets, notebooks);
-- ``evaluate_on_ray``: a Ray Data pipeline. The split's shards are decoded in parallel tasks, an actor pool
+- ``evaluate_on_ray``: a Ray Data pipeline. The split's shards are read in parallel tasks, an actor pool
   (``eval.actors`` actors, ``eval.gpus_per_actor`` GPUs each) runs inference on every sample and returns that
   image's confusion-matrix contribution, and the driver sums them, so a 5k-image validation set spreads over the
   whole cluster and only K x K counts per image travel back.
@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
+import pickle
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -25,8 +27,8 @@ import torch
 from weaktr import storage
 from weaktr.config import Config, EvalConfig, from_dict, to_dict
 from weaktr.crf import CRFParams, crf_refine_prediction
-from weaktr.data.shards import DataError, Manifest, Sample
-from weaktr.data.stream import iter_samples
+from weaktr.data.shards import DataError, Failure, Manifest, Sample, SampleDecodeError, decode_sample
+from weaktr.data.stream import FailureTracker, check_shards_exist, read_records
 from weaktr.data.transforms import normalize_image
 from weaktr.metrics import ConfusionMatrix
 from weaktr.models.inference import predict_probs
@@ -35,6 +37,7 @@ from weaktr.models.segmenter import Segmenter
 from weaktr.runtime import autocast, unwrap
 
 REPORT_NAME = "eval_report.json"
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- model and single-image prediction
@@ -112,12 +115,14 @@ def evaluate_samples(
 # --------------------------------------------------------------------------- Ray Data pipeline
 
 
-def _decode_shard(row: dict) -> list[dict]:
-    """One shard -> its samples as rows (image uint8 [H, W, 3], mask uint8 [H, W])."""
-    return [
-        {"key": s.key, "image": s.image, "mask": s.mask if s.mask is not None else np.zeros((0, 0), np.uint8)}
-        for s in iter_samples([row["shard"]], num_classes=row["num_classes"])
-    ]
+def _read_shard(row: dict) -> list[dict]:
+    """One shard -> its records as stored (the encoded bytes, pickled; decoded by the actors): a record crosses to
+    an actor's node several times smaller than its pixels would. A shard cut short ends in one failure row."""
+    check_shards_exist([row["shard"]])  # missing on this node: a setup error, not a broken sample
+    failures: list[Failure] = []
+    rows = [{"shard": row["shard"], "key": raw.get("__key__", ""), "record": pickle.dumps(raw), "failure": ""}
+            for raw in read_records([row["shard"]], failures.append, keep_going=False)]
+    return rows + [{"shard": f.url, "key": f.key, "record": b"", "failure": f.reason} for f in failures]
 
 
 class SegEvalActor:
@@ -132,14 +137,21 @@ class SegEvalActor:
         self.eval_cfg, self.amp, self.crf_variants = cfg.eval, cfg.seg_train.amp, list(crf_variants)
 
     def __call__(self, batch: dict) -> dict:
-        confusions = []
-        for key, image, mask in zip(batch["key"], batch["image"], batch["mask"]):
-            if mask.size == 0:
-                raise DataError(f"sample {key!r} has no ground-truth mask: evaluation needs a split with masks")
-            sample = Sample(str(key), np.asarray(image, dtype=np.uint8), [], mask=np.asarray(mask, dtype=np.uint8))
-            counts = score_sample_variants(self.model, sample, self.eval_cfg, self.crf_variants, self.amp)  # [V, K, K]
-            confusions.append(counts.reshape(-1))
-        return {"key": np.asarray(batch["key"]), "confusion": np.stack(confusions)}  # [b, V*K*K]
+        confusions, failures = [], []
+        for key, record, failure in zip(batch["key"], batch["record"], batch["failure"]):
+            num_classes = self.model.num_classes  # K, background included
+            counts = np.zeros((len(self.crf_variants), num_classes, num_classes), np.int64)  # [V, K, K]
+            if not failure:
+                try:
+                    sample = decode_sample(pickle.loads(record), num_classes=num_classes - 1)
+                except SampleDecodeError as exn:
+                    failure = str(exn)
+                else:
+                    counts = score_sample_variants(self.model, sample, self.eval_cfg, self.crf_variants, self.amp)
+            confusions.append(counts.reshape(-1))  # [V*K*K]; zeros for a sample that failed
+            failures.append(failure)
+        return {"shard": batch["shard"], "key": batch["key"], "confusion": np.stack(confusions),
+                "failure": np.asarray(failures)}
 
 
 def evaluate_on_ray(cfg: Config, checkpoint: str | Path) -> dict:
@@ -167,11 +179,11 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
     shards = manifest.shard_paths(cfg.eval.split)
     num_classes = manifest.num_classes + 1
 
-    ds = ray.data.from_items([{"shard": shard, "num_classes": manifest.num_classes} for shard in shards],
-                             override_num_blocks=max(1, len(shards)))
-    # Decoding takes zero logical CPUs, bounded by its own pool size: with one CPU each it waited forever
-    # behind an actor pool holding every CPU of a small machine.
-    ds = ds.flat_map(_decode_shard, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
+    ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=max(1, len(shards)))
+    # Reading takes zero logical CPUs (with one CPU each it waited forever behind an actor pool holding every CPU of a
+    # small machine), so its concurrency is bounded here instead: as many readers as actors to feed.
+    readers = max(1, min(len(shards), cfg.eval.actors))
+    ds = ds.flat_map(_read_shard, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=readers))
     num_cpus = 1 if cfg.eval.gpus_per_actor == 0 else None  # GPU actors: Ray Data's default
     ds = ds.map_batches(
         SegEvalActor,
@@ -185,14 +197,20 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
         resources=cfg.eval.actor_resources or None,
     )
     confusions = [ConfusionMatrix(num_classes) for _ in crf_variants]
-    num_images = 0
+    tracker = FailureTracker(cfg.data.max_failure_fraction)  # over the whole split, as training counts its epoch
     with progress(manifest.splits[cfg.eval.split].num_samples, f"evaluating {cfg.eval.split}") as bar:
         for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
             counts = batch["confusion"].sum(0).reshape(len(crf_variants), num_classes, num_classes)
             for confusion, variant_counts in zip(confusions, counts):
                 confusion.matrix += variant_counts
-            num_images += len(batch["confusion"])
-            bar.update(len(batch["confusion"]))
+            failed = [Failure(str(shard), str(key), str(reason))
+                      for shard, key, reason in zip(batch["shard"], batch["key"], batch["failure"]) if reason]
+            for failure in failed:
+                log.warning("skipping unreadable sample %r in %s: %s", failure.key, failure.url, failure.reason)
+            tracker.add(len(batch["key"]) - len(failed), failed)
+            bar.update(len(batch["key"]))
+    tracker.check(final=True)
+    num_images = tracker.seen - tracker.failed
     seconds = time.perf_counter() - started
     reports = []
     for crf, confusion in zip(crf_variants, confusions):
@@ -211,7 +229,7 @@ def make_report(
         "dataset": manifest.root,
         "split": e.split,
         "num_images": num_images,
-        "num_skipped": manifest.splits[e.split].num_samples - num_images,  # undecodable (logged by iter_samples)
+        "num_skipped": manifest.splits[e.split].num_samples - num_images,  # undecodable (logged, counted)
         "settings": {**inference_kwargs(e), "crf": dataclasses.asdict(e.crf_params) if e.crf else None},
         **confusion.to_dict(class_names(manifest)),
         "confusion_matrix": confusion.matrix.tolist(),

@@ -45,7 +45,7 @@ def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _check_shards_exist(shards: Sequence[str]) -> None:
+def check_shards_exist(shards: Sequence[str]) -> None:
     # A missing shard is a setup error, not a broken sample: fail at once instead of counting it.
     missing = [url for url in shards if not storage.exists(url)]
     if missing:
@@ -106,7 +106,7 @@ def iter_samples(
     and evaluation. Broken samples (with ``num_classes``, also those with ids past the classes) are logged and
     skipped; at the end ``tracker`` (default: one with the 1% limit) raises ``DataError`` if too many failed."""
     tracker = tracker if tracker is not None else FailureTracker()
-    _check_shards_exist(shards)
+    check_shards_exist(shards)
 
     def report(failure: Failure) -> None:
         log.warning("skipping unreadable sample %r in %s: %s", failure.key, failure.url, failure.reason)
@@ -281,7 +281,7 @@ def make_loader(
     """
     if batch_size < 1 or steps < 1:
         raise ValueError(f"batch_size ({batch_size}) and steps ({steps}) must be >= 1")
-    _check_shards_exist(shards)
+    check_shards_exist(shards)
     mine = shards_for_rank(shards, rank, world_size, epoch, seed)
     # A worker without a shard would end at once; more workers than shards buys nothing.
     num_workers = min(num_workers, len(mine))

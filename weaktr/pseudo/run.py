@@ -136,9 +136,10 @@ def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
     quiet_ray_data()
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # Reading is light (tar + image decode to validate): zero logical CPUs, so it never waits on the actor pools
-    # holding every CPU of a small machine; `concurrency` bounds it instead.
+    # holding every CPU of a small machine; its concurrency is bounded instead, as many readers as CAM actors to feed.
+    readers = max(1, min(len(items), p.cam_actors))
     dataset = dataset.flat_map(
-        read_shard, fn_kwargs={"settings": settings}, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2)
+        read_shard, fn_kwargs={"settings": settings}, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=readers)
     )
     dataset = dataset.map_batches(
         CamStage, fn_constructor_kwargs={
