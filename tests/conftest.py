@@ -36,8 +36,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | None = None):
-    """A real ``ray start --head`` on loopback; yields (gcs_address, dashboard_url, env).
+def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | None = None, port: int | None = None,
+                     extra_args: tuple[str, ...] = ()):
+    """A real ``ray start --head`` on loopback (``port``: its GCS port, default a free one; ``extra_args`` for
+    ``ray start``); yields (gcs_address, dashboard_url, env).
 
     Its temporary directory is a fresh one, not Ray's default /tmp/ray: a head writes its address
     to ``<temp dir>/ray_current_cluster``, and a later plain ``ray.init()`` (the user's demo) would
@@ -46,7 +48,7 @@ def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | Non
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     # Short, because Ray's unix sockets live under it (a 107-character limit on the path).
     temp_dir = tempfile.mkdtemp(prefix="wtr-ray-", dir="/tmp")
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = port or _free_port(), _free_port()
     log = open(Path(log_dir or temp_dir) / "head.log", "w")
     # Every port free-picked: the defaults (e.g. the job agent's 52365) clash with any other Ray
     # on the machine, and a head whose agent cannot bind answers "No available agent" forever.
@@ -58,7 +60,7 @@ def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | Non
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={port}", f"--temp-dir={temp_dir}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--disable-usage-stats", *agent_ports],
+         "--disable-usage-stats", *agent_ports, *extra_args],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
@@ -221,6 +223,31 @@ def pytest_collection_modifyitems(items):
         fixtures = getattr(item, "fixturenames", ())
         if "ray_session" in fixtures or "multinode" in fixtures or starts_a_head:
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(scope="session")
+def voc_pipeline_run(ray_session, tmp_path_factory):
+    """The VOC recipe's whole pipeline (recipe_fixtures.VOC_PIPELINE) submitted as a Ray job to the session's head,
+    as the README does it on a cluster, its dataset and run directory in a bucket (a cluster without a shared file
+    system). Returns (cfg, the console, each stage's record, (fate, damage, manifest) of the dataset)."""
+    from recipe_fixtures import VOC_PIPELINE, VOC_PIPELINE_DATA, write_voc_pipeline_data
+
+    from weaktr import pipeline, storage
+    from weaktr.config import load_config
+
+    _, dashboard = ray_session
+    data = write_voc_pipeline_data(tmp_path_factory.mktemp("pipeline"))
+    overrides = [*VOC_PIPELINE, "run.storage_path=s3://weaktr-pipeline/runs", f"data.root={VOC_PIPELINE_DATA}"]
+    command = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--", sys.executable,
+               "ray_jobs/pipeline.py", "--config", "configs/voc12.yaml"]
+    for override in overrides:
+        command += ["--set", override]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = load_config(ROOT / "configs" / "voc12.yaml", overrides)
+    directory = storage.join(cfg.run.storage_path, cfg.run.name)
+    records = {stage: pipeline.load_record(directory, stage) for stage in pipeline.STAGES}
+    return cfg, proc.stdout, records, data
 
 
 @pytest.fixture(scope="module")

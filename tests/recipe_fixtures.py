@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from weaktr import storage
 from weaktr.data.synthetic import SyntheticSpec, iter_synthetic
 from weaktr.data.voc import save_palette_png
 
@@ -30,6 +31,35 @@ TINY_ON_CPU = [
     "seg_train.base_size=72", "seg_train.crop_size=64", "seg_train.clip_patch_size=32",
     "eval.short_side=64", "eval.window=64", "eval.stride=48", "eval.actors=1", "eval.gpus_per_actor=0",
 ]
+
+# The VOC recipe's whole pipeline as tests/test_pipeline.py runs it on the shared head and tests/test_multinode.py on
+# the simulated cluster (with the former as its single-node reference): two Ray Train workers in each phase, so that
+# on a cluster each phase has ranks on two nodes. bg_threshold null: the pseudo-labels take the threshold phase 1's
+# CAM-mIoU sweep chose for its checkpoint. max_failure_fraction: the damaged shards hold ~20% broken samples, which
+# the default 1% would refuse. Overlays go to the first 4 positions, 2 of them damaged.
+# Three phase-1 epochs: a node lost after the first checkpoint is lost mid-phase.
+VOC_PIPELINE = [*TINY_ON_CPU, "train.epochs=3", "train.num_workers=2", "seg_train.num_workers=2", "run.name=pipe",
+                "pseudo.bg_threshold=null", "data.max_failure_fraction=0.5", "pseudo.overlay_samples=4"]
+VOC_PIPELINE_DATA = "s3://weaktr-pipeline/voc12"
+
+
+def write_voc_pipeline_data(tmp_path: Path):
+    """The converted VOC-layout fixture of the pipeline tests (16 train_aug images, 8 of them VOC train, 4 val; plus
+    the hostile items of add_hostile_voc_items, then damage_shards on train_aug), uploaded to VOC_PIPELINE_DATA on
+    the loopback S3 server. Returns (fate, damage, manifest) of add_hostile_voc_items, damage_shards, convert_voc."""
+    import boto3
+
+    from weaktr.data.voc import convert_voc
+
+    voc_root, aug_list = write_voc_layout(tmp_path)
+    fate = add_hostile_voc_items(voc_root, aug_list)
+    # max_side 320 (default 1024) so the oversized image is downscaled without making the test slow.
+    manifest = convert_voc(voc_root, tmp_path / "voc12", aug_list=aug_list, samples_per_shard=8, max_side=320)
+    damage = damage_shards(manifest.shard_paths("train_aug"))
+    bucket = VOC_PIPELINE_DATA.removeprefix("s3://").split("/")[0]
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    storage.upload_dir(tmp_path / "voc12", VOC_PIPELINE_DATA)
+    return fate, damage, manifest
 
 
 def check_chain(records: dict, cfg, num_train: int, num_classes: int) -> None:

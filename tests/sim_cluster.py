@@ -120,13 +120,13 @@ class SimCluster:
     def actor_ids(self) -> set[str]:
         return {actor["actor_id"] for actor in self.state("actors")}
 
-    def nodes_of(self, class_name: str, since: set[str] = frozenset()) -> set[str]:
+    def nodes_of(self, class_name: str, since: set[str] = frozenset(), among: Optional[set[str]] = None) -> set[str]:
         """The addresses of the nodes on which actors of ``class_name`` are, or were last (a restarted actor keeps its
-        id and moves), but for the actors ``since`` (``actor_ids`` before a job); Ray Data's actors count by the
-        class they wrap ("MapWorker(MapBatches(CamStage))" for CamStage)."""
+        id and moves), but for the actors ``since`` (``actor_ids`` before a job) and, given ``among``, only those
+        actors; Ray Data's actors count by the class they wrap ("MapWorker(MapBatches(CamStage))" for CamStage)."""
         ips = {n["node_id"]: n["node_ip"] for n in self.state("nodes")}
         return {ips.get(actor["node_id"], actor["node_id"]) for actor in self.state("actors")
-                if actor["actor_id"] not in since
+                if actor["actor_id"] not in since and (among is None or actor["actor_id"] in among)
                 and (actor["class_name"] == class_name or f"({class_name})" in actor["class_name"])}
 
     def submit(self, *job: str, timeout: float = 600, no_wait: bool = False,

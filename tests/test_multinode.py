@@ -85,6 +85,89 @@ def same_outputs(outputs: dict[str, bytes], reference: dict[str, bytes]) -> list
                   and outputs.get(name) != reference.get(name))
 
 
+# The VOC pipeline of tests/test_pipeline.py, each pool placed by node type: both phases' ranks and the CAM and
+# evaluation actors on the `cam_node` workers (GPU nodes on a real cluster; one unit each, so two ranks or two actors
+# never share a node), the CRF on the `cpu_node` one.
+PIPELINE_PLACEMENT = ["train.resources_per_worker={cam_node: 1}", "seg_train.resources_per_worker={cam_node: 1}",
+                      "pseudo.cam_resources={cam_node: 1}", "pseudo.crf_resources={cpu_node: 1}",
+                      "eval.actors=2", "eval.actor_resources={cam_node: 1}"]
+# What differs between two runs of the same work: timings (any key naming seconds, throughputs), and the paths of
+# each run's own outputs.
+NOT_RESULTS = {"checkpoint", "last_checkpoint", "dataset", "report", "out_dir", "images_per_s"}
+
+
+def differences(ours, reference, where: str = "") -> list[str]:
+    """Where two stage records' metrics differ: numbers beyond the killed-run tolerance, anything else unequal."""
+    from worker_kill import KILLED_RUN_TOLERANCE
+
+    if isinstance(reference, dict) and isinstance(ours, dict):
+        keys = {key for key in set(ours) | set(reference) if key not in NOT_RESULTS and "seconds" not in str(key)}
+        return [d for key in sorted(keys, key=str)
+                for d in differences(ours.get(key), reference.get(key), f"{where}.{key}")]
+    if isinstance(reference, list) and isinstance(ours, list) and len(ours) == len(reference):
+        return [d for i, (a, b) in enumerate(zip(ours, reference)) for d in differences(a, b, f"{where}[{i}]")]
+    numbers = (int, float)
+    if isinstance(reference, numbers) and isinstance(ours, numbers) and not isinstance(reference, bool):
+        same = ours == pytest.approx(reference, abs=KILLED_RUN_TOLERANCE, nan_ok=True)
+    else:
+        same = ours == reference
+    return [] if same else [f"{where}: {ours!r} != {reference!r}"]
+
+
+def test_the_pipeline_across_nodes_survives_a_lost_node_and_equals_a_single_node_run(
+    voc_pipeline_run, multinode, bucket_dataset,
+):
+    """The whole pipeline job on the cluster, its dataset and run directory in the bucket. Every process of a node
+    running a phase-1 rank is SIGKILLed once the first checkpoint is registered, and a node of the same type joins:
+    Ray Train starts the worker group again from that checkpoint, and every stage ends where the single-node,
+    uninterrupted run of the same config (conftest ``voc_pipeline_run``) did."""
+    from recipe_fixtures import VOC_PIPELINE, VOC_PIPELINE_DATA
+
+    from weaktr import pipeline
+
+    runs = "s3://weaktr-multinode/runs"
+    command = [sys.executable, "ray_jobs/pipeline.py", "--config", "configs/voc12.yaml"]
+    for override in [*VOC_PIPELINE, f"run.storage_path={runs}", f"data.root={VOC_PIPELINE_DATA}", *PIPELINE_PLACEMENT]:
+        command += ["--set", override]
+    before = multinode.actor_ids()
+    job = multinode.submit(*command, no_wait=True)
+    snapshot = f"{runs}/pipe/phase1/checkpoint_manager_snapshot.json"
+    wait_while_running(multinode, job, "a phase-1 checkpoint registered", lambda: storage.exists(snapshot)
+                       and json.loads(storage.read_bytes(snapshot)).get("checkpoint_results"))
+    lost = multinode.node_running("RayTrainWorker")
+    multinode.kill_node(lost)
+    multinode.add_node(num_cpus=2, resources={"cam_node": 1})
+    wait_while_running(multinode, job, "phase 1 done", lambda: storage.exists(pipeline.record_path(f"{runs}/pipe", "phase1")))
+    phase1_actors = multinode.actor_ids() - before
+    assert multinode.wait_for_job(job, timeout=500) == "SUCCEEDED", multinode.job_logs(job)[-4000:]
+
+    records = {stage: pipeline.load_record(f"{runs}/pipe", stage) for stage in pipeline.STAGES}
+    reference = voc_pipeline_run[2]
+    assert all(records.values())  # every stage finished (a record is written last, whole)
+    differ = [d for stage in pipeline.STAGES for d in differences(records[stage]["metrics"], reference[stage]["metrics"], stage)]
+    assert not differ, "\n".join(differ)
+
+    # Ray's state API: phase 1's ranks on two nodes, then (after the kill) on the survivor and the replacement;
+    # phase 2's on two nodes; CAM and evaluation actors on cam_node workers, the CRF on the cpu_node one.
+    cam_type = {node.address for node in multinode.nodes if "cam_node" in node.resources}
+    phase1 = multinode.nodes_of("RayTrainWorker", among=phase1_actors)
+    phase2 = multinode.nodes_of("RayTrainWorker", since=before | phase1_actors)
+    assert lost.address in phase1 and len(phase1) == 3 and phase1 <= cam_type, phase1
+    assert len(phase2) == 2 and phase2 <= cam_type and lost.address not in phase2, phase2
+    cam, crf = multinode.nodes_of("CamStage", before), multinode.nodes_of("CrfStage", before)
+    evaluation = multinode.nodes_of("SegEvalActor", before)
+    assert cam and evaluation and (cam | evaluation) <= cam_type - {lost.address}, (cam, evaluation)
+    assert crf == {multinode.alive_node("cpu_node").address}
+
+
+def wait_while_running(cluster, job: str, what: str, done, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert cluster.job_status(job) in ("PENDING", "RUNNING"), f"ended before {what}: " + cluster.job_logs(job)[-3000:]
+        assert time.monotonic() < deadline, f"not {what} in {timeout} s"
+        time.sleep(0.2)
+
+
 def test_local_paths_are_refused_before_any_work_on_a_cluster_of_several_nodes(
     multinode, local_dataset, phase1_checkpoint, bucket_dataset, tmp_path,
 ):
@@ -128,57 +211,7 @@ def test_a_shard_no_node_can_read_is_never_committed(multinode, local_dataset, p
 
 # Phase 1 on the bucket, each rank on its own `cam_node` worker (one unit each: two ranks cannot share a node).
 PHASE1 = ["ray_jobs/train_cam.py", "--config", "configs/smoke.yaml", "--set", "run.storage_path=s3://weaktr-multinode/runs",
-          "--set", "data.root=s3://weaktr-multinode/smoke", "--set", "train.resources_per_worker={cam_node: 1}",
-          "--set", "train.max_failures=1", "--set", "train.checkpoints_to_keep=10"]
-
-
-def checkpoint_metrics(run: str) -> list[dict]:
-    """Every checkpoint's metrics of the Ray Train run ``run`` in the bucket, by epoch."""
-    from weaktr.checkpoint import load_checkpoint
-
-    where = f"s3://weaktr-multinode/runs/{run}"
-    metrics = [load_checkpoint(storage.join(where, name))["metrics"]
-               for name in storage.list_names(where) if name.startswith("checkpoint_") and not name.endswith(".json")]
-    return sorted(metrics, key=lambda m: m["epoch"])
-
-
-@pytest.fixture(scope="module")
-def phase1_on_two_nodes(multinode, bucket_dataset) -> list[dict]:
-    """Phase 1 on the simulated cluster, its synthetic dataset generated into the bucket by the job itself."""
-    before = multinode.actor_ids()
-    proc = multinode.submit(sys.executable, *PHASE1, "--set", "run.name=apart")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    ranks_on = multinode.nodes_of("RayTrainWorker", before)
-    assert len(ranks_on) == 2 and all(address.startswith("127.0.0.") for address in ranks_on), ranks_on
-    return checkpoint_metrics("apart")
-
-
-def test_phase1_ranks_on_two_nodes_learn(phase1_on_two_nodes):
-    assert [m["epoch"] for m in phase1_on_two_nodes] == [0, 1]
-    assert phase1_on_two_nodes[-1]["loss"] < phase1_on_two_nodes[0]["loss"]
-    assert all(m["rank_overlap_keys"] == 0 for m in phase1_on_two_nodes)
-
-
-def test_phase1_survives_losing_a_node_after_its_first_checkpoint(multinode, phase1_on_two_nodes):
-    """Every process of a node running a rank SIGKILLed once the first checkpoint is registered; a replacement node
-    joins; Ray Train restarts the worker group from that checkpoint and the run ends where the uninterrupted one
-    did, every epoch checkpointed once."""
-    from worker_kill import KILLED_RUN_TOLERANCE
-
-    job = multinode.submit(sys.executable, *PHASE1, "--set", "run.name=lost", no_wait=True)
-    snapshot = "s3://weaktr-multinode/runs/lost/checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 300
-    while not (storage.exists(snapshot) and json.loads(storage.read_bytes(snapshot)).get("checkpoint_results")):
-        assert multinode.job_status(job) in ("PENDING", "RUNNING"), multinode.job_logs(job)[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint was registered in time"
-        time.sleep(0.2)
-    multinode.kill_node(multinode.node_running("RayTrainWorker"))
-    multinode.add_node(num_cpus=2, resources={"cam_node": 1})
-    assert multinode.wait_for_job(job, timeout=400) == "SUCCEEDED", multinode.job_logs(job)[-4000:]
-    lost = checkpoint_metrics("lost")
-    assert [m["epoch"] for m in lost] == [0, 1]
-    for key in ("loss", "val_mAP", "cam_mIoU"):
-        assert lost[-1][key] == pytest.approx(phase1_on_two_nodes[-1][key], abs=KILLED_RUN_TOLERANCE), key
+          "--set", "data.root=s3://weaktr-multinode/smoke", "--set", "train.resources_per_worker={cam_node: 1}"]
 
 
 def test_a_run_whose_workers_never_find_their_resources_ends_naming_them(multinode, bucket_dataset):
@@ -203,11 +236,8 @@ def test_pseudo_labels_across_nodes_survive_a_lost_node_and_equal_a_single_node_
     overrides = pseudo_overrides(local_dataset, out_dir) | PLACEMENT | {"data.root": bucket_dataset}
     before = multinode.actor_ids()
     job = multinode.submit(*pseudo_job(phase1_checkpoint, overrides), no_wait=True)
-    deadline = time.monotonic() + 180
-    while not any(name.startswith("stats/") for name in bucket_tree(out_dir)):
-        assert multinode.job_status(job) in ("PENDING", "RUNNING"), multinode.job_logs(job)[-3000:]
-        assert time.monotonic() < deadline, "no shard was committed in time"
-        time.sleep(0.2)
+    wait_while_running(multinode, job, "a shard committed",
+                       lambda: any(name.startswith("stats/") for name in bucket_tree(out_dir)), timeout=180)
     lost = multinode.node_running("CamStage")
     multinode.kill_node(lost)
     done_at_kill = sum(name.startswith("stats/") for name in bucket_tree(out_dir))

@@ -11,56 +11,24 @@ from __future__ import annotations
 import base64
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from recipe_fixtures import TINY_ON_CPU, add_hostile_voc_items, check_chain, damage_shards, write_voc_layout
+from recipe_fixtures import check_chain
 
 from weaktr import pipeline, storage
 from weaktr.config import load_config
 from weaktr.data.shards import FAILURES_NAME
 from weaktr.data.stream import FailureTracker, iter_samples
-from weaktr.data.voc import VOC_CLASSES, convert_voc
+from weaktr.data.voc import VOC_CLASSES
 from weaktr.pipeline import STAGES, StageResult, run_pipeline
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def full_run(ray_session, tmp_path_factory):
-    """The VOC recipe's whole pipeline submitted as a Ray job to the session's head, as the README does it on a
-    cluster, on a converted VOC-layout fixture (16 train_aug images, 8 of them VOC train, 4 val; plus the hostile
-    items of add_hostile_voc_items, then damage_shards on train_aug) uploaded to a bucket, the run directory in the
-    bucket too."""
-    import boto3
-
-    _, dashboard = ray_session
-    tmp_path = tmp_path_factory.mktemp("pipeline")
-    voc_root, aug_list = write_voc_layout(tmp_path)
-    fate = add_hostile_voc_items(voc_root, aug_list)
-    # max_side 320 (default 1024) so the oversized image is downscaled without making the test slow.
-    manifest = convert_voc(voc_root, tmp_path / "voc12", aug_list=aug_list, samples_per_shard=8, max_side=320)
-    damage = damage_shards(manifest.shard_paths("train_aug"))
-    boto3.client("s3").create_bucket(Bucket="weaktr-pipeline")
-    storage.upload_dir(tmp_path / "voc12", "s3://weaktr-pipeline/voc12")
-    # bg_threshold null: the pseudo-labels take the threshold phase 1's CAM-mIoU sweep chose for its checkpoint.
-    # max_failure_fraction: the damaged shards hold ~20% broken samples, which the default 1% would refuse.
-    overrides = [*TINY_ON_CPU, "run.name=pipe", "run.storage_path=s3://weaktr-pipeline/runs",
-                 "data.root=s3://weaktr-pipeline/voc12", "pseudo.bg_threshold=null", "data.max_failure_fraction=0.5",
-                 "pseudo.overlay_samples=4"]  # overlays go to the first 4 positions, 2 of them damaged
-    command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
-               "--working-dir", str(ROOT), "--", sys.executable, "ray_jobs/pipeline.py",
-               "--config", "configs/voc12.yaml"]
-    for override in overrides:
-        command += ["--set", override]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cfg = load_config(ROOT / "configs" / "voc12.yaml", overrides)
-    records = {stage: pipeline.load_record(run_dir(cfg), stage) for stage in STAGES}
-    return cfg, proc.stdout, records, (fate, damage, manifest)
+def full_run(voc_pipeline_run):
+    """The VOC recipe's whole pipeline as a Ray job on the shared head (conftest ``voc_pipeline_run``)."""
+    return voc_pipeline_run
 
 
 def run_dir(cfg) -> str:
@@ -79,7 +47,7 @@ def test_the_pipeline_job_runs_every_stage_with_a_readable_console(full_run):
         assert f"[{stage}] running (not done yet)" in console and records[stage] is not None
     assert "report: " in console and "eval    ran" in console  # the closing stage table
     # One line per epoch, not Ray Train's per-rank report dumps (those stay in its log files).
-    assert "epoch 1/2 | loss " in console and "epoch 2/2 | loss " in console
+    assert "epoch 1/3 | loss " in console and "epoch 3/3 | loss " in console
     assert "Reporting training result" not in console and "TrainingReport(" not in console
 
 
@@ -128,7 +96,7 @@ def test_the_report_has_every_section(full_run):
     assert [row["split"] for row in report["miou"]] == ["train_aug", "train_aug", "val", "val"]
     assert all(0 <= row["miou"] <= 1 for row in report["miou"])
     assert set(report["miou"][0]["per_class"]) == {"background", *VOC_CLASSES}
-    assert [m["epoch"] for m in report["curves"]["phase1"]] == [0, 1]
+    assert [m["epoch"] for m in report["curves"]["phase1"]] == [0, 1, 2]
     assert report["bg_sweep"]["curve"] and report["stages"]["eval"]["headline"].startswith("val mIoU")
 
     page = storage.read_bytes(storage.join(run_dir(cfg), "report.html")).decode()

@@ -177,6 +177,10 @@ def start_training(model: torch.nn.Module, optimizer, scheduler, cfg: Config, ru
         set_rng_state(saved_rngs[ctx.get_world_rank()])
     # Checked per rank only once a rank has read plenty of samples; at epoch end, over all ranks.
     failures = FailureTracker(cfg.data.max_failure_fraction, min_samples=1000)
+    if history and "samples_seen" in history[-1] and ctx.get_world_rank() == 0:
+        # The run's counts up to the checkpoint (every rank's, merged) go on from rank 0's tracker: a restarted run
+        # reports, and judges its limit on, what the uninterrupted one would (it used to count from zero again).
+        failures.seen, failures.failed = history[-1]["samples_seen"], history[-1]["samples_failed"]
     return model, start_epoch, history, failures
 
 
@@ -184,11 +188,13 @@ def epoch_metrics(epoch: int, losses: dict[str, float], *, steps: int, world_siz
                   elapsed: float, optimizer, failures: FailureTracker, device: torch.device) -> dict:
     """What every epoch reports: the epoch (0-based) and the epochs done (what Tune's ASHA counts), ``losses``
     (this rank's per-step sums) as means over all ranks' steps (every rank runs ``steps``), the lr, images/s over
-    all ranks (``batch_size`` per rank and step), the run's decode failures and the epoch's seconds."""
+    all ranks (``batch_size`` per rank and step), the run's samples read and those that failed to decode, and the
+    epoch's seconds."""
     totals = all_reduce_sum([*losses.values(), steps * batch_size], device)
     means = {name: total / (steps * world_size) for name, total in zip(losses, totals)}
     return {"epoch": epoch, "epochs_done": epoch + 1, **means, "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": totals[-1] / elapsed, "samples_failed": failures.failed, "epoch_seconds": elapsed}
+            "images_per_s": totals[-1] / elapsed, "samples_seen": failures.seen, "samples_failed": failures.failed,
+            "epoch_seconds": elapsed}
 
 
 def report_epoch(
