@@ -184,18 +184,24 @@ def _private_tmp_commands() -> list[str]:
     return commands
 
 
+def cluster_env(env: Optional[dict] = None) -> dict:
+    """The environment of every process of a simulated cluster: this one's, ``env``, token authentication on with a
+    fresh token, quick node death, one BLAS thread per process."""
+    env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "OMP_NUM_THREADS": "1", **FAST_NODE_DEATH}
+    env.pop("RAY_ADDRESS", None)
+    # `python` in a job's command is this venv's, as on a node image with weaktr installed.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 @contextlib.contextmanager
 def simulated_cluster(log_dir: Path, workers: list[dict], env: Optional[dict] = None):
     """A head with no CPU and one worker node per entry of ``workers`` (``SimCluster.add_node`` keyword arguments),
     every process with token authentication on; yields the ``SimCluster``. ``env``: more variables for every
     process (e.g. the loopback S3 server's, which conftest's ``s3_server`` puts in os.environ)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "OMP_NUM_THREADS": "1", **FAST_NODE_DEATH}
-    env.pop("RAY_ADDRESS", None)
-    # `python` in a job's command is this venv's, as on a node image with weaktr installed.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    with ray_head_process(0, env=env, log_dir=log_dir) as (gcs_address, dashboard, env):
+    with ray_head_process(0, env=cluster_env(env), log_dir=log_dir) as (gcs_address, dashboard, env):
         cluster = SimCluster(gcs_address, dashboard, env, log_dir)
         try:
             for worker in workers:
