@@ -77,11 +77,23 @@ def registered(run_dir: str) -> bool:
     return storage.exists(snapshot) and bool(json.loads(storage.read_bytes(snapshot)).get("checkpoint_results"))
 
 
-def run_metrics(run_dir: str) -> list[dict]:
-    """Every checkpoint's metrics of the Ray Train run at ``run_dir``, by epoch."""
-    metrics = [load_checkpoint(storage.join(run_dir, name))["metrics"]
-               for name in storage.list_names(run_dir) if name.startswith("checkpoint_") and not name.endswith(".json")]
-    return sorted(metrics, key=lambda m: m["epoch"])
+def run_checkpoints(run_dir: str) -> tuple[list[dict], list[int]]:
+    """The Ray Train run at ``run_dir``: its registered checkpoints' metrics by epoch, and the epochs of checkpoint
+    folders it never registered (a worker group lost after uploading one, before the report reached the controller:
+    nothing reads them, as weaktr takes checkpoints from Ray Train's result)."""
+    snapshot = json.loads(storage.read_bytes(f"{run_dir}/checkpoint_manager_snapshot.json"))
+    registered_names = {entry["checkpoint_dir_name"] for entry in snapshot["checkpoint_results"]}
+    folders = [name for name in storage.list_names(run_dir)
+               if name.startswith("checkpoint_") and not name.endswith(".json")]
+    metrics = {name: load_checkpoint(storage.join(run_dir, name))["metrics"] for name in folders}
+    kept = sorted((metrics[name] for name in folders if name in registered_names), key=lambda m: m["epoch"])
+    return kept, sorted(metrics[name]["epoch"] for name in folders if name not in registered_names)
+
+
+def checkpoints_line(run_dir: str) -> str:
+    kept, unregistered = run_checkpoints(run_dir)
+    extra = f", and an unregistered upload of epoch {unregistered} from the lost group" if unregistered else ""
+    return f"epochs registered {[m['epoch'] for m in kept]}{extra}"
 
 
 def run_job(cluster, job: list[str], kill_when=None) -> float:
@@ -113,9 +125,9 @@ def phase2_case(cluster, config: str) -> str:
     plain = run_job(cluster, [*job, "--set", "run.name=seg-plain"])
     lost = run_job(cluster, [*job, "--set", "run.name=seg-lost"],
                    kill_when=lambda: registered(f"{BUCKET}/runs/seg-lost-seg"))
-    a, b = run_metrics(f"{BUCKET}/runs/seg-lost-seg"), run_metrics(f"{BUCKET}/runs/seg-plain-seg")
-    epochs = [m["epoch"] for m in a]
-    return (f"phase 2, a rank's node lost after the first checkpoint: epochs checkpointed {epochs}, "
+    lost_run, plain_run = f"{BUCKET}/runs/seg-lost-seg", f"{BUCKET}/runs/seg-plain-seg"
+    a, b = run_checkpoints(lost_run)[0], run_checkpoints(plain_run)[0]
+    return (f"phase 2, a rank's node lost after the first checkpoint: {checkpoints_line(lost_run)}, "
             f"{compare(a[-1], b[-1], ('loss', 'ce', 'val_mIoU'))}; {lost:.1f} s against {plain:.1f} s "
             f"({lost / plain:.2f}x)")
 
@@ -172,9 +184,9 @@ def head_case(logs: Path, config: str) -> str:
     with simulated_cluster(logs / "head-resumed", WORKERS) as cluster:
         run_job(cluster, [*job, "--set", "run.name=cam-lost", "--resume"])
     lost = time.monotonic() - started
-    a, b = run_metrics(f"{BUCKET}/runs/cam-lost"), run_metrics(f"{BUCKET}/runs/cam-plain")
+    a, b = run_checkpoints(f"{BUCKET}/runs/cam-lost")[0], run_checkpoints(f"{BUCKET}/runs/cam-plain")[0]
     return (f"phase 1, the head lost after the first checkpoint: the client {client_end}, its last lines: "
-            f"{last_lines!r}; --resume on a new cluster: epochs checkpointed {[m['epoch'] for m in a]}, "
+            f"{last_lines!r}; --resume on a new cluster: {checkpoints_line(f'{BUCKET}/runs/cam-lost')}, "
             f"{compare(a[-1], b[-1], ('loss', 'val_mAP', 'cam_mIoU'))}; {lost:.1f} s with the new cluster's start "
             f"against {plain:.1f} s")
 

@@ -4,8 +4,8 @@ joining a token-authenticated head) shows up here as it would on a real cluster.
 
 - The head offers no CPU for work (the usual production head: it runs the drivers, the Ray Train controller and
   the job server); the work runs on worker nodes.
-- Every worker node has its own address on loopback (127.0.0.2, 127.0.0.3, ...; the head has the machine's): Ray Train groups ranks by node address,
-  so nodes sharing one would look like one node.
+- Every worker node has its own address on loopback (127.0.0.2, 127.0.0.3, ...; the head has the machine's): Ray
+  Train groups ranks by node address, so nodes sharing one would look like one node.
 - Every worker node has its own disk: it runs in a mount namespace of its own with a private tmpfs over /tmp
   (``unshare -m``), so it sees none of the head's temporary files (pytest's ``tmp_path`` included) and its own
   copy of a job's working directory, as a machine of a real cluster does; the checkout and its venv stand for the
