@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weaktr.data.coco import coco2014_splits, convert_coco
+from weaktr.data.coco import coco2014_splits, convert_coco, official_coco_classes
 from weaktr.data.folder import convert_folder, read_label_file
 from weaktr.data.shards import Manifest
 from weaktr.data.stream import iter_samples
@@ -222,6 +222,113 @@ def test_coco_rle_must_cover_the_image(coco_root, tmp_path):
     assert "RLE covers 10 pixels" in reasons["COCO_train2014_000000000000.jpg"]
     assert "category ids [77]" in reasons["COCO_train2014_000000000001.jpg"]
     assert "image_id 555" in reasons["annotation 10"]
+
+
+def star_polygon(rng, cx: float, cy: float, radius: float, points: int = 9) -> list[float]:
+    """A random star-shaped polygon around (cx, cy): COCO's outlines are rarely convex."""
+    angles = np.sort(rng.uniform(0, 2 * np.pi, points))
+    radii = radius * rng.uniform(0.5, 1.0, points)
+    return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).round(2).reshape(-1).tolist()
+
+
+def generated_coco(root, rng, num_images: int = 6, height: int = 120, width: int = 160) -> list[int]:
+    """A COCO 2014 layout whose images hold every kind of instance COCO has, overlapping: tiny (radius 2.5-9 px),
+    thin, large and multi-part polygons, uncompressed RLE (crowds) and compressed RLE. Returns the category ids."""
+    from pycocotools import mask as mask_utils
+
+    category_ids = [1, 3, 18, 44, 90]
+    categories = [{"id": i, "name": official_coco_classes()[i - 1]} for i in category_ids]
+    for split, first_id in (("train", 0), ("val", 100)):  # image ids are unique over COCO's splits
+        (root / f"{split}2014").mkdir(parents=True)
+        images, annotations = [], []
+        for image_id in range(first_id, first_id + num_images):
+            name = f"COCO_{split}2014_{image_id:012d}.jpg"
+            Image.fromarray(random_image(rng, height, width)).save(root / f"{split}2014" / name)
+            images.append({"id": image_id, "file_name": name, "height": height, "width": width})
+            blob = np.zeros((height, width), bool)
+            blob[rng.integers(0, 60):rng.integers(70, height), rng.integers(0, 80):rng.integers(90, width)] = True
+            segmentations = [
+                [star_polygon(rng, *rng.uniform(10, 110, 2), rng.uniform(2.5, 9))],  # tiny
+                [star_polygon(rng, *rng.uniform(10, 110, 2), rng.uniform(2.5, 9))],
+                [[10.3, 20.1, 150.7, 24.9, 150.2, 25.6, 10.1, 21.0]],  # thin: a sliver under a pixel wide
+                [star_polygon(rng, 80, 60, rng.uniform(40, 70), points=24)],  # large
+                [star_polygon(rng, 30, 90, 15), star_polygon(rng, 120, 30, 12)],  # multi-part
+                {"counts": uncompressed_rle(blob), "size": [height, width]},  # a crowd
+                {"counts": mask_utils.encode(np.asfortranarray(np.roll(blob, 40, axis=1).astype(np.uint8)))[
+                    "counts"].decode(), "size": [height, width]},  # compressed
+            ]
+            for segmentation in segmentations:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                    "category_id": int(rng.choice(category_ids)),
+                                    "iscrowd": int(isinstance(segmentation, dict)), "area": 1.0, "bbox": [0, 0, 1, 1],
+                                    "segmentation": segmentation})
+        rng.shuffle(annotations)  # the file's order is the painting order, whatever the instances' sizes
+        data = {"images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(data))
+    return category_ids
+
+
+def test_coco_masks_are_pycocotools_painted_in_the_official_order(tmp_path):
+    from pycocotools.coco import COCO
+
+    root = tmp_path / "coco"
+    category_ids = generated_coco(root, np.random.default_rng(4))
+    manifest = convert_coco(tmp_path / "out", coco2014_splits(root))
+    samples = read_split(manifest, "val")
+    coco = COCO(str(root / "annotations" / "instances_val2014.json"))
+    overlapped = 0
+    for info in coco.loadImgs(coco.getImgIds()):
+        # What the official data/parse_coco.py does: annToMask per instance in the file's order, first one wins.
+        expected = np.zeros((info["height"], info["width"]), np.uint8)
+        covered = np.zeros_like(expected, dtype=int)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=info["id"])):
+            region = coco.annToMask(ann).astype(bool)
+            covered += region
+            expected[region & (expected == 0)] = category_ids.index(ann["category_id"]) + 1
+        mask = samples[info["file_name"][:-4]].mask
+        np.testing.assert_array_equal(mask, expected)
+        overlapped += int((covered > 1).sum())
+    assert overlapped > 1000  # the order was put to the test
+
+
+def test_official_class_labels_come_through_unchanged(tmp_path):
+    from weaktr.cli import main
+
+    root = tmp_path / "coco"
+    rng = np.random.default_rng(5)
+    category_ids = generated_coco(root, rng, num_images=3)
+    class_labels = root / "voc_format" / "class_labels"
+    class_labels.mkdir(parents=True)
+    written = {}
+    for split, first_id in (("train", 0), ("val", 100)):
+        for image_id in range(first_id, first_id + 3):
+            ids = rng.choice([0, 255, *category_ids], size=(120, 160)).astype(np.uint8)
+            written[f"COCO_{split}2014_{image_id:012d}"] = ids
+            if image_id != 2:  # one missing: that image is skipped, named
+                Image.fromarray(ids).save(class_labels / f"{image_id:012d}.png")  # the official file name
+    # The official 90-class layout: class c + 1 is category id c + 1, so the PNGs go into the shards as they are.
+    assert main(["convert", "coco", str(root), str(tmp_path / "official"), "--official-ids",
+                 "--class-labels", str(class_labels)]) == 0
+    official = Manifest.load(tmp_path / "official")
+    for split in ("train", "val"):
+        for key, sample in read_split(official, split).items():
+            np.testing.assert_array_equal(sample.mask, written[key])
+    assert official.splits["train"].num_samples == 2
+    assert "no class_labels mask" in failures(tmp_path / "official")[0]["reason"]
+    # The 80-class layout: the same ids, mapped to class + 1.
+    manifest = convert_coco(tmp_path / "out", coco2014_splits(root), class_labels=str(class_labels))
+    lookup = np.zeros(256, np.uint8)
+    lookup[255] = 255
+    lookup[category_ids] = np.arange(1, len(category_ids) + 1)
+    for key, sample in read_split(manifest, "val").items():
+        np.testing.assert_array_equal(sample.mask, lookup[written[key]])
+    # An id that is no category: that image is skipped, naming it.
+    bad = written["COCO_val2014_000000000100"].copy()
+    bad[0, 0] = 7
+    Image.fromarray(bad).save(class_labels / "000000000100.png")
+    convert_coco(tmp_path / "out2", coco2014_splits(root), class_labels=str(class_labels))
+    assert any("holds category ids [7]" in f["reason"] for f in failures(tmp_path / "out2"))
 
 
 # --------------------------------------------------------------------------- folder

@@ -4,7 +4,7 @@
     weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
     weaktr pipeline --config CFG [--resume | --from STAGE] [--set KEY=VALUE ...]
     weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [SIZES]
-    weaktr convert coco COCO_ROOT OUT [--official-ids] [SIZES]
+    weaktr convert coco COCO_ROOT OUT [--official-ids] [--class-labels DIR] [SIZES]
     weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F] [SIZES]
         SIZES: [--max-side PX] [--samples-per-shard N] [--workers N | --ray]
 
@@ -204,7 +204,8 @@ def convert_command(args) -> int:
             convert_voc(args.root, out, aug_list=args.aug_list, aug_mask_dir=args.aug_mask_dir,
                         cls_labels=args.cls_labels, **common)
         elif args.layout == "coco":
-            convert_coco(out, coco2014_splits(args.root), official_ids=args.official_ids, **common)
+            convert_coco(out, coco2014_splits(args.root), official_ids=args.official_ids,
+                         class_labels=args.class_labels, **common)
         else:
             convert_folder(args.images, args.labels, out, mask_dir=args.mask_dir, val_fraction=args.val_fraction,
                            **common)
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("out", help="output dataset directory")
     coco.add_argument("--official-ids", action="store_true",
                       help="90 classes, one per category id (the official WeakTr layout) instead of 80")
+    coco.add_argument("--class-labels", default=None,
+                      help="the official data preparation's masks (e.g. ROOT/voc_format/class_labels: one PNG of "
+                           "category ids per image), read instead of painting the instances")
     folder = layouts.add_parser("folder", parents=[sizes], help="a folder of images + a CSV/JSON label file")
     folder.add_argument("images", help="the image folder")
     folder.add_argument("labels", help="label file: CSV 'filename,class[;class]' or JSON {filename: [classes]}")

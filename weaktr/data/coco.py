@@ -1,15 +1,17 @@
-"""COCO 2014 instance annotations to shards (semantic masks rasterized from the instances).
+"""COCO 2014 instance annotations to shards (semantic masks from the instances, or the official class_labels PNGs).
 
 Expected layout::
 
     train2014/COCO_train2014_*.jpg   val2014/COCO_val2014_*.jpg
     annotations/instances_{train,val}2014.json
+    voc_format/class_labels/*.png    (optional: the official data preparation's semantic masks)
 
-The 80 categories are mapped to class indices 0..79 in sorted category-id order. Polygons are
-rasterized with PIL and uncompressed RLE (what COCO uses for crowd regions) is decoded here, so
-pycocotools is not needed; compressed RLE uses pycocotools when importable, otherwise the
-region's bounding box is marked 255 (ignore) with a warning. Images without annotations have no
-image-level label and are skipped.
+The 80 categories are mapped to class indices 0..79 in sorted category-id order (or, with ``official_ids``, the
+official 90-class layout). Each instance's mask is pycocotools' (``COCO.annToMask``: polygons, uncompressed RLE
+for crowds, compressed RLE), and an image's instances are painted as the official data preparation
+(``data/parse_coco.py``) paints them: in the order the annotation file lists them, the first instance to cover a
+pixel keeping it. With ``class_labels`` the masks are read from those PNGs instead. Images without annotations
+have no image-level label and are left out.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import defaultdict
 from typing import Iterator, Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from weaktr.data.convert import CONVERT_WORKERS, Unusable, read_each, write_converted
 from weaktr.data.images import read_image
@@ -80,51 +82,68 @@ def category_table(
     return {c["id"]: c["id"] - 1 for c in categories}, names
 
 
-def _decode_uncompressed_rle(counts: list[int], height: int, width: int) -> np.ndarray:
-    """COCO RLE: alternating runs of 0s and 1s over the column-major (Fortran-order) pixels."""
-    if sum(counts) != height * width:
-        raise ValueError(f"RLE covers {sum(counts)} pixels, image has {height * width}")
-    values = np.repeat(np.arange(len(counts)) % 2 == 1, counts)  # [H * W], column-major
-    return values.reshape(width, height).T
+def instance_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """One instance's boolean [H, W] mask as pycocotools draws it (``COCO.annToMask``). ``Unusable`` if it cannot be
+    that image's: an RLE of another size, or uncompressed run lengths that do not add up to the image (pycocotools
+    would read past them)."""
+    from pycocotools import mask as mask_utils
 
-
-def _decode_rle(segmentation: dict, height: int, width: int) -> Optional[np.ndarray]:
-    """A boolean [H, W] mask, or None for compressed RLE without pycocotools."""
-    counts = segmentation["counts"]
-    if isinstance(counts, list):
-        return _decode_uncompressed_rle(counts, height, width)
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError:
-        return None
-    rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    if isinstance(segmentation, list):  # polygons [[x1, y1, x2, y2, ...], ...]; fewer than 3 points cover nothing
+        polygons = [[float(v) for v in polygon] for polygon in segmentation if len(polygon) >= 6]
+        if not polygons:
+            return np.zeros((height, width), dtype=bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    else:
+        if list(segmentation["size"]) != [height, width]:
+            raise Unusable(f"RLE of size {segmentation['size']}, image is {[height, width]}")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):  # uncompressed (COCO's crowds)
+            if sum(counts) != height * width:
+                raise Unusable(f"RLE covers {sum(counts)} pixels, image has {height * width}")
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
     return mask_utils.decode(rle).astype(bool)
 
 
 def rasterize(annotations: list[dict], height: int, width: int, category_index: dict[int, int]) -> np.ndarray:
-    """Semantic id mask uint8 [H, W] (0 background, c+1 class c) from one image's instances.
-    Larger instances are drawn first so small ones on top of them stay visible."""
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    for ann in sorted(annotations, key=lambda a: -a.get("area", 0)):
-        value = category_index[ann["category_id"]] + 1
-        segmentation = ann.get("segmentation")
-        if isinstance(segmentation, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
-            for polygon in segmentation:
-                if len(polygon) >= 6:
-                    draw.polygon([float(p) for p in polygon], fill=value)
-        elif isinstance(segmentation, dict):
-            region = _decode_rle(segmentation, height, width)
-            if region is None:
-                log.warning("annotation %s: compressed RLE needs pycocotools; its box is marked ignore", ann.get("id"))
-                x, y, w, h = ann["bbox"]
-                draw.rectangle([x, y, x + w, y + h], fill=IGNORE)
-            else:
-                pixels = np.array(canvas)
-                pixels[region] = value
-                canvas = Image.fromarray(pixels, mode="L")
-                draw = ImageDraw.Draw(canvas)
-    return np.array(canvas, dtype=np.uint8)
+    """Semantic id mask uint8 [H, W] (0 background, c+1 class c) from one image's instances, as the official data
+    preparation paints them: in the order given (the annotation file's), the first instance to cover a pixel
+    keeping it."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for ann in annotations:
+        region = instance_mask(ann["segmentation"], height, width) & (mask == 0)
+        mask[region] = category_index[ann["category_id"]] + 1
+    return mask
+
+
+def class_labels_png(class_labels: str, file_name: str) -> str:
+    """Where the official data preparation put an image's mask: ``<class_labels>/<id>.png`` for
+    ``COCO_train2014_<id>.jpg`` (it keeps the name's last part), else ``<class_labels>/<image name>.png``."""
+    stem = os.path.splitext(os.path.basename(file_name))[0]
+    official = os.path.join(class_labels, stem.split("_")[-1] + ".png")
+    return official if os.path.exists(official) else os.path.join(class_labels, stem + ".png")
+
+
+def read_class_labels(path: str, height: int, width: int, category_index: dict[int, int]) -> np.ndarray:
+    """An official class_labels PNG (0 background, a category id per object pixel, 255 ignore) as a semantic id
+    mask: unchanged in the official 90-class layout (where class c + 1 is category id c + 1), the ids mapped to
+    class + 1 in the 80-class one. ``Unusable`` if missing, of another size or holding an unknown id."""
+    if not os.path.exists(path):
+        raise Unusable(f"no class_labels mask: {path}")
+    with Image.open(path) as png:
+        ids = np.array(png)
+    if ids.shape != (height, width):
+        raise Unusable(f"class_labels mask {path} is {ids.shape}, the image {(height, width)}")
+    lookup = np.full(256, -1, dtype=np.int16)
+    lookup[0], lookup[IGNORE] = 0, IGNORE
+    for category_id, index in category_index.items():
+        lookup[category_id] = index + 1
+    mask = lookup[ids]
+    if (mask < 0).any():
+        raise Unusable(f"class_labels mask {path} holds category ids {sorted(np.unique(ids[mask < 0]).tolist())}, "
+                       "not in 'categories'")
+    return mask.astype(np.uint8)
 
 
 def _load_annotations(annotation_path: str) -> dict:
@@ -138,7 +157,7 @@ def _load_annotations(annotation_path: str) -> dict:
 
 def _coco_samples(
     image_dir: str, annotation_path: str, classes: list[str], with_masks: bool, loaded: dict, official_ids: bool,
-    *, progress: str, reading: dict,
+    *, class_labels: Optional[str], progress: str, reading: dict,
 ) -> Iterator[Encoded | Skipped]:
     """One split's samples; its JSON is loaded only when the split is written (one at a time)."""
     coco = loaded.pop(annotation_path, None) or _load_annotations(annotation_path)
@@ -166,7 +185,13 @@ def _coco_samples(
         if image.shape[:2] != (info["height"], info["width"]):
             raise Unusable(f"image is {image.shape[:2]}, annotations say {(info['height'], info['width'])}")
         labels = sorted({category_index[a["category_id"]] for a in annotations})
-        mask = rasterize(annotations, info["height"], info["width"], category_index) if with_masks else None
+        height, width = info["height"], info["width"]
+        if not with_masks:
+            mask = None
+        elif class_labels is not None:
+            mask = read_class_labels(class_labels_png(class_labels, info["file_name"]), height, width, category_index)
+        else:
+            mask = rasterize(annotations, height, width, category_index)
         key = os.path.splitext(os.path.basename(info["file_name"]))[0].replace(".", "_")
         return Sample(key=key, image=image, labels=labels, mask=mask, image_bytes=data)
 
@@ -174,7 +199,8 @@ def _coco_samples(
     annotated = [(info, by_image[info["id"]]) for info in images if by_image.get(info["id"])]
     del coco, by_image  # the items hold what is still needed
     yield from read_each(annotated, read, source=lambda item: item[0].get("file_name", f"image {item[0].get('id')}"),
-                         source_dir=image_dir, progress=progress, **reading)
+                         source_dirs=[image_dir, *([class_labels] if class_labels else [])], progress=progress,
+                         **reading)
     unannotated = len(images) - len(annotated)  # COCO's images without objects: nothing to learn from, no failure
     if unannotated:
         log.info("%s: left out %d images without annotations", annotation_path, unannotated)
@@ -192,11 +218,14 @@ def convert_coco(
     max_side: Optional[int] = MAX_SIDE,
     workers: int = CONVERT_WORKERS,
     use_ray: bool = False,
+    class_labels: Optional[str] = None,
 ) -> Manifest:
     """Write each split ``name -> (image_dir, instances_json)`` (see :func:`coco2014_splits`). Classes are the
     annotations' categories in id order (80), or with ``official_ids`` the official WeakTr layout of 90 classes,
     one per category id (``category_table``): what official COCO checkpoints (90 class tokens, 91 segmentation
-    classes) need. ``workers``, ``use_ray``: ``read_each``."""
+    classes) need. ``class_labels``: a folder of the official data preparation's semantic masks
+    (``voc_format/class_labels``), read instead of painting the instances (``read_class_labels``).
+    ``workers``, ``use_ray``: ``read_each``."""
     started = time.perf_counter()
     if not splits:
         raise ValueError("no COCO splits given")
@@ -204,6 +233,8 @@ def convert_coco(
         for path in (image_dir, annotation_path):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"COCO split '{split}': not found: {path}")
+    if class_labels is not None and not os.path.isdir(class_labels):
+        raise FileNotFoundError(f"class_labels: not found: {class_labels}")
     # The class list must be known before writing: take it from the first split's JSON and keep
     # that JSON for its split, so no more than one split's annotations are in memory at a time.
     first_annotations = next(iter(splits.values()))[1]
@@ -212,7 +243,7 @@ def convert_coco(
     reading = {"image_format": "jpg", "max_side": max_side, "workers": workers, "use_ray": use_ray}
     split_samples = {
         split: _coco_samples(image_dir, annotation_path, classes, with_masks, loaded, official_ids,
-                             progress=f"{name}/{split}", reading=reading)
+                             class_labels=class_labels, progress=f"{name}/{split}", reading=reading)
         for split, (image_dir, annotation_path) in splits.items()
     }
     return write_converted(

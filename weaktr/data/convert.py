@@ -37,7 +37,7 @@ ITEM_ERRORS = (OSError, ValueError, KeyError, SyntaxError, Image.DecompressionBo
 
 def read_each(
     items: Sequence[T], read: Callable[[T], Sample], source: Callable[[T], str], *, image_format: str,
-    max_side: Optional[int], workers: int = 1, use_ray: bool = False, source_dir: Optional[str] = None,
+    max_side: Optional[int], workers: int = 1, use_ray: bool = False, source_dirs: Sequence[str] = (),
     progress: Optional[str] = None,
 ) -> Iterator[Encoded | Skipped]:
     """``read(item)`` encoded for a shard (``encode_for_shard``) for every item, in order, or a ``Skipped`` naming
@@ -46,8 +46,8 @@ def read_each(
     ``workers`` threads read ahead (PIL decodes and zlib compresses without holding the GIL), at most 4 per
     worker waiting, so memory stays flat on COCO's 82k images. ``use_ray``: Ray tasks of ``RAY_BATCH`` items
     read instead, over every node of the connected cluster (the source files must be at the same path on all of
-    them, a shared file system: a task on a node without ``source_dir`` raises ``SourceNotShared`` rather than
-    skip each of its items as missing); ``progress``: a progress bar with that title."""
+    them, a shared file system: a task on a node without one of ``source_dirs`` raises ``SourceNotShared`` rather
+    than skip each of its items as missing); ``progress``: a progress bar with that title."""
 
     def attempt(item: T) -> Encoded | Skipped:
         try:
@@ -58,7 +58,7 @@ def read_each(
     with tqdm(total=len(items), desc=progress, unit="img", disable=progress is None, file=sys.stderr,
               mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         if use_ray:
-            results = _on_ray(attempt, items, source_dir)
+            results = _on_ray(attempt, items, source_dirs)
         elif workers > 1:
             results = _in_threads(attempt, items, workers)
         else:
@@ -79,8 +79,10 @@ def _in_threads(attempt: Callable[[T], Any], items: Sequence[T], workers: int) -
             yield waiting.popleft().result()
 
 
-def _attempt_batch(attempt: Callable[[T], Any], batch: Sequence[T], source_dir: Optional[str]) -> list:
-    if source_dir is not None and not os.path.isdir(source_dir):
+def _attempt_batch(attempt: Callable[[T], Any], batch: Sequence[T], source_dirs: Sequence[str]) -> list:
+    for source_dir in source_dirs:
+        if os.path.isdir(source_dir):
+            continue
         from ray.util import get_node_ip_address  # in a Ray task
 
         raise SourceNotShared(
@@ -91,7 +93,7 @@ def _attempt_batch(attempt: Callable[[T], Any], batch: Sequence[T], source_dir: 
     return [attempt(item) for item in batch]
 
 
-def _on_ray(attempt: Callable[[T], Any], items: Sequence[T], source_dir: Optional[str]) -> Iterator:
+def _on_ray(attempt: Callable[[T], Any], items: Sequence[T], source_dirs: Sequence[str]) -> Iterator:
     """``attempt`` over ``items`` in Ray tasks of ``RAY_BATCH``, results in order. Two tasks per CPU the cluster
     has now are in flight (counted again as nodes join), and at least ``MIN_RAY_TASKS``: the tasks waiting for a
     CPU are the demand for which an autoscaling cluster adds nodes. Results that arrive out of order wait in Ray's
@@ -112,7 +114,7 @@ def _on_ray(attempt: Callable[[T], Any], items: Sequence[T], source_dir: Optiona
             raise
 
     for batch in batches:
-        waiting.append(remote.remote(attempt_ref, batch, source_dir))
+        waiting.append(remote.remote(attempt_ref, batch, source_dirs))
         if len(waiting) >= max(MIN_RAY_TASKS, 2 * int(ray.cluster_resources().get("CPU", 0))):
             yield from results(waiting.popleft())
     while waiting:

@@ -95,7 +95,7 @@ def _folder_samples(
                     raise Unusable(f"mask {mask_path} is {mask.shape}, the image is {image.shape[:2]}")
         return Sample(key_for(filename), image, sorted({index[name] for name in names}), mask, image_bytes=data)
 
-    return read_each(files, read, source=lambda filename: filename, source_dir=image_dir, progress=progress,
+    return read_each(files, read, source=lambda filename: filename, source_dirs=[image_dir], progress=progress,
                      **reading)
 
 

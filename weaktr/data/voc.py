@@ -124,7 +124,7 @@ def _voc_samples(
             raise Unusable("no foreground class")
         return Sample(key=image_id, image=image, labels=labels, mask=mask, image_bytes=data)
 
-    return read_each(ids, read, source=lambda image_id: image_id, source_dir=root, progress=progress, **reading)
+    return read_each(ids, read, source=lambda image_id: image_id, source_dirs=[root], progress=progress, **reading)
 
 
 def convert_voc(
