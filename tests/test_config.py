@@ -1,9 +1,11 @@
+import re
 import subprocess
 import sys
 
 import pytest
 
-from weaktr.config import Config, ConfigError, load_config, save_config
+from weaktr.config import Config, ConfigError, load_config, resolve_paths, save_config
+from weaktr.config.loading import to_dict
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -26,7 +28,10 @@ def test_saved_config_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+        (["trian.epochs=3"], "unknown config key 'trian' (did you mean 'train'?)"),
+        (["data.synthetic.num_clases=3"], "'data.synthetic.num_clases' (did you mean 'data.synthetic.num_classes'?)"),
         (["nosuch.key=1"], "unknown config key 'nosuch'"),
         (["train.epochs=ten"], "config key 'train.epochs': expected int"),
         (["train.epochs=1.5"], "config key 'train.epochs': expected int"),
@@ -37,7 +42,7 @@ def test_saved_config_round_trips(tmp_path):
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
 
 
@@ -64,7 +69,7 @@ def test_bad_file_errors(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["--set", "train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
     (["--config", "/nonexistent/x.yaml"], "config file not found: /nonexistent/x.yaml"),
 ])
 def test_job_exits_2_with_one_line(args, needle):
@@ -75,6 +80,23 @@ def test_job_exits_2_with_one_line(args, needle):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_print_config_prints_the_merged_config_and_exits():
+    """--print-config on a job: the config it would run with (file, defaults and --set merged, paths absolute)."""
+    import yaml
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ray_jobs" / "make_pseudo_labels.py"), "--checkpoint", "unused", "--config",
+         "configs/smoke.yaml", "--set", "pseudo.scales=[1.0, 0.5]", "--print-config"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    expected = load_config(ROOT / "configs" / "smoke.yaml", ["pseudo.scales=[1.0, 0.5]"])
+    resolve_paths(expected)
+    assert printed == to_dict(expected) and printed["pseudo"]["scales"] == [1.0, 0.5]
+    assert printed["data"]["root"] == str(ROOT / "data" / "smoke")
 
 
 def test_shipped_configs_load():

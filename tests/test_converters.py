@@ -451,7 +451,8 @@ def test_convert_command_for_each_layout(voc_root, coco_root, image_folder, tmp_
     from weaktr.cli import main
 
     root, _ = voc_root
-    assert main(["convert", "voc", str(root), str(tmp_path / "voc"), "--aug-list", str(tmp_path / "train_aug.txt")]) == 0
+    aug_list = str(tmp_path / "train_aug.txt")
+    assert main(["convert", "voc", str(root), str(tmp_path / "voc"), "--aug-list", aug_list]) == 0
     voc = Manifest.load(tmp_path / "voc")
     assert {s: i.num_samples for s, i in voc.splits.items()} == {"train": 2, "val": 2, "train_aug": 2}
     assert main(["convert", "coco", str(coco_root), str(tmp_path / "coco"), "--samples-per-shard", "1"]) == 0
@@ -495,6 +496,24 @@ def dataset_files(out) -> tuple[dict, bytes, dict]:
     """A converted dataset's shards (name -> bytes), failures.jsonl and manifest (without its root)."""
     manifest = json.loads((out / "manifest.json").read_text()) | {"root": None}
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}, (out / "failures.jsonl").read_bytes(), manifest
+
+
+def test_library_messages_reach_the_console_at_the_level_asked(coco_root, tmp_path):
+    """``python -m weaktr`` sets logging up: the converter's INFO line about images without annotations is on the
+    console (it used to vanish: no handler, no level), and ``-q`` keeps only warnings and errors."""
+    import subprocess
+    import sys
+
+    def console(*flags: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "weaktr", *flags, "convert", "coco", str(coco_root),
+                               str(tmp_path / f"out{len(flags)}")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout + proc.stderr
+
+    left_out = "instances_val2014.json: left out 1 images without annotations"
+    assert f"INFO weaktr.data.coco: {coco_root}/annotations/{left_out}" in console()
+    quiet = console("-q")
+    assert left_out not in quiet and "coco14/val: 2 samples" in quiet  # the command's own summary stays
 
 
 def test_convert_on_ray_writes_the_dataset_one_thread_writes(coco_root, tmp_path, monkeypatch, ray_session, capsys):

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from recipe_fixtures import check_chain
 
 from weaktr import pipeline, storage
@@ -49,6 +48,8 @@ def test_the_pipeline_job_runs_every_stage_with_a_readable_console(full_run):
     # One line per epoch, not Ray Train's per-rank report dumps (those stay in its log files).
     assert "epoch 1/3 | loss " in console and "epoch 3/3 | loss " in console
     assert "Reporting training result" not in console and "TrainingReport(" not in console
+    # An actor's INFO message, at the job's level through Ray's worker setup hook (no handler, no level before).
+    assert re.search(r"\(\S*CamStage\S* pid=\d+.*INFO weaktr\.pseudo\.stages: CAM actor ready on cpu", console)
 
 
 def test_the_voc12_recipe_runs_the_whole_chain(full_run):

@@ -17,6 +17,9 @@ import ray
 from weaktr import storage
 from weaktr.config import Config, ConfigError, get_value, save_config
 from weaktr.data.shards import MANIFEST_NAME, Manifest
+from weaktr.logs import ray_worker_runtime_env
+
+log = logging.getLogger(__name__)
 
 # How long a Ray Data pipeline waits for room for the first actor of a pool (e.g. for the autoscaler).
 WAIT_FOR_FIRST_ACTOR_S = 600
@@ -123,7 +126,7 @@ def init_ray() -> None:
             )
     elif remove_stale_address_file():
         address = "local"  # a fresh local Ray; None would join the recorded address
-    ray.init(address=address, log_to_driver=True)
+    ray.init(address=address, log_to_driver=True, runtime_env=ray_worker_runtime_env())
 
 
 def remove_stale_address_file() -> bool:
@@ -139,10 +142,8 @@ def remove_stale_address_file() -> bool:
     if not recorded or _answers(recorded):
         return False
     Path(address_file).unlink(missing_ok=True)
-    print(
-        f"weaktr: {address_file} named the Ray head {recorded}, which does not answer (stopped or killed); "
-        "removed it (a plain ray.init() would wait on it forever).", file=sys.stderr, flush=True,
-    )
+    log.warning("%s named the Ray head %s, which does not answer (stopped or killed); removed it (a plain "
+                "ray.init() would wait on it forever).", address_file, recorded)
     return True
 
 
@@ -211,10 +212,8 @@ def actor_pool(setting: str, size: int, num_cpus: float, num_gpus: float = 0.0, 
     if fit < size:
         asked = ", ".join(f"{size * amount:g} {name}" for name, amount in need.items() if amount)
         there = ", ".join(f"{have.get(name, 0.0):g} {name}" for name, amount in need.items() if amount)
-        print(
-            f"weaktr: {setting}={size} asks for {asked}; the cluster has {there} now, so "
-            f"the pool starts with 1 actor and grows to {size} as resources allow", file=sys.stderr, flush=True,
-        )
+        log.warning("%s=%d asks for %s; the cluster has %s now, so the pool starts with 1 actor and grows to %d "
+                    "as resources allow", setting, size, asked, there, size)
     if fit < 1:
         ray.data.DataContext.get_current().wait_for_min_actors_s = WAIT_FOR_FIRST_ACTOR_S
     return ray.data.ActorPoolStrategy(min_size=1, max_size=size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import types
 import typing
@@ -19,6 +20,7 @@ import yaml
 
 from weaktr import storage
 from weaktr.config.schema import PATH_KEYS, Config, ConfigError, per_worker_batch
+from weaktr.logs import add_verbosity_flags, configure_from_args
 
 
 def to_dict(cfg: Any) -> dict:
@@ -35,7 +37,9 @@ def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
     for key, value in data.items():
         path = prefix + str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{path}'")
+            close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}")
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
@@ -182,6 +186,10 @@ def job_arg_parser(description: str, resumes: Optional[str] = None) -> argparse.
     if resumes:
         parser.add_argument("--resume", action="store_true",
                             help=f"continue the {resumes} of this config (interrupted, or to extend it)")
+    add_verbosity_flags(parser)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config the job would run with (files, defaults and --set merged, paths made "
+                             "absolute) and exit")
     return parser
 
 
@@ -189,12 +197,16 @@ def parse_job_args(parser: argparse.ArgumentParser, argv: Optional[typing.Sequen
     """Parse a job's command line; a bad config exits with one line and code 2. The config's paths come back
     absolute (``resolve_paths``)."""
     args = parser.parse_args(argv)
+    configure_from_args(args)
     try:
         cfg = load_config(args.config, args.overrides, cls)
     except ConfigError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     resolve_paths(cfg)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        sys.exit(0)
     return args, cfg
 
 

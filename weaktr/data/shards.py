@@ -417,7 +417,7 @@ def write_dataset(
         failures += [{"split": split, "source": s.source, "reason": s.reason} for s in skipped]
         skipped_counts[split] = len(skipped)
         downscaled_counts[split] = len(downscaled)
-        log.info("wrote %s/%s: %d samples in %d shards, %d skipped", name, split, infos[split].num_samples,
+        log.debug("wrote %s/%s: %d samples in %d shards, %d skipped", name, split, infos[split].num_samples,
                  len(infos[split].shards), len(skipped))
     storage.write_bytes(os.path.join(out_dir, FAILURES_NAME), "".join(json.dumps(f) + "\n" for f in failures).encode())
     meta = dict(meta or {}) | {"skipped": skipped_counts}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -19,10 +20,19 @@ from weaktr.config import Config
 from weaktr.data.shards import FAILURES_NAME, DataError, Manifest, SplitInfo
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, parse_sweep
 from weaktr.pseudo.outputs import (
-    RUN_CONFIG, STATS_DIR, _clear_outputs, _commit_shard, _json_bytes, _load_stats, _remove_stale_temps,
-    _ShardResult, checkpoint_sha256,
+    RUN_CONFIG,
+    STATS_DIR,
+    _clear_outputs,
+    _commit_shard,
+    _json_bytes,
+    _load_stats,
+    _remove_stale_temps,
+    _ShardResult,
+    checkpoint_sha256,
 )
 from weaktr.pseudo.stages import CamStage, CrfStage, StageSettings, load_cam_model, read_shard
+
+log = logging.getLogger(__name__)
 
 
 class PseudoLabelError(ValueError):
@@ -104,7 +114,8 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
 
     todo = [i for i, shard in enumerate(split.shards) if _load_stats(out_dir, shard) is None]
     skipped = len(split.shards) - len(todo)
-    print(f"pseudo-labels: {len(split.shards)} shards of '{p.split}', {skipped} already done, {len(todo)} to process")
+    log.info("pseudo-labels: %d shards of '%s', %d already done, %d to process", len(split.shards), p.split, skipped,
+             len(todo))
     if todo:
         settings = StageSettings(
             num_classes=manifest.num_classes, scales=list(p.scales), flip=p.flip, attention_type=p.attention_type,
@@ -124,7 +135,8 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         "shards": len(split.shards), "shards_skipped": skipped, "shards_processed": len(todo),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    print(f"pseudo-labels: processed {len(todo)} shards, skipped {skipped} finished shards; outputs in {out_dir}")
+    log.info("pseudo-labels: processed %d shards, skipped %d finished shards; outputs in %s", len(todo), skipped,
+             out_dir)
     return report
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from weaktr.metrics import BackgroundSweep, ConfusionMatrix, normalize_cams
 from weaktr.models.build import load_model
 from weaktr.models.cam import WeakTrCAM
 from weaktr.models.inference import multiscale_cams
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,6 +220,9 @@ class CamStage:
         self.model = take_model("cam", model_ref, self.device)
         self.patch_size = self.model.patch_size[0]
         self.settings = settings
+        log.info("CAM actor ready on %s (%s threads): %d classes, scales %s%s", self.device,
+                 torch.get_num_threads() if self.device.type == "cpu" else "-", settings.num_classes,
+                 list(settings.scales), " + flip" if settings.flip else "")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
