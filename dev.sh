@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine that has only python3:
 #   ./dev.sh demo   set up .venv, then run the whole pipeline on the built-in synthetic dataset with a local Ray
-#   ./dev.sh test   set up .venv, then run the test suite
+#   ./dev.sh test   set up .venv, then lint (ruff) and run the test suite
 #   ./dev.sh setup  only set up .venv
 # Set-up is skipped when .venv already matches pyproject.toml and constraints.txt.
 set -euo pipefail
@@ -45,6 +45,7 @@ case "$cmd" in
         setup
         # Many processes (Ray workers, DataLoader workers) share 2 cores: one BLAS thread each.
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+        "$VENV/bin/python" -m ruff check .  # lint (pyproject.toml's [tool.ruff]) before the tests
         exec "$VENV/bin/python" -m pytest "$@" ;;
     *)
         echo "usage: ./dev.sh {demo|test|setup} [extra args]" >&2

@@ -10,9 +10,9 @@ into ``{out}/seed{s}``, then adds what the pipeline does not make:
 - **CAM readouts** of the same phase-1 checkpoint, on the first ``--cam-samples`` images of the pseudo-label split
   with the pseudo-label pass's scales and flip: the coarse CAM M; the fine CAM G = PA (CA * M) with equal-weight
   fusion and with AAF; and the readouts without the PA refinement (CA * M, CA). Each is scored at a fixed
-  background threshold (``--fixed-threshold``, the official VOC 0.43) and at the best one of a sweep. Equal-weight fusion is G with every map weighted 1 on the
-  AAF-trained model: the fine loss term trains only the AAF, so the encoder is the one a run with equal weights
-  would train; only the fusion differs.
+  background threshold (``--fixed-threshold``, the official VOC 0.43) and at the best one of a sweep. Equal-weight
+  fusion is G with every map weighted 1 on the AAF-trained model: the fine loss term trains only the AAF, so the
+  encoder is the one a run with equal weights would train; only the fusion differs.
 - **Retraining the other way**: with gradient clipping when the config trains on plain cross-entropy, and the
   reverse (``seg_train.clip``), on the same pseudo-labels, evaluated as the pipeline evaluates its own.
 
@@ -156,7 +156,8 @@ def table_rows(cfg: Config, per_seed: dict[int, dict], fixed: float) -> list[tup
 
 
 def markdown(rows, seeds: list[int], samples: int) -> str:
-    lines = [f"| row | measured on | mIoU % (mean ± std over {len(seeds)} seeds) | per seed ({', '.join(map(str, seeds))}) |",
+    per_seed = ", ".join(map(str, seeds))
+    lines = [f"| row | measured on | mIoU % (mean ± std over {len(seeds)} seeds) | per seed ({per_seed}) |",
              "| --- | --- | --- | --- |"]
     for name, split, values in rows:
         v = 100 * np.asarray(values)

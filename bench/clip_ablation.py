@@ -185,8 +185,8 @@ same batches, same number of steps; validation mIoU against the ground truth.
 
 - Command: `{command.strip()}`
 - Machine: 2-core CPU sandbox (shared with other jobs), no GPU; date 2026-11-27; total wall time {total / 60:.1f} min
-  (the two arm processes used {(clipped['cpu_seconds'] + plain['cpu_seconds']) / 60:.1f} CPU-minutes; the wall time grows
-  with whatever else shares the two cores).
+  (the two arm processes used {(clipped['cpu_seconds'] + plain['cpu_seconds']) / 60:.1f} CPU-minutes; the wall time
+  grows with whatever else shares the two cores).
 - Data: built-in synthetic set, {spec.num_classes} classes, {spec.num_train} train / {spec.num_val} val images
   ({spec.min_size}-{spec.max_size} px). Pseudo-labels = ground truth with {100 * args.flip:.0f}% of objects given a
   wrong class and {100 * args.dilate:.0f}% of objects dilated by {args.dilate_px} px:

@@ -144,7 +144,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for nodes, row in rows.items():
         print(f"| {nodes} ({'+'.join(map(str, row['cpus']))}) | {row['pseudo']:.2f} | "
-              f"{row['pseudo'] / rows[1]['pseudo']:.2f}x | {row['epoch']:.1f} | {row['epoch'] / rows[1]['epoch']:.2f}x |")
+              f"{row['pseudo'] / rows[1]['pseudo']:.2f}x | {row['epoch']:.1f} | "
+              f"{row['epoch'] / rows[1]['epoch']:.2f}x |")
     print(f"\nA node lost (3 nodes): the pseudo-label job took {lost:.1f} s against {plain:.1f} s uninterrupted "
           f"({lost / plain:.2f}x), replacement node included.")
 

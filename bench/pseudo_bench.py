@@ -12,7 +12,6 @@ Every figure is measured in this process (cam), a local Ray started here (crf) o
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 import json
 import os
 import platform
@@ -21,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,8 @@ from weaktr.pseudo.stages import _png  # noqa: E402
 ARCHS = {
     # DeiT-S as in the paper (random weights: the speed is the same).
     "deit_small": dict(backbone="deit_small_patch16_224", img_size=224, drop_path_rate=0.0),
-    # A small ViT (the synthetic demo's model when the figures were taken; the config now uses width 64, depth 2, patch 8).
+    # A small ViT (the synthetic demo's model when the figures were taken; the config now uses width 64, depth 2,
+    # patch 8).
     "synthetic": dict(
         img_size=96, embed_dim=96, depth=4, num_heads=3, drop_path_rate=0.0, reduction=4, feat_reduction=4
     ),

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from weaktr import storage  # noqa: E402
 from weaktr.checkpoint import CheckpointMismatch  # noqa: E402
-from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.config import ConfigError, job_arg_parser, parse_job_args  # noqa: E402
+from weaktr.data.shards import DataError  # noqa: E402
 from weaktr.launch import PSEUDO_PATHS, check_resume, connect, prepare_data, save_resolved_config  # noqa: E402
 from weaktr.pseudo import PseudoLabelError, run_pseudo_labels  # noqa: E402
 from weaktr.pseudo.outputs import RUN_CONFIG  # noqa: E402

@@ -252,10 +252,10 @@ def voc_pipeline_run(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def multinode(s3_server, tmp_path_factory):
-    """A simulated multi-node cluster for a test module (its idle nodes would slow every later test) (``tests/sim_cluster.py``): a head with no CPU and three worker
-    nodes of 2 CPUs on private disks, two of them offering ``cam_node`` (standing in for GPU nodes) and one
-    ``cpu_node`` (a CPU-only node type for the CRF), as ``cluster.yaml``'s node types do. Yields the ``SimCluster``;
-    a test that kills a node adds its replacement."""
+    """A simulated multi-node cluster for a test module (its idle nodes would slow every later test)
+    (``tests/sim_cluster.py``): a head with no CPU and three worker nodes of 2 CPUs on private disks, two of them
+    offering ``cam_node`` (standing in for GPU nodes) and one ``cpu_node`` (a CPU-only node type for the CRF), as
+    ``cluster.yaml``'s node types do. Yields the ``SimCluster``; a test that kills a node adds its replacement."""
     from sim_cluster import simulated_cluster
 
     workers = [dict(num_cpus=2, resources={"cam_node": 1}), dict(num_cpus=2, resources={"cam_node": 1}),

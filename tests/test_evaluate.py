@@ -151,7 +151,8 @@ def test_a_sample_that_fails_to_decode_is_skipped_counted_and_named(ray_session,
                 data = b"not an image"
                 member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
-    stored = sum(len(data) for member, data in members if member.name.split(".")[0] == members[-1][0].name.split(".")[0])
+    last = members[-1][0].name.split(".")[0]
+    stored = sum(len(data) for member, data in members if member.name.split(".")[0] == last)
     rows = _read_shard({"shard": shard})
     assert len(rows) == damaged.splits["val"].shard_sizes[0] and not any(row["failure"] for row in rows)
     assert len(rows[-1]["record"]) < stored + 1024  # the stored bytes and their names, no decoded pixels

@@ -5,13 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from weaktr.metrics import (
-    BackgroundSweep,
-    ConfusionMatrix,
-    average_precision,
-    mean_average_precision,
-    normalize_cams,
-)
+from weaktr.metrics import BackgroundSweep, ConfusionMatrix, average_precision, mean_average_precision, normalize_cams
 from weaktr.ops import cam_to_label
 
 

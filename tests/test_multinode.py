@@ -17,10 +17,10 @@ from test_pseudo import _tree, pseudo_overrides, tiny_model
 
 from weaktr import storage
 from weaktr.checkpoint import save_checkpoint
+from weaktr.config import Config, with_values
 from weaktr.data.shards import Manifest
 from weaktr.data.synthetic import SyntheticSpec, write_synthetic
 from weaktr.pseudo import run_pseudo_labels
-from weaktr.config import Config, with_values
 
 NUM_SHARDS = 8
 # The actors placed by node type: CAM inference on the two `cam_node` workers (GPU nodes on a real cluster), the
@@ -137,14 +137,16 @@ def test_the_pipeline_across_nodes_survives_a_lost_node_and_equals_a_single_node
     lost = multinode.node_running("RayTrainWorker")
     multinode.kill_node(lost)
     multinode.add_node(num_cpus=2, resources={"cam_node": 1})
-    wait_while_running(multinode, job, "phase 1 done", lambda: storage.exists(pipeline.record_path(f"{runs}/pipe", "phase1")))
+    phase1_record = pipeline.record_path(f"{runs}/pipe", "phase1")
+    wait_while_running(multinode, job, "phase 1 done", lambda: storage.exists(phase1_record))
     phase1_actors = multinode.actor_ids() - before
     assert multinode.wait_for_job(job, timeout=500) == "SUCCEEDED", multinode.job_logs(job)[-4000:]
 
     records = {stage: pipeline.load_record(f"{runs}/pipe", stage) for stage in pipeline.STAGES}
     reference = voc_pipeline_run[2]
     assert all(records.values())  # every stage finished (a record is written last, whole)
-    differ = [d for stage in pipeline.STAGES for d in differences(records[stage]["metrics"], reference[stage]["metrics"], stage)]
+    differ = [d for stage in pipeline.STAGES
+              for d in differences(records[stage]["metrics"], reference[stage]["metrics"], stage)]
     assert not differ, "\n".join(differ)
 
     # Ray's state API: phase 1's ranks on two nodes, then (after the kill) on the survivor and the replacement;
@@ -163,7 +165,8 @@ def test_the_pipeline_across_nodes_survives_a_lost_node_and_equals_a_single_node
 def wait_while_running(cluster, job: str, what: str, done, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not done():
-        assert cluster.job_status(job) in ("PENDING", "RUNNING"), f"ended before {what}: " + cluster.job_logs(job)[-3000:]
+        status = cluster.job_status(job)
+        assert status in ("PENDING", "RUNNING"), f"ended before {what}: " + cluster.job_logs(job)[-3000:]
         assert time.monotonic() < deadline, f"not {what} in {timeout} s"
         time.sleep(0.2)
 
@@ -181,7 +184,8 @@ def test_local_paths_are_refused_before_any_work_on_a_cluster_of_several_nodes(
     assert not (out_dir / "stats").exists()  # nothing started
 
     train = multinode.submit(
-        sys.executable, "ray_jobs/train_cam.py", "--config", "configs/smoke.yaml", "--set", f"data.root={bucket_dataset}",
+        sys.executable, "ray_jobs/train_cam.py", "--config", "configs/smoke.yaml",
+        "--set", f"data.root={bucket_dataset}",
         "--set", "data.synthetic.enabled=false", "--set", f"run.storage_path={tmp_path / 'runs'}",
     )
     assert train.returncode != 0

@@ -19,8 +19,8 @@ def _fuse_attention_loop(attn, weights):
     B, L, T, _ = attn.shape
     out = torch.zeros(B, T, T, dtype=torch.float64)
     for b in range(B):
-        for l in range(L):
-            out[b] += weights[b, l].double() * attn[b, l].double()
+        for layer in range(L):
+            out[b] += weights[b, layer].double() * attn[b, layer].double()
     return out / L
 
 

@@ -13,8 +13,8 @@ from seg_helpers import save_random_checkpoint, tiny_config, write_pseudo_datase
 
 from weaktr.checkpoint import CheckpointMismatch, load_checkpoint
 from weaktr.data.shards import DataError
-from weaktr.ops import gradient_clipping_loss
 from weaktr.models.build import build_segmenter as build_model
+from weaktr.ops import gradient_clipping_loss
 from weaktr.train.common import resume
 from weaktr.train.seg_loop import fit, make_optimizer, pixel_losses, seg_run_name
 

@@ -10,7 +10,18 @@ import pytest
 import torch
 import webdataset as wds
 
-from weaktr.data.shards import DataError, Failure, Manifest, ManifestError, Sample, SampleDecodeError, decode_sample, encode_sample, write_dataset, write_split
+from weaktr.data.shards import (
+    DataError,
+    Failure,
+    Manifest,
+    ManifestError,
+    Sample,
+    SampleDecodeError,
+    decode_sample,
+    encode_sample,
+    write_dataset,
+    write_split,
+)
 from weaktr.data.stream import FailureTracker, iter_samples, make_loader, shards_for_rank, steps_per_epoch
 
 NUM_CLASSES = 5

@@ -96,8 +96,9 @@ def test_a_killed_worker_restarts_the_run_from_its_last_checkpoint(first_run, ra
     FailureConfig restarts the worker group, which continues from the last checkpoint and finishes where the
     uninterrupted run did. A restart from scratch would finish there too, which is why every epoch must have been
     registered exactly once."""
-    from weaktr.train.cam_loop import fit
     from worker_kill import KILLED_RUN_TOLERANCE, WorkerKiller
+
+    from weaktr.train.cam_loop import fit
 
     base_cfg, uninterrupted = first_run
     cfg = copy.deepcopy(base_cfg)

@@ -18,11 +18,11 @@ from weaktr.data.transforms import (
     CamExample,
     SegExample,
     SegTrainTransform,
+    batch_random_erasing,
     cam_eval_transform,
     cam_train_transform,
-    batch_random_erasing,
-    normalize_batch,
     multi_hot,
+    normalize_batch,
     normalize_image,
     photometric_distortion,
 )

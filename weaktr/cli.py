@@ -43,9 +43,9 @@ from weaktr import storage
 from weaktr.data.convert import CONVERT_WORKERS
 from weaktr.data.images import load_rgb
 from weaktr.data.shards import MAX_SIDE, SAMPLES_PER_SHARD
+from weaktr.logs import add_verbosity_flags, configure_from_args
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-OVERLAY_ALPHA = 0.5
 
 
 def collect_images(inputs: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
@@ -71,23 +71,12 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[tuple[Path, Path]], list
     return unique, missing
 
 
-def colorize(labels: np.ndarray, palette: Sequence[int]) -> np.ndarray:
-    """uint8 [H, W, 3] colours of a dataset-id map."""
-    return np.asarray(palette, dtype=np.uint8).reshape(256, 3)[labels]
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[int]) -> np.ndarray:
-    """The label colours blended over the foreground pixels of ``image``; background shows the image as is."""
-    blended = (1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * colorize(labels, palette)
-    return np.where((labels > 0)[..., None], blended, image).round().astype(np.uint8)
-
-
 def predict_command(args: argparse.Namespace) -> int:
     import torch
 
     from weaktr.checkpoint import CheckpointMismatch
     from weaktr.config import EvalConfig, from_dict
-    from weaktr.data.voc import save_palette_png, voc_palette
+    from weaktr.data.voc import overlay, save_palette_png, voc_palette
     from weaktr.evaluate import inference_kwargs, load_segmenter, predict_labels
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -223,6 +212,7 @@ def convert_command(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weaktr", description="WeakTr weakly-supervised semantic segmentation")
+    add_verbosity_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     predict = commands.add_parser(
@@ -309,6 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return pipeline_main(argv[1:], prog="weaktr pipeline")
     args = build_parser().parse_args(argv)
+    configure_from_args(args)
     return args.func(args)
 
 

@@ -31,8 +31,8 @@ from weaktr.data.shards import DataError, Failure, Manifest, Sample, SampleDecod
 from weaktr.data.stream import FailureTracker, check_shards_exist, read_records
 from weaktr.data.transforms import normalize_image
 from weaktr.metrics import ConfusionMatrix
-from weaktr.models.inference import predict_probs
 from weaktr.models.build import load_model
+from weaktr.models.inference import predict_probs
 from weaktr.models.segmenter import Segmenter
 from weaktr.runtime import autocast, unwrap
 

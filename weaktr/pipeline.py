@@ -202,49 +202,6 @@ def run_pipeline(cfg: Config, from_stage: Optional[str] = None, log: Callable[[s
     return records
 
 
-def summary_table(records: dict) -> str:
-    """The console's closing table: one row per stage with its headline figure."""
-    rows = [("stage", "status", "time", "result")]
-    for stage in STAGES:
-        record = records.get(stage)
-        if record is None:
-            continue
-        rows.append((stage, record["status"], f"{record['seconds']:.0f} s", headline(stage, record["metrics"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def headline(stage: str, metrics: dict) -> str:
-    """A stage's figure, and what it skipped (unreadable or unusable inputs; their reasons are in its outputs)."""
-    if stage == "data":
-        splits = ", ".join(f"{n} {name}" for name, n in metrics["splits"].items())
-        return f"{metrics['name']}: {len(metrics['classes'])} classes, {splits}{_skipped(metrics.get('skipped'))}"
-    if stage in ("phase1", "phase2"):
-        score = metrics.get("score", "val_mAP" if stage == "phase1" else "val_mIoU")
-        best = metrics["best"]
-        extra = f", val_mAP {best['val_mAP']:.4f}" if score == "cam_mIoU" else ""
-        failed = metrics["history"][-1].get("samples_failed") if metrics.get("history") else None
-        return (f"best {score} {best.get(score, float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}{extra})"
-                f"{_skipped(failed, 'broken-sample reads skipped')}")
-    if stage == "pseudo":
-        return (f"{metrics['split']} mIoU: CAM {_pct(metrics['cam']['miou'])}, CRF pseudo-labels "
-                f"{_pct(metrics['crf']['miou'])} ({metrics['num_samples']} images{_skipped(metrics['num_failures'])})")
-    if stage == "eval":
-        return (f"{metrics['eval']['split']} mIoU {_pct(metrics['eval']['miou'])}, "
-                f"with CRF {_pct(metrics['eval_crf']['miou'])}{_skipped(metrics['eval'].get('num_skipped'))}")
-    return ""
-
-
-def _skipped(count: Optional[int], what: str = "skipped") -> str:
-    return f", {count} {what}" if count else ""
-
-
-def _pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
 def main(argv=None, prog: Optional[str] = None) -> int:
     """``ray_jobs/pipeline.py`` and ``weaktr pipeline``: run or resume the pipeline, print the stage table."""
     from weaktr.config import job_arg_parser, parse_job_args
@@ -271,6 +228,8 @@ def main(argv=None, prog: Optional[str] = None) -> int:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print()
+    from weaktr.report import summary_table  # matplotlib: only once there is something to show
+
     print(summary_table(records))
     print(f"pipeline: {(time.perf_counter() - started) / 60:.1f} min in this invocation")
     print(f"report: {records['report']['outputs']['html']}")

@@ -12,18 +12,18 @@ import base64
 import html
 import io
 import json
+from typing import Optional
 
-import matplotlib
+import numpy as np
+import yaml
 
-matplotlib.use("Agg")  # files only: no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from PIL import Image  # noqa: E402
+# Figures drawn straight to PNG bytes: no pyplot, so importing this module leaves the process's backend alone.
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from PIL import Image
 
-from weaktr import storage  # noqa: E402
-from weaktr.config import Config, to_dict  # noqa: E402
+from weaktr import storage
+from weaktr.config import Config, to_dict
 
 SAMPLE_ROWS = 6  # images in the sample grid
 SAMPLES_PNG = "samples.png"  # the grid alone, beside report.html
@@ -47,7 +47,6 @@ def miou_table(records: dict) -> list[dict]:
 def write_html_report(cfg: Config, directory: str, records: dict) -> tuple[str, str]:
     """Write ``report.html`` and ``report.json`` into ``directory`` (local or a URI; and the sample grid alone as
     ``samples.png``); returns the first two's paths."""
-    from weaktr.pipeline import headline
 
     classes = ["background", *records["data"]["metrics"]["classes"]]
     stages = {
@@ -96,7 +95,6 @@ def _image(path: str) -> np.ndarray:
 def _png_bytes(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
     return buffer.getvalue()
 
 
@@ -118,7 +116,8 @@ def _percent(axes, history: list[dict], key: str, title: str, ylabel: str, **sty
 
 
 def _phase1_figure(history: list[dict]):
-    figure, (losses, score, cam) = plt.subplots(1, 3, figsize=(14, 3.6))
+    figure = Figure(figsize=(14, 3.6))
+    losses, score, cam = figure.subplots(1, 3)
     for key, label in (("loss", "total"), ("loss_cls", "class tokens"), ("loss_coarse", "coarse CAM"),
                        ("loss_fine", "fine CAM")):
         losses.plot(*_series(history, key), marker=".", label=label)
@@ -134,7 +133,8 @@ def _phase1_figure(history: list[dict]):
 
 
 def _phase2_figure(history: list[dict]):
-    figure, (losses, clipped, score) = plt.subplots(1, 3, figsize=(14, 3.6))
+    figure = Figure(figsize=(14, 3.6))
+    losses, clipped, score = figure.subplots(1, 3)
     losses.plot(*_series(history, "loss"), marker=".", label="clipped loss (trained on)")
     losses.plot(*_series(history, "ce"), marker=".", label="cross-entropy, all pixels")
     losses.set(title="training loss on pseudo-labels", xlabel="epoch", ylabel="loss")
@@ -149,7 +149,8 @@ def _phase2_figure(history: list[dict]):
 
 def _sweep_figure(sweep: dict, used: float):
     thresholds, mious = zip(*sweep["curve"])
-    figure, axes = plt.subplots(figsize=(6, 3.6))
+    figure = Figure(figsize=(6, 3.6))
+    axes = figure.subplots()
     axes.plot(thresholds, [100 * m for m in mious], marker=".")
     axes.axvline(used, color="tab:gray", linestyle="--", label=f"used: {used:g}")
     axes.axvline(sweep["best_threshold"], color="tab:green", linestyle=":",
@@ -162,10 +163,9 @@ def _sweep_figure(sweep: dict, used: float):
 
 def _sample_grid(cfg: Config, directory: str, records: dict, classes: list[str]):
     """Rows of (image, CAM, pseudo-label, prediction, ground truth) for the first samples with a CAM overlay."""
-    from weaktr.cli import colorize
     from weaktr.data.shards import Manifest
     from weaktr.data.stream import FailureTracker, iter_samples
-    from weaktr.data.voc import voc_palette
+    from weaktr.data.voc import colorize, voc_palette
     from weaktr.evaluate import inference_kwargs, load_segmenter, predict_labels
 
     pseudo_dir = storage.parent(records["pseudo"]["outputs"]["dataset"])
@@ -185,7 +185,8 @@ def _sample_grid(cfg: Config, directory: str, records: dict, classes: list[str])
     model, _ = load_segmenter(records["phase2"]["outputs"]["checkpoint"])
     e = cfg.eval
     palette = voc_palette()
-    figure, axes = plt.subplots(len(samples), 5, figsize=(11, 2.3 * len(samples)), squeeze=False)
+    figure = Figure(figsize=(11, 2.3 * len(samples)))
+    axes = figure.subplots(len(samples), 5, squeeze=False)
     titles = ("image", "CAM, strongest class", "pseudo-label", "retrained model", "ground truth")
     for row, sample in zip(axes, samples):
         prediction = predict_labels(model, sample.image, amp=False, **inference_kwargs(e))
@@ -258,3 +259,45 @@ ground-truth masks, which training never sees); the retrained model on the evalu
 <h2>Config</h2><pre>{esc(config)}</pre>
 </body></html>
 """
+
+
+def summary_table(records: dict) -> str:
+    """The console's closing table: one row per stage with its headline figure."""
+    rows = [("stage", "status", "time", "result")]
+    for stage, record in records.items():  # in the pipeline's order
+        if record is None:
+            continue
+        rows.append((stage, record["status"], f"{record['seconds']:.0f} s", headline(stage, record["metrics"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def headline(stage: str, metrics: dict) -> str:
+    """A stage's figure, and what it skipped (unreadable or unusable inputs; their reasons are in its outputs)."""
+    if stage == "data":
+        splits = ", ".join(f"{n} {name}" for name, n in metrics["splits"].items())
+        return f"{metrics['name']}: {len(metrics['classes'])} classes, {splits}{_skipped(metrics.get('skipped'))}"
+    if stage in ("phase1", "phase2"):
+        score = metrics.get("score", "val_mAP" if stage == "phase1" else "val_mIoU")
+        best = metrics["best"]
+        extra = f", val_mAP {best['val_mAP']:.4f}" if score == "cam_mIoU" else ""
+        failed = metrics["history"][-1].get("samples_failed") if metrics.get("history") else None
+        return (f"best {score} {best.get(score, float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}{extra})"
+                f"{_skipped(failed, 'broken-sample reads skipped')}")
+    if stage == "pseudo":
+        return (f"{metrics['split']} mIoU: CAM {_pct(metrics['cam']['miou'])}, CRF pseudo-labels "
+                f"{_pct(metrics['crf']['miou'])} ({metrics['num_samples']} images{_skipped(metrics['num_failures'])})")
+    if stage == "eval":
+        return (f"{metrics['eval']['split']} mIoU {_pct(metrics['eval']['miou'])}, "
+                f"with CRF {_pct(metrics['eval_crf']['miou'])}{_skipped(metrics['eval'].get('num_skipped'))}")
+    return ""
+
+
+def _skipped(count: Optional[int], what: str = "skipped") -> str:
+    return f", {count} {what}" if count else ""
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"

@@ -27,9 +27,7 @@ from typing import Any
 import yaml
 
 from weaktr import storage
-from weaktr.config import (
-    Config, ConfigError, SweepConfig, from_dict, resolve_paths, save_config, to_dict, with_values,
-)
+from weaktr.config import Config, ConfigError, SweepConfig, from_dict, resolve_paths, save_config, to_dict, with_values
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 # The sections a phase's training reads: a swept key elsewhere would change nothing.

@@ -166,3 +166,18 @@ def convert_voc(
         started=started,
         samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, max_side=max_side,
     )
+
+
+# Label maps shown over images (weaktr predict's overlays, the report's panels): half image, half class colour.
+OVERLAY_ALPHA = 0.5
+
+
+def colorize(labels: np.ndarray, palette: Sequence[int]) -> np.ndarray:
+    """uint8 [H, W, 3] colours of a dataset-id map."""
+    return np.asarray(palette, dtype=np.uint8).reshape(256, 3)[labels]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[int]) -> np.ndarray:
+    """The label colours blended over the foreground pixels of ``image``; background shows the image as is."""
+    blended = (1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * colorize(labels, palette)
+    return np.where((labels > 0)[..., None], blended, image).round().astype(np.uint8)

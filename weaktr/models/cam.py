@@ -24,9 +24,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from weaktr import ops
-from weaktr.models.vit import (
-    architecture, backbone_shape, create_backbone, input_normalization, resize_patch_pos_embed,
-)
+from weaktr.models.vit import architecture, backbone_shape, create_backbone, input_normalization, resize_patch_pos_embed
 
 
 class CamOutput(NamedTuple):

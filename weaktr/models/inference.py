@@ -56,15 +56,16 @@ def sliding_window_logits(
     windows_per_call = max(1, max_batch // B)
     for first in range(0, len(corners), windows_per_call):
         chunk = corners[first : first + windows_per_call]
-        crops = torch.cat([padded[:, :, t : t + window, l : l + window] for t, l in chunk])  # [k*B, 3, win, win]
+        crops = torch.cat([padded[:, :, top : top + window, left : left + window]
+                           for top, left in chunk])  # [k*B, 3, win, win]
         logits = model(crops).float()  # [k*B, n_cls, win, win], k = len(chunk), window-major
         if logit_sum is None:
             if num_classes is not None and logits.shape[1] != num_classes:
                 raise ValueError(f"model returned {logits.shape[1]} classes, expected num_classes={num_classes}")
             logit_sum = logits.new_zeros(B, logits.shape[1], Hp, Wp)
-        for i, (t, l) in enumerate(chunk):
-            logit_sum[:, :, t : t + window, l : l + window] += logits[i * B : (i + 1) * B]
-            count[:, :, t : t + window, l : l + window] += 1
+        for i, (top, left) in enumerate(chunk):
+            logit_sum[:, :, top : top + window, left : left + window] += logits[i * B : (i + 1) * B]
+            count[:, :, top : top + window, left : left + window] += 1
     return (logit_sum / count)[:, :, :H, :W]  # [B, n_cls, H, W]
 
 

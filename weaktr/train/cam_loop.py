@@ -19,7 +19,12 @@ from weaktr.config import Config, ConfigError
 from weaktr.data.shards import DataError, Manifest
 from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import (
-    CamExample, batch_random_erasing, cam_eval_transform, cam_train_transform, multi_hot, normalize_batch,
+    CamExample,
+    batch_random_erasing,
+    cam_eval_transform,
+    cam_train_transform,
+    multi_hot,
+    normalize_batch,
 )
 from weaktr.launch import PHASE1_PATHS
 from weaktr.metrics import BackgroundSweep, mean_average_precision, normalize_cams, parse_sweep
@@ -28,7 +33,13 @@ from weaktr.models.cam import WeakTrCAM
 from weaktr.models.inference import multiscale_cams
 from weaktr.runtime import autocast, fused_optimizer_kwargs, unwrap
 from weaktr.train.common import (
-    all_gather, check_failures_across_ranks, epoch_metrics, fit_trainer, make_trainer, report_epoch, start_training,
+    all_gather,
+    check_failures_across_ranks,
+    epoch_metrics,
+    fit_trainer,
+    make_trainer,
+    report_epoch,
+    start_training,
     start_worker,
 )
 

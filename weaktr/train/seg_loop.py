@@ -28,13 +28,19 @@ from weaktr.data.transforms import IGNORE_INDEX, SegExample, SegTrainTransform, 
 from weaktr.evaluate import inference_kwargs
 from weaktr.launch import PHASE2_PATHS
 from weaktr.metrics import ConfusionMatrix
-from weaktr.models.inference import predict_probs
 from weaktr.models.build import build_segmenter
+from weaktr.models.inference import predict_probs
 from weaktr.models.segmenter import Segmenter
 from weaktr.ops import segmentation_loss
 from weaktr.runtime import autocast, fused_optimizer_kwargs, unwrap
 from weaktr.train.common import (
-    all_gather, check_failures_across_ranks, epoch_metrics, fit_trainer, make_trainer, report_epoch, start_training,
+    all_gather,
+    check_failures_across_ranks,
+    epoch_metrics,
+    fit_trainer,
+    make_trainer,
+    report_epoch,
+    start_training,
     start_worker,
 )
 
