@@ -296,7 +296,7 @@ def test_killed_run_resumes_to_identical_outputs(reference_run, dataset, checkpo
 
     # Resumed in this process (on the same head): the job's main, as its command line runs it.
     assert load_job("make_pseudo_labels").main([*command[2:], "--resume"]) == 0
-    assert f"skipped {len(done)} finished shards" in capsys.readouterr().out
+    assert f"skipped {len(done)} finished shards" in capsys.readouterr().err  # the job's log line
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == before  # not recomputed
 
     resumed, reference = _tree(out_dir), _tree(reference_dir)

@@ -66,7 +66,7 @@ def test_coco14_recipe_runs_the_whole_chain_in_a_bucket_in_the_official_90_class
     assert pseudo.main([*args, "--checkpoint", cam]) == 2
     assert f"already exists at {bucket}/pseudo" in capsys.readouterr().err
     assert pseudo.main([*args, "--checkpoint", cam, "--resume"]) == 0
-    assert "processed 0 shards, skipped 2 finished shards" in capsys.readouterr().out
+    assert "processed 0 shards, skipped 2 finished shards" in capsys.readouterr().err  # the job's log line
 
     assert load_job("train_seg").main(args) == 0
     seg = best_checkpoint(capsys.readouterr().out)

@@ -40,6 +40,12 @@ class _ConsoleHandler(logging.StreamHandler):
         self.set_name(_HANDLER_NAME)
         self.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Ray Train's workers put a handler named "console" on the root logger, which prints weaktr's records
+        # (they propagate): this one steps aside there, or each line would show twice.
+        root_console = any(handler.get_name() == "console" for handler in logging.getLogger().handlers)
+        return not root_console and bool(super().filter(record))
+
     @property
     def stream(self):
         return sys.stderr
