@@ -30,6 +30,7 @@ the shards.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import sys
 import tempfile
@@ -294,10 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["pipeline"]:
+    # `weaktr [-v|-q] pipeline ...`: the pipeline job parses its own arguments, the verbosity flag with them.
+    verbosity = list(itertools.takewhile(lambda arg: arg in ("-v", "--verbose", "-q", "--quiet"), argv))
+    if argv[len(verbosity):len(verbosity) + 1] == ["pipeline"]:
         from weaktr.pipeline import main as pipeline_main  # imports Ray: only for this command
 
-        return pipeline_main(argv[1:], prog="weaktr pipeline")
+        return pipeline_main([*verbosity, *argv[len(verbosity) + 1:]], prog="weaktr pipeline")
     args = build_parser().parse_args(argv)
     configure_from_args(args)
     return args.func(args)

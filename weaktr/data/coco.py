@@ -125,20 +125,25 @@ def class_labels_png(class_labels: str, file_name: str) -> str:
     return official if os.path.exists(official) else os.path.join(class_labels, stem + ".png")
 
 
-def read_class_labels(path: str, height: int, width: int, category_index: dict[int, int]) -> np.ndarray:
+def class_labels_lookup(category_index: dict[int, int]) -> np.ndarray:
+    """Pixel value of an official class_labels PNG -> semantic id (class + 1; 0 and 255 kept), -1 for an id that
+    is no category: the identity in the official 90-class layout (class c + 1 is category id c + 1)."""
+    lookup = np.full(256, -1, dtype=np.int16)
+    lookup[0], lookup[IGNORE] = 0, IGNORE
+    for category_id, index in category_index.items():
+        lookup[category_id] = index + 1
+    return lookup
+
+
+def read_class_labels(path: str, height: int, width: int, lookup: np.ndarray) -> np.ndarray:
     """An official class_labels PNG (0 background, a category id per object pixel, 255 ignore) as a semantic id
-    mask: unchanged in the official 90-class layout (where class c + 1 is category id c + 1), the ids mapped to
-    class + 1 in the 80-class one. ``Unusable`` if missing, of another size or holding an unknown id."""
+    mask through ``class_labels_lookup``. ``Unusable`` if missing, of another size or holding an unknown id."""
     if not os.path.exists(path):
         raise Unusable(f"no class_labels mask: {path}")
     with Image.open(path) as png:
         ids = np.array(png)
     if ids.shape != (height, width):
         raise Unusable(f"class_labels mask {path} is {ids.shape}, the image {(height, width)}")
-    lookup = np.full(256, -1, dtype=np.int16)
-    lookup[0], lookup[IGNORE] = 0, IGNORE
-    for category_id, index in category_index.items():
-        lookup[category_id] = index + 1
     mask = lookup[ids]
     if (mask < 0).any():
         raise Unusable(f"class_labels mask {path} holds category ids {sorted(np.unique(ids[mask < 0]).tolist())}, "
@@ -162,6 +167,7 @@ def _coco_samples(
     """One split's samples; its JSON is loaded only when the split is written (one at a time)."""
     coco = loaded.pop(annotation_path, None) or _load_annotations(annotation_path)
     category_index, names = category_table(coco, annotation_path, official_ids)
+    lookup = class_labels_lookup(category_index)  # once per split, not per image
     if names != classes:
         raise ValueError(f"{annotation_path}: categories differ from the first split's")
     image_ids = {info["id"] for info in coco["images"]}
@@ -189,7 +195,7 @@ def _coco_samples(
         if not with_masks:
             mask = None
         elif class_labels is not None:
-            mask = read_class_labels(class_labels_png(class_labels, info["file_name"]), height, width, category_index)
+            mask = read_class_labels(class_labels_png(class_labels, info["file_name"]), height, width, lookup)
         else:
             mask = rasterize(annotations, height, width, category_index)
         key = os.path.splitext(os.path.basename(info["file_name"]))[0].replace(".", "_")
