@@ -3,6 +3,7 @@ failures, checkpoint checks, the background sweep and kill-and-resume."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from weaktr.metrics import ConfusionMatrix, parse_sweep
 from weaktr.models.cam import WeakTrCAM
 from weaktr.models.inference import multiscale_cams
 from weaktr.pseudo import load_cam_model, run_pseudo_labels
+from weaktr.pseudo.run import PseudoLabelError
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -190,7 +193,7 @@ def test_mismatched_checkpoint_is_refused_before_any_work(dataset, tmp_path):
 
 
 def test_null_threshold_takes_the_checkpoints_and_is_refused_without_one(dataset, checkpoint, tmp_path):
-    from weaktr.pseudo.run import PseudoLabelError, checkpoint_threshold
+    from weaktr.pseudo.run import checkpoint_threshold
 
     cfg = make_config(pseudo_overrides(dataset, tmp_path / "out") | {"pseudo.bg_threshold": None})
     with pytest.raises(PseudoLabelError, match="pseudo.bg_threshold is null"):  # saved without metrics
@@ -268,6 +271,34 @@ def test_sweep_best_threshold_matches_brute_force(reference_run, dataset):
 
 def _tree(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_the_crf_on_the_cam_actors_with_the_torch_backend_gives_the_pools_pseudo_labels(
+    reference_run, dataset, checkpoint, tmp_path,
+):
+    """crf.backend torch run inside the CAM actor (no CRF pool; on a GPU node it runs on the GPU) against the
+    reference run's CRF pool: the same CAM labels, pseudo-labels that agree on >= 99% of the pixels (both
+    backends approximate the same CRF; test_crf has the kernel-level comparison)."""
+    reference_dir, reference = reference_run
+    out_dir = tmp_path / "pseudo"
+    overrides = pseudo_overrides(dataset, out_dir) | {"pseudo.crf_in_cam_actors": True}
+    cfg = make_config(overrides)
+    cfg.pseudo.crf = replace(cfg.pseudo.crf, backend="torch")
+    report = run_pseudo_labels(cfg, checkpoint)
+    assert json.loads((out_dir / "run_config.json").read_text())["settings"]["crf"]["backend"] == "torch"
+    assert report["cam"] == reference["cam"]
+    same = total = 0
+    for png in sorted((reference_dir / "pseudo_png").glob("*.png")):
+        ours, theirs = np.array(Image.open(out_dir / "pseudo_png" / png.name)), np.array(Image.open(png))
+        same, total = same + int((ours == theirs).sum()), total + ours.size
+    assert total and same / total >= 0.99, same / total
+    assert abs(report["crf"]["miou"] - reference["crf"]["miou"]) <= 0.003
+
+    cfg.pseudo.crf = replace(cfg.pseudo.crf, backend="pydensecrf")
+    installed = importlib.util.find_spec("pydensecrf") is not None
+    refusal = "pseudo.crf_in_cam_actors needs pseudo.crf.backend: torch" if installed else "pydensecrf, which is not"
+    with pytest.raises(PseudoLabelError, match=refusal):
+        run_pseudo_labels(cfg, checkpoint)
 
 
 def test_killed_run_resumes_to_identical_outputs(reference_run, dataset, checkpoint, ray_session, tmp_path, capsys):

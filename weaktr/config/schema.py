@@ -188,6 +188,9 @@ class PseudoConfig:
     cam_gpus_per_actor: float = 0.0  # a fraction shares a GPU between actors; 0 runs on CPU
     cam_cpus_per_actor: float = 1.0
     crf_actors: int = 1
+    # Run the CRF inside the CAM actors, on their device (a GPU), instead of in a CPU actor pool (crf_actors is then
+    # unused). Needs crf.backend torch (or auto without pydensecrf): pydensecrf runs on one CPU core only.
+    crf_in_cam_actors: bool = False
     # Custom Ray resources each CAM / CRF actor also needs, to place the pools on node types: CAM inference on GPU
     # nodes and the CPU-bound CRF on cheap CPU-only ones (cluster.yaml's cpu_worker offers {cpu_node: 1000}).
     cam_resources: dict = field(default_factory=dict)

@@ -17,6 +17,7 @@ import numpy as np
 
 from weaktr import storage
 from weaktr.config import Config
+from weaktr.crf import resolve_backend
 from weaktr.data.shards import FAILURES_NAME, DataError, Manifest, SplitInfo
 from weaktr.metrics import BackgroundSweep, ConfusionMatrix, parse_sweep
 from weaktr.pseudo.outputs import (
@@ -84,6 +85,13 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         raise PseudoLabelError(str(err)) from None
     if p.batch_size < 1 or p.cam_actors < 1 or p.crf_actors < 1:
         raise PseudoLabelError("pseudo.batch_size, pseudo.cam_actors and pseudo.crf_actors must be >= 1")
+    try:  # the backend the run records and every actor uses, whatever each node has installed
+        crf = resolve_backend(p.crf)
+    except ValueError as err:
+        raise PseudoLabelError(str(err).replace("crf.backend", "pseudo.crf.backend")) from None
+    if p.crf_in_cam_actors and crf.backend != "torch":
+        raise PseudoLabelError("pseudo.crf_in_cam_actors needs pseudo.crf.backend: torch (pydensecrf runs on one CPU "
+                               "core, not on the CAM actors' device)")
 
     out_dir = storage.absolute(p.out_dir).rstrip("/")
     if out_dir == storage.absolute(manifest.root).rstrip("/"):
@@ -98,7 +106,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
             for name in ("scales", "flip", "attention_type", "patch_attn_refine", "batch_size", "save_cams",
                          "overlay_samples", "sweep_bg")
         }
-        | {"bg_threshold": bg_threshold, "crf": asdict(p.crf)},
+        | {"bg_threshold": bg_threshold, "crf": asdict(crf)},
     }
     if p.overwrite:
         _clear_outputs(out_dir, split.shards)
@@ -121,7 +129,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
             num_classes=manifest.num_classes, scales=list(p.scales), flip=p.flip, attention_type=p.attention_type,
             patch_attn_refine=p.patch_attn_refine, bg_threshold=bg_threshold,
             chunk_size=p.batch_size, overlay_samples=p.overlay_samples, save_cams=p.save_cams,
-            sweep_thresholds=thresholds, crf=asdict(p.crf),
+            sweep_thresholds=thresholds, crf=asdict(crf), crf_in_cam_actor=p.crf_in_cam_actors,
         )
         offsets = np.concatenate([[0], np.cumsum(split.shard_sizes)]).tolist()
         model_ref = put_model(model)
@@ -163,6 +171,8 @@ def _build_dataset(items: list[dict], settings: StageSettings, model_ref, p):
                            p.cam_resources),
         num_gpus=p.cam_gpus_per_actor, num_cpus=p.cam_cpus_per_actor, resources=p.cam_resources or None,
     )
+    if settings.crf_in_cam_actor:
+        return dataset
     return dataset.map_batches(
         CrfStage, fn_constructor_kwargs={"settings": settings},
         batch_size=1, batch_format="numpy",

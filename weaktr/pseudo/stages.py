@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from weaktr import ops
-from weaktr.crf import CRFParams, crf_refine_labels
+from weaktr.crf import CRFParams, crf_refine_label_batch
 from weaktr.data.convert import without_addresses
 from weaktr.data.images import load_rgb
 from weaktr.data.shards import IMAGE_EXTENSIONS, SampleDecodeError, decode_sample
@@ -109,7 +109,8 @@ class StageSettings:
     overlay_samples: int
     save_cams: bool
     sweep_thresholds: Optional[list[float]]
-    crf: dict = field(default_factory=dict)  # CRFParams fields
+    crf: dict = field(default_factory=dict)  # CRFParams fields, the backend resolved
+    crf_in_cam_actor: bool = False  # the CAM actor makes the pseudo-labels itself (no CRF pool)
 
 
 # One flat schema for every row after the CAM stage (failure rows leave the data columns empty).
@@ -205,7 +206,8 @@ def _columns(rows: list[dict], names: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 class CamStage:
-    """Actor: chunk rows -> one row per image with its CAM label, metrics and (optional) CAM array / overlay."""
+    """Actor: chunk rows -> one row per image with its CAM label, metrics and (optional) CAM array / overlay; with
+    ``settings.crf_in_cam_actor``, the CRF's pseudo-label too, made on the actor's device (CrfStage's rows)."""
 
     COLUMNS = _ROW_META + ("labels", "image", "mask", "cam_label", "cam_cm", "sweep", "cams", "overlay")
 
@@ -220,6 +222,7 @@ class CamStage:
         self.model = take_model("cam", model_ref, self.device)
         self.patch_size = self.model.patch_size[0]
         self.settings = settings
+        self.columns = CrfStage.COLUMNS if settings.crf_in_cam_actor else self.COLUMNS
         log.info("CAM actor ready on %s (%s threads): %d classes, scales %s%s", self.device,
                  torch.get_num_threads() if self.device.type == "cpu" else "-", settings.num_classes,
                  list(settings.scales), " + flip" if settings.flip else "")
@@ -237,7 +240,7 @@ class CamStage:
                 rows.append({**meta, "kind": "empty", "index": -1, "key": "", "reason": ""})
             if chunk["samples"]:
                 rows.extend({**meta, **row} for row in self._process(chunk["samples"]))
-        return _columns(rows, self.COLUMNS)
+        return _columns(rows, self.columns)
 
     def _process(self, samples: list[dict]) -> list[dict]:
         s = self.settings
@@ -246,11 +249,12 @@ class CamStage:
             self.model, images, s.scales, s.flip, self.patch_size, attention_type=s.attention_type,
             refine=s.patch_attn_refine,
         )  # [C, H, W] each
-        rows = []
+        rows, cam_labels = [], []
         for sample, image, cam in zip(samples, images, cams):
             present = sample["labels"]
             # cam_to_label reads only the present classes: the same as zeroing the absent ones first.
             cam_label = ops.cam_to_label(cam, present, s.bg_threshold).cpu().numpy().astype(np.uint8)  # [H, W]
+            cam_labels.append(cam_label)
             norm = normalize_cams(cam[present].cpu().numpy(), range(len(present)))  # [P, H, W] in [0, 1]
             row = {
                 "kind": "sample", "index": sample["index"], "key": sample["key"], "reason": "",
@@ -267,7 +271,20 @@ class CamStage:
                     sweep = BackgroundSweep(s.sweep_thresholds, s.num_classes).update(full, present, mask)
                     row["sweep"] = _sparse(sweep.histogram)
             rows.append(row)
+        if s.crf_in_cam_actor:
+            pseudos = crf_refine_label_batch(images, cam_labels, [sample["labels"] for sample in samples],
+                                             CRFParams(**s.crf), self.device)
+            for row, pseudo in zip(rows, pseudos):
+                _add_pseudo_label(row, pseudo, s.num_classes)
         return rows
+
+
+def _add_pseudo_label(row: dict, pseudo: np.ndarray, num_classes: int) -> None:
+    """The CRF stage's columns of a sample row: its pseudo-label (plain and in the VOC palette) and, where the
+    sample has a mask, the pseudo-label's confusion counts."""
+    row["pseudo"], row["pseudo_color"] = _png(pseudo), _png(pseudo, palette=True)
+    if row["mask"]:
+        row["crf_cm"] = _sparse(ConfusionMatrix(num_classes + 1).update(pseudo, _decode_label_png(row["mask"])).matrix)
 
 
 class CrfStage:
@@ -278,19 +295,18 @@ class CrfStage:
     def __init__(self, settings: StageSettings):
         self.settings = settings
         self.params = CRFParams(**settings.crf)
+        torch.set_num_threads(1)  # the torch backend: one CPU per CRF actor, as pydensecrf
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
         for i in range(len(batch["kind"])):
-            row = {name: batch[name][i] for name in _ROW_META + ("cam_cm", "sweep", "cams", "overlay")}
+            row = {name: batch[name][i] for name in _ROW_META + ("cam_cm", "sweep", "cams", "overlay", "mask")}
             if row["kind"] == "sample":
                 image = load_rgb(batch["image"][i])
                 cam_label = _decode_label_png(batch["cam_label"][i])
-                pseudo = crf_refine_labels(image, cam_label, json.loads(batch["labels"][i]), self.params)
-                row["pseudo"], row["pseudo_color"] = _png(pseudo), _png(pseudo, palette=True)
-                if batch["mask"][i]:
-                    mask = _decode_label_png(batch["mask"][i])
-                    row["crf_cm"] = _sparse(ConfusionMatrix(self.settings.num_classes + 1).update(pseudo, mask).matrix)
+                present = json.loads(batch["labels"][i])
+                _add_pseudo_label(row, crf_refine_label_batch([image], [cam_label], [present], self.params)[0],
+                                  self.settings.num_classes)
             rows.append(row)
         return _columns(rows, self.COLUMNS)
 
