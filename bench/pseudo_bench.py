@@ -136,7 +136,7 @@ def bench_crf(args) -> list[tuple[str, str]]:
     single = len(subset) / (time.perf_counter() - start)
 
     settings = StageSettings(num_classes=6, scales=[1.0], flip=True, attention_type="fused", patch_attn_refine=True,
-                             bg_threshold=0.43, chunk_size=1, overlay_samples=0, save_cams=False,
+                             bg_threshold=0.43, chunk_size=1, forward_batch=8, overlay_samples=0, save_cams=False,
                              sweep_thresholds=None, crf=asdict(CRFParams()))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})

@@ -134,6 +134,15 @@ def test_batched_multiscale_cams_match_the_reference_loop():
             scale = b.abs().max().item()
             assert scale > 0
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
+    # Only each image's present classes, two images per forward (a same-shape group split): the reference's maps of
+    # those classes, and the CAM labels the reference's all-class maps give.
+    present = [[0, 2], [1], [0, 1, 2], [2], [1, 2]]
+    kept = multiscale_cams(model, images, [1.0, 1.2], True, patch_size=16, classes=present, max_batch=2)
+    full = multiscale_cams(model, images, [1.0, 1.2], True, patch_size=16, reference=True)
+    for classes, a, b in zip(present, kept, full):
+        torch.testing.assert_close(a, b[classes], rtol=1e-5, atol=1e-5 * b.abs().max().item())
+        ids = torch.tensor([0] + [c + 1 for c in classes])
+        assert torch.equal(ids[ops.cam_to_label(a, range(len(classes)), 0.4)], ops.cam_to_label(b, classes, 0.4))
     # Flipping the input mirrors the flip-averaged CAM (a check that un-flipping happened).
     mirrored = multiscale_cams(model, [images[0][:, ::-1].copy()], [1.0], True, patch_size=16)[0]
     original = multiscale_cams(model, [images[0]], [1.0], True, patch_size=16)[0]

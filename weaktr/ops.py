@@ -16,16 +16,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def fuse_attention(attn: Tensor, weights: Tensor) -> Tensor:
+def fuse_attention(attn: Tensor | Sequence[Tensor], weights: Tensor) -> Tensor:
     """Adaptive attention fusion: A_bar = (1/L) sum_l w_l * A_l.
 
-    attn [B, L, T, T] attention probabilities of all layers and heads; weights [B, L] -> [B, T, T].
+    attn [B, L, T, T] attention probabilities of all layers and heads, or the same maps as chunks [B, L_i, T, T]
+    along L (each block's heads as the encoder makes them: no [B, L, T, T] copy); weights [B, L] -> [B, T, T].
     """
-    if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
-        raise ValueError(f"attn must be [B, L, T, T], got shape {tuple(attn.shape)}")
-    if weights.shape != attn.shape[:2]:
-        raise ValueError(f"weights must be [B, L] = {tuple(attn.shape[:2])}, got shape {tuple(weights.shape)}")
-    return torch.einsum("bl,blst->bst", weights.to(attn.dtype), attn) / attn.shape[1]
+    chunks = [attn] if isinstance(attn, Tensor) else list(attn)
+    if any(c.ndim != 4 or c.shape[-1] != c.shape[-2] or c.shape[0] != chunks[0].shape[0] for c in chunks):
+        raise ValueError(f"attn must be [B, L, T, T], got shapes {[tuple(c.shape) for c in chunks]}")
+    B, L = chunks[0].shape[0], sum(c.shape[1] for c in chunks)
+    if weights.shape != (B, L):
+        raise ValueError(f"weights must be [B, L] = {(B, L)}, got shape {tuple(weights.shape)}")
+    fused, start = None, 0
+    for chunk in chunks:
+        part = torch.einsum("bl,blst->bst", weights[:, start : start + chunk.shape[1]].to(chunk.dtype), chunk)
+        fused = part if fused is None else fused + part
+        start += chunk.shape[1]
+    return fused / L
 
 
 ATTENTION_TYPES = ("fused", "patchcam", "cross")  # the official --attention-type choices

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from weaktr.crf import CRFParams
+from weaktr.models.inference import CAM_FORWARD_BATCH
 
 
 class ConfigError(ValueError):
@@ -184,6 +185,10 @@ class PseudoConfig:
     patch_attn_refine: bool = True
     crf: CRFParams = field(default_factory=CRFParams)  # dense CRF kernels (SPEC: VOC; COCO in coco14.yaml)
     batch_size: int = 16  # images per CAM-inference batch
+    # Images (flips included) per ViT forward of the CAM pass: every block's attention maps are kept for the fusion
+    # (at 320x480, scale 1.2, DeiT-S: ~225 MB per image in float32), so peak memory grows with it. A GPU with
+    # memory to spare may go faster with more.
+    forward_batch: int = CAM_FORWARD_BATCH
     cam_actors: int = 1
     cam_gpus_per_actor: float = 0.0  # a fraction shares a GPU between actors; 0 runs on CPU
     cam_cpus_per_actor: float = 1.0

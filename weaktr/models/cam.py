@@ -163,13 +163,15 @@ class WeakTrCAM(nn.Module):
         coarse_cam = self.head(patches)  # [B, C, h, w]
         coarse_logits = coarse_cam.mean((2, 3))
 
-        attn = torch.stack(attn_probs, dim=2).flatten(1, 2)  # [B, Hd, K, T, T] -> [B, L, T, T], l = j*K + k
-        K, T = len(self.blocks), attn.shape[-1]
+        K, T = len(self.blocks), x.shape[1]
         feats = torch.stack(attn_feats, dim=1)  # [B, K, T, D]
-        # Feature d goes to head d mod Hd (the official view(K, B, T, D/Hd, Hd)), maps head-major like attn.
+        # Feature d goes to head d mod Hd (the official view(K, B, T, D/Hd, Hd)), maps head-major: l = j*K + k.
         feats = feats.reshape(B, K, T, -1, Hd).permute(0, 4, 1, 2, 3).reshape(B, Hd * K, T, -1)  # [B, L, T, D/Hd]
-        weights = self.aaf(feats)  # [B, L]
-        fused = ops.fuse_attention(attn, weights)  # [B, T, T]
+        weights = self.aaf(feats)  # [B, L], head-major
+        # Fused block by block ([B, Hd, T, T] each, weights reordered block-major): stacking the L maps first
+        # would hold them twice, the largest tensors of the pass.
+        block_major = weights.view(B, Hd, K).transpose(1, 2).reshape(B, K * Hd)  # [B, L], l' = k*Hd + j
+        fused = ops.fuse_attention(attn_probs, block_major)  # [B, T, T]
         fine_cam = ops.refine_cam(coarse_cam.detach(), fused)  # [B, C, h, w]; trains only the AAF
         fine_logits = fine_cam.mean((2, 3))
         return CamOutput(cls_logits, coarse_logits, fine_logits, coarse_cam, fine_cam, fused)

@@ -23,6 +23,11 @@ from torch import Tensor
 from weaktr import ops
 from weaktr.runtime import autocast, unwrap
 
+# Images (flips included) per forward of the CAM pass. WeakTrCAM keeps every block's attention maps for the fusion,
+# the pass's largest tensors: DeiT-S at 320x480, scales 1.0 + 1.2, 8 images on a CPU peaked 1.3 GB above the
+# model with forwards of 4 against 2.6 GB with 8 and 4.6 GB with 16 (and ran no slower): BENCHMARKS.md.
+CAM_FORWARD_BATCH = 4
+
 
 @torch.no_grad()
 def sliding_window_logits(
@@ -123,33 +128,41 @@ def predict_probs(
 @torch.inference_mode()
 def cam_pass(
     model: nn.Module, inputs: Sequence[Sequence[Tensor]], sizes: Sequence[tuple[int, int]], flip: bool = True,
-    attention_type: str = "fused", refine: bool = True,
+    attention_type: str = "fused", refine: bool = True, classes: Sequence[Sequence[int]] | None = None,
+    max_batch: int = CAM_FORWARD_BATCH,
 ) -> list[Tensor]:
     """Fine CAMs G (or another readout: `read_cam`) summed over scales (and flips): one float32 [C, H_i, W_i] per
-    image, at `sizes[i]`, on the model's device (absent classes are not zeroed here).
+    image, at `sizes[i]`, on the model's device (absent classes are not zeroed here); with ``classes``, only the
+    maps of classes[i] (in that order), [len(classes[i]), H_i, W_i].
 
     inputs[s][i] is image i prepared for scale s: normalized [3, h, w], h and w multiples of the patch size (any
-    device). Batched: per scale, the images with the same input shape and all their flips go through ONE forward
-    pass; each G is upsampled bilinearly to its image's size, un-flipped and summed. Same result as
-    `cam_pass_reference` up to float rounding.
+    device). Batched: per scale, the images with the same input shape and their flips go through the model
+    ``max_batch`` images (flips included) at a time; a forward's attention maps grow with its batch, the pass's
+    largest tensors. Each image's flip is added to it at the token grid (flipping and the bilinear upsampling
+    commute), and only the kept classes are upsampled, once per scale. Same result as `cam_pass_reference` up to
+    float rounding.
     """
     device = next(model.parameters()).device
+    per_forward = max(1, max_batch // 2 if flip else max_batch)
     totals: list[Tensor | None] = [None] * len(sizes)
     for scaled in inputs:
         groups: dict[tuple, list[int]] = defaultdict(list)  # input shape -> images with that shape
         for i, x in enumerate(scaled):
             groups[tuple(x.shape)].append(i)
         for members in groups.values():
-            n = len(members)
-            batch = torch.stack([scaled[i] for i in members]).to(device)  # [n, 3, h, w]
-            if flip:
-                batch = torch.cat([batch, batch.flip(-1)])  # [2n, 3, h, w]
-            cams = read_cam(model(batch), attention_type, refine)  # [n or 2n, C, h/p, w/p]
-            for j, i in enumerate(members):
-                cam = _upsample(cams[j], sizes[i])  # [C, H, W]
+            for first in range(0, len(members), per_forward):
+                chunk = members[first : first + per_forward]
+                n = len(chunk)
+                batch = torch.stack([scaled[i] for i in chunk]).to(device)  # [n, 3, h, w]
                 if flip:
-                    cam = cam + _upsample(cams[n + j], sizes[i]).flip(-1)
-                totals[i] = cam if totals[i] is None else totals[i] + cam
+                    batch = torch.cat([batch, batch.flip(-1)])  # [2n, 3, h, w]
+                cams = read_cam(model(batch), attention_type, refine)  # [n or 2n, C, h/p, w/p]
+                if flip:
+                    cams = cams[:n] + cams[n:].flip(-1)  # [n, C, h/p, w/p]
+                for j, i in enumerate(chunk):
+                    kept = cams[j] if classes is None else cams[j, list(classes[i])]  # [C or P, h/p, w/p]
+                    cam = _upsample(kept, sizes[i])  # [C or P, H, W]
+                    totals[i] = cam if totals[i] is None else totals[i] + cam
     return totals
 
 
@@ -215,24 +228,28 @@ def multiscale_cams(
     reference: bool = False,
     attention_type: str = "fused",
     refine: bool = True,
+    classes: Sequence[Sequence[int]] | None = None,
+    max_batch: int = CAM_FORWARD_BATCH,
 ) -> list[Tensor]:
     """Multi-scale (+ flip) fine CAMs G of uint8 [H, W, 3] images, each float32 [C, H, W] at its original size,
     on the model's device: per scale, resize, crop to multiples of `patch_size`, run the model, upsample G
     bilinearly, un-flip, and sum over scales and flips (absent classes are not zeroed here). `attention_type` and
-    `refine` choose another readout than G (`read_cam`).
+    `refine` choose another readout than G (`read_cam`). With ``classes`` (e.g. each image's present classes),
+    only those maps, [len(classes[i]), H, W], are carried to full resolution.
 
-    Batched (`cam_pass`): per scale, the images with the same input grid and all their flips go through ONE
-    forward pass; bf16 autocast on GPU. With `reference`, the WeakTr reference loop instead (`cam_pass_reference`:
-    one image at a time, one forward per scale, float32), the equivalence and benchmark baseline; the two agree up
-    to float rounding. The model must be in eval mode; pass as many images at once as fit in memory.
+    Batched (`cam_pass`): per scale, the images with the same input grid and their flips go through the model
+    ``max_batch`` at a time; bf16 autocast on GPU. With `reference`, the WeakTr reference loop instead
+    (`cam_pass_reference`: one image at a time, one forward per scale, float32), the equivalence and benchmark
+    baseline; the two agree up to float rounding. The model must be in eval mode.
     """
     device = next(model.parameters()).device
     sizes = [image.shape[:2] for image in images]
     inputs = _scaled_inputs(images, scales, patch_size, unwrap(model).normalization)
     if reference:
-        return cam_pass_reference(model, inputs, sizes, flip, attention_type, refine)
+        cams = cam_pass_reference(model, inputs, sizes, flip, attention_type, refine)
+        return cams if classes is None else [cam[list(kept)] for cam, kept in zip(cams, classes)]
     with autocast(device, enabled=True):
-        return cam_pass(model, inputs, sizes, flip, attention_type, refine)
+        return cam_pass(model, inputs, sizes, flip, attention_type, refine, classes, max_batch)
 
 
 def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:

@@ -83,8 +83,9 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         thresholds = parse_sweep(p.sweep_bg, key="pseudo.sweep_bg")
     except ValueError as err:
         raise PseudoLabelError(str(err)) from None
-    if p.batch_size < 1 or p.cam_actors < 1 or p.crf_actors < 1:
-        raise PseudoLabelError("pseudo.batch_size, pseudo.cam_actors and pseudo.crf_actors must be >= 1")
+    if min(p.batch_size, p.forward_batch, p.cam_actors, p.crf_actors) < 1:
+        raise PseudoLabelError("pseudo.batch_size, pseudo.forward_batch, pseudo.cam_actors and pseudo.crf_actors "
+                               "must be >= 1")
     try:  # the backend the run records and every actor uses, whatever each node has installed
         crf = resolve_backend(p.crf)
     except ValueError as err:
@@ -127,8 +128,8 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
     if todo:
         settings = StageSettings(
             num_classes=manifest.num_classes, scales=list(p.scales), flip=p.flip, attention_type=p.attention_type,
-            patch_attn_refine=p.patch_attn_refine, bg_threshold=bg_threshold,
-            chunk_size=p.batch_size, overlay_samples=p.overlay_samples, save_cams=p.save_cams,
+            patch_attn_refine=p.patch_attn_refine, bg_threshold=bg_threshold, chunk_size=p.batch_size,
+            forward_batch=p.forward_batch, overlay_samples=p.overlay_samples, save_cams=p.save_cams,
             sweep_thresholds=thresholds, crf=asdict(crf), crf_in_cam_actor=p.crf_in_cam_actors,
         )
         offsets = np.concatenate([[0], np.cumsum(split.shard_sizes)]).tolist()

@@ -106,6 +106,7 @@ class StageSettings:
     patch_attn_refine: bool
     bg_threshold: float
     chunk_size: int
+    forward_batch: int
     overlay_samples: int
     save_cams: bool
     sweep_thresholds: Optional[list[float]]
@@ -247,15 +248,16 @@ class CamStage:
         images = [load_rgb(sample["image"]) for sample in samples]
         cams = multiscale_cams(
             self.model, images, s.scales, s.flip, self.patch_size, attention_type=s.attention_type,
-            refine=s.patch_attn_refine,
-        )  # [C, H, W] each
+            refine=s.patch_attn_refine, classes=[sample["labels"] for sample in samples], max_batch=s.forward_batch,
+        )  # [P, H, W] each: the present classes only
         rows, cam_labels = [], []
         for sample, image, cam in zip(samples, images, cams):
-            present = sample["labels"]
-            # cam_to_label reads only the present classes: the same as zeroing the absent ones first.
-            cam_label = ops.cam_to_label(cam, present, s.bg_threshold).cpu().numpy().astype(np.uint8)  # [H, W]
+            present = sample["labels"]  # sorted
+            compact = ops.cam_to_label(cam, range(len(present)), s.bg_threshold)  # [H, W]: k + 1 <-> present[k]
+            ids = torch.tensor([0] + [c + 1 for c in present], device=compact.device)
+            cam_label = ids[compact].cpu().numpy().astype(np.uint8)  # [H, W] dataset ids
             cam_labels.append(cam_label)
-            norm = normalize_cams(cam[present].cpu().numpy(), range(len(present)))  # [P, H, W] in [0, 1]
+            norm = normalize_cams(cam.cpu().numpy(), range(len(present)))  # [P, H, W] in [0, 1]
             row = {
                 "kind": "sample", "index": sample["index"], "key": sample["key"], "reason": "",
                 "labels": json.dumps(present), "image": sample["image"], "mask": sample["mask"],
