@@ -74,8 +74,8 @@ def test_bench_runs_every_stage_on_cpu_with_tiny_models(tmp_path):
     report = json.loads(out.read_text())
     assert report["device"] and report["torch"].startswith(torch.__version__) and report["date"]
     rows = report["rows"]
-    assert {row["stage"] for row in rows} == {"phase2", "cam", "phase1"}
-    for stage in ("phase2", "cam", "phase1"):
+    assert {row["stage"] for row in rows} == {"phase2", "cam", "crf", "phase1"}
+    for stage in ("phase2", "cam", "crf", "phase1"):
         stage_rows = [row for row in rows if row["stage"] == stage]
         assert stage_rows[0]["kind"] == "reference" and stage_rows[0]["ratio"] == pytest.approx(1.0)
         measured = [row for row in stage_rows if row["ms_per_step"] is not None]
@@ -88,7 +88,7 @@ def test_bench_runs_every_stage_on_cpu_with_tiny_models(tmp_path):
             if row["ms_per_step"] is None:  # only the compiled rows, which run on a GPU
                 assert "torch.compile" in row["variant"] and row["note"].startswith("skipped"), row
     assert any(row["kind"] == "baseline" and row["ms_per_step"] for row in rows)
-    assert [goal["name"].split(":")[0] for goal in report["targets"]] == ["phase 2", "CAM pass", "phase 1"]
+    assert [goal["name"].split(":")[0] for goal in report["targets"]] == ["phase 2", "CAM pass", "CRF", "phase 1"]
     assert all(goal["value"] > 0 for goal in report["targets"])
 
 

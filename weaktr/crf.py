@@ -90,21 +90,21 @@ def softmax_unary(probs: np.ndarray, clip: float = 1e-5) -> np.ndarray:
 def mean_field(images: Sequence[np.ndarray], unaries: Sequence[np.ndarray], params: CRFParams,
                device="cpu") -> list[np.ndarray]:
     """Posterior marginals float32 [K_i, H_i*W_i] of images uint8 [H_i, W_i, 3] (checked by `_check_image`) for
-    unaries [K_i, H_i*W_i] (negative log-probabilities), with ``params.backend``: pydensecrf one image at a time,
-    torch as one batch on ``device``."""
+    unaries [K_i, H_i*W_i] (negative log-probabilities), with ``params.backend``: pydensecrf one image at a time;
+    torch on ``device``, as one batch on a GPU and one image at a time on a CPU (a batch's lattice outgrows the
+    CPU's caches: 1.3-2.3x slower per image in bench/crf_bench.py)."""
     params = resolve_backend(params)
     if params.backend == "torch":
         import torch
 
         from weaktr.crf_torch import mean_field as torch_mean_field
 
-        kernels = {name: getattr(params, name) for name in (
-            "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat", "iterations")}
-        posteriors = torch_mean_field(
-            [torch.from_numpy(image).to(device) for image in images],
-            [torch.from_numpy(u).to(device).reshape(len(u), *image.shape[:2]) for image, u in zip(images, unaries)],
-            **kernels,
-        )
+        images = [torch.from_numpy(image).to(device) for image in images]
+        unaries = [torch.from_numpy(u).to(device).reshape(len(u), *image.shape[:2])
+                   for image, u in zip(images, unaries)]
+        batches = [range(len(images))] if torch.device(device).type == "cuda" else [[i] for i in range(len(images))]
+        posteriors = [q for batch in batches
+                      for q in torch_mean_field([images[i] for i in batch], [unaries[i] for i in batch], params)]
         return [q.reshape(len(q), -1).cpu().numpy() for q in posteriors]
 
     import pydensecrf.densecrf as dcrf

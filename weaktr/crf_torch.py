@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from weaktr.crf import CRFParams
+
 # The lattice's splat and slice are sparse CSR matrices, which torch 2.x still calls beta on first use.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
@@ -41,11 +43,11 @@ class Lattice:
     neighbours: Tensor
 
     def filter(self, values: Tensor) -> Tensor:
-        """Gaussian filtering of values [N, K] over the feature space: splat, blur, slice -> [N, K]."""
-        grid = (self.splat @ values).T.contiguous()  # [K, M+1]
-        for before, after in self.neighbours:  # one pass per lattice axis, weights (1/2, 1, 1/2)
-            grid = grid + 0.5 * (grid.index_select(1, before) + grid.index_select(1, after))  # row 0 stays 0
-        return self.slice @ grid.T.contiguous()  # [N, K]
+        """Gaussian filtering of values [K, N] over the feature space: splat, blur, slice -> [K, N]."""
+        grid = (self.splat @ values.T).T.contiguous()  # [K, M+1]: channels apart, each gather stays in one row
+        for before, after in self.neighbours:  # one pass per lattice axis, weights (1/2, 1, 1/2); row 0 stays 0
+            grid = grid.add_(grid.index_select(1, before).add_(grid.index_select(1, after)), alpha=0.5)
+        return (self.slice @ grid.T).T  # [K, N]
 
 
 def build_lattice(features: Tensor, image_index: Tensor) -> Lattice:
@@ -130,13 +132,11 @@ def build_lattice(features: Tensor, image_index: Tensor) -> Lattice:
     return Lattice(splat, slice_, torch.stack(neighbours))
 
 
-def mean_field(
-    images: Sequence[Tensor], unaries: Sequence[Tensor], *, gaussian_sxy: float, gaussian_compat: float,
-    bilateral_sxy: float, bilateral_srgb: float, bilateral_compat: float, iterations: int,
-) -> list[Tensor]:
+def mean_field(images: Sequence[Tensor], unaries: Sequence[Tensor], params: CRFParams) -> list[Tensor]:
     """Posterior marginals of a batch: images uint8 [H_i, W_i, 3], unaries float [K_i, H_i, W_i] (negative
     log-probabilities), all on one device -> float32 [K_i, H_i, W_i] each. densecrf's DenseCRF2D with
-    addPairwiseGaussian(sxy, compat) + addPairwiseBilateral(sxy, srgb, compat) and inference(iterations)."""
+    addPairwiseGaussian(sxy, compat) + addPairwiseBilateral(sxy, srgb, compat) and inference(iterations), the
+    kernels of ``params`` (its backend is not read)."""
     if len(images) != len(unaries) or not images:
         raise ValueError(f"need one unary per image, got {len(images)} images and {len(unaries)} unaries")
     device = unaries[0].device
@@ -149,30 +149,30 @@ def mean_field(
         y, x = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
         xy = torch.stack([x, y], -1).reshape(-1, 2).float()  # [H*W, 2], pixel order row-major as densecrf
         rgb = image.to(device).reshape(-1, 3).float()
-        gaussian.append(xy / gaussian_sxy)
-        bilateral.append(torch.cat([xy / bilateral_sxy, rgb / bilateral_srgb], 1))  # [H*W, 5]
+        gaussian.append(xy / params.gaussian_sxy)
+        bilateral.append(torch.cat([xy / params.bilateral_sxy, rgb / params.bilateral_srgb], 1))  # [H*W, 5]
         padded = torch.full((num_labels, H * W), _PAD_ENERGY, device=device)
         padded[:K] = u.reshape(K, -1).float()
-        unary.append(padded.T)  # [H*W, K_max]
+        unary.append(padded)  # [K_max, H*W]
         index.append(torch.full((H * W,), i, dtype=torch.long, device=device))
     index = torch.cat(index)
-    unary = torch.cat(unary)  # [N, K_max]
+    unary = torch.cat(unary, 1)  # [K_max, N]: label-major, so that the softmax over labels runs along whole rows
     kernels = []
-    for features, compat in ((gaussian, gaussian_compat), (bilateral, bilateral_compat)):
+    for features, compat in ((gaussian, params.gaussian_compat), (bilateral, params.bilateral_compat)):
         lattice = build_lattice(torch.cat(features), index)
-        norm = lattice.filter(unary.new_ones(len(index), 1)).add(1e-20).rsqrt()  # [N, 1], symmetric normalization
+        norm = lattice.filter(unary.new_ones(1, len(index))).add(1e-20).rsqrt()  # [1, N], symmetric normalization
         kernels.append((lattice, norm, compat))
 
-    q = torch.softmax(-unary, 1)  # [N, K_max]
-    for _ in range(iterations):
+    q = torch.softmax(-unary, 0)  # [K_max, N]
+    for _ in range(params.iterations):
         energy = -unary
         for lattice, norm, compat in kernels:  # Potts: a label is rewarded by its own filtered marginal
             energy = energy + compat * norm * lattice.filter(norm * q)
-        q = torch.softmax(energy, 1)
+        q = torch.softmax(energy, 0)
 
     out, start = [], 0
     for u in unaries:
         K, H, W = u.shape
-        out.append(q[start : start + H * W, :K].T.reshape(K, H, W))
+        out.append(q[:K, start : start + H * W].reshape(K, H, W))
         start += H * W
     return out
