@@ -15,8 +15,8 @@ Stages (random weights and inputs: the speed does not depend on them):
 - crf: the dense CRF of the pseudo-labels (`weaktr.crf_torch`, crf.backend torch) on photo-like images of VOC size
   (375x500; smooth regions and edges, generated), 5 labels (background + 4 classes) and all 21, VOC kernels.
   Reference = the torch CRF on this machine's CPU, one image at a time, one thread (the GPU machine has no
-  pydensecrf; on the 2-core sandbox pydensecrf is 1.7-1.75x faster than that row per image: BENCHMARKS.md, so the
-  issue's goal, 20x pydensecrf per core, is ~35x this reference); then batches on the GPU.
+  pydensecrf; on the 2-core sandbox pydensecrf is 1.37x faster than that row per image with 5 labels:
+  BENCHMARKS.md, so the issue's goal, 20x pydensecrf per core, is ~27x this reference); then batches on the GPU.
 - phase1: a WeakTrCAM training step, batch 64 at 224x224, 20 classes, AdamW. Reference = explicit attention in
   fp16 autocast with a gradient scaler (the WeakTr code); then SDPA attention in bf16, torch.compile; and the
   baseline the target is measured against: a plain timm DeiT-S classification step, bf16, eager and compiled.
@@ -431,7 +431,7 @@ def targets(rows: list[Row]) -> list[dict]:
     if crf := measured("crf"):
         best = max((r for r in crf if r.kind == "optimized" and "5 labels" in r.variant), key=lambda r: r.images_per_s)
         out.append(dict(name=f"CRF: best 5-label ({best.variant}) / torch on one CPU thread images/s",
-                        value=best.ratio, goal=">= 35x", met=best.ratio >= 35))
+                        value=best.ratio, goal=">= 27x", met=best.ratio >= 27))
     if cls := measured("phase1"):
         best = min((r for r in cls if r.kind == "optimized"), key=lambda r: r.ms_per_step)
         base = min((r for r in cls if r.kind == "baseline"), key=lambda r: r.ms_per_step)
