@@ -99,6 +99,10 @@ def test_predict_with_scales_flip_and_crf(checkpoints, tmp_path):
     refined = np.asarray(Image.open(tmp_path / "crf" / "a.png"))
     assert plain.shape == refined.shape == (70, 100)
     assert not np.array_equal(plain, refined)
+    # The same CRF on the torch backend (the checkpoint's default is auto: pydensecrf where it is installed).
+    assert main([*args, "--crf", "--crf-backend", "torch", "--out", str(tmp_path / "torch")]) == 0
+    on_torch = np.asarray(Image.open(tmp_path / "torch" / "a.png"))
+    assert np.mean(on_torch == refined) >= 0.99
 
 
 def test_predict_refuses_other_checkpoint_kinds_and_bad_windows(checkpoints, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The ``weaktr`` command.
 
-    weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf]
+    weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf [--crf-backend torch]]
     weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
     weaktr pipeline --config CFG [--resume | --from STAGE] [--set KEY=VALUE ...]
     weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [SIZES]
@@ -34,6 +34,7 @@ import itertools
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -41,6 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from weaktr import storage
+from weaktr.crf import BACKENDS, resolve_backend
 from weaktr.data.convert import CONVERT_WORKERS
 from weaktr.data.images import load_rgb
 from weaktr.data.shards import MAX_SIDE, SAMPLES_PER_SHARD
@@ -106,7 +108,15 @@ def predict_command(args: argparse.Namespace) -> int:
     eval_cfg = from_dict(ckpt.get("config", {}).get("eval", {}), EvalConfig, "eval.")
     eval_cfg.scales, eval_cfg.flip = args.scales, not args.no_flip
     eval_cfg.window, eval_cfg.stride = args.window, args.stride
-    crf = eval_cfg.crf_params if args.crf else None
+    crf = None
+    if args.crf:
+        crf = eval_cfg.crf_params if args.crf_backend is None else replace(eval_cfg.crf_params,
+                                                                           backend=args.crf_backend)
+        try:
+            crf = resolve_backend(crf)
+        except ValueError as err:
+            print(f"weaktr predict: error: {err}", file=sys.stderr)
+            return 2
     unreadable = 0
     for path, stem in images:
         try:
@@ -229,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--stride", type=int, default=320, help="sliding-window stride")
     predict.add_argument("--crf", action="store_true",
                          help="refine with the official dense CRF (over the predicted classes)")
+    predict.add_argument("--crf-backend", choices=BACKENDS, default=None,
+                         help="dense CRF backend (default: the checkpoint's eval.crf_params.backend)")
     predict.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     predict.set_defaults(func=predict_command)
 

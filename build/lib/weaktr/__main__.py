@@ -1,0 +1,7 @@
+"""``python -m weaktr``: the ``weaktr`` command."""
+
+import sys
+
+from weaktr.cli import main
+
+sys.exit(main())
