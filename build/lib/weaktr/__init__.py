@@ -1,3 +1,0 @@
-"""weaktr: WeakTr weakly-supervised semantic segmentation on Ray."""
-
-__version__ = "0.2.0"
