@@ -30,7 +30,7 @@ setup() {
         python3 -m venv "$VENV"
     fi
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS" -e ".[test,pydensecrf]"
+    "$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS" -e ".[test,pydensecrf,tracking]"
     echo "$stamp" > "$VENV/.setup-stamp"
 }
 

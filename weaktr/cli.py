@@ -1,6 +1,6 @@
 """The ``weaktr`` command.
 
-    weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf [--crf-backend torch]]
+    weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf --crf-backend B]
     weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
     weaktr pipeline --config CFG [--resume | --from STAGE] [--set KEY=VALUE ...]
     weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [SIZES]

@@ -35,6 +35,7 @@ from weaktr.models.build import load_model
 from weaktr.models.inference import predict_probs
 from weaktr.models.segmenter import Segmenter
 from weaktr.runtime import autocast, unwrap
+from weaktr.tracking import check_tracking, log_results
 
 REPORT_NAME = "eval_report.json"
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
     from weaktr.launch import actor_pool, progress, put_model, quiet_ray_data
 
     quiet_ray_data()
+    check_tracking(cfg)
     started = time.perf_counter()
     checkpoint = storage.absolute(checkpoint)
     manifest = Manifest.load(cfg.data.root)
@@ -217,6 +219,10 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
         variant_cfg = copy.deepcopy(cfg)
         variant_cfg.eval.crf = crf
         reports.append(make_report(confusion, manifest, variant_cfg, checkpoint, num_images, seconds))
+    log_results(cfg, "eval", storage.join(checkpoint, cfg.eval.split), {
+        "eval_crf" if crf else "eval": {k: report[k] for k in ("miou", "pixel_accuracy", "per_class")}
+        for crf, report in zip(crf_variants, reports)
+    } | {"num_images": num_images})
     return reports
 
 

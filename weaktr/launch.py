@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 WAIT_FOR_FIRST_ACTOR_S = 600
 
 # The path keys each job's Ray workers and actors read or write (on any node), besides what its driver reads.
-PHASE1_PATHS = ("data.root", "run.storage_path", "model.weights_path", "train.resume_from")
+# tracking.uri: rank 0 of each phase writes there, on whichever node it runs.
+PHASE1_PATHS = ("data.root", "run.storage_path", "model.weights_path", "train.resume_from", "tracking.uri")
 PHASE2_PATHS = ("data.root", "run.storage_path", "seg_train.data_root", "seg_model.weights_path",
-                "seg_train.resume_from")
+                "seg_train.resume_from", "tracking.uri")
 PSEUDO_PATHS = ("data.root", "pseudo.out_dir")  # out_dir: phase 2 reads it on every node
 EVAL_PATHS = ("data.root", "eval.out_dir")
 PIPELINE_PATHS = tuple(dict.fromkeys(PHASE1_PATHS + PHASE2_PATHS))  # pseudo/ and eval/ live in the run directory

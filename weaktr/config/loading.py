@@ -55,8 +55,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, path)
+        options = [a for a in args if a is not type(None)]
+        for inner in options[:-1]:  # str | list[str]: the first type the value fits
+            try:
+                return _coerce(value, inner, path)
+            except ConfigError:
+                pass
+        return _coerce(value, options[-1], path)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value in choices:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from weaktr.crf import CRFParams
 from weaktr.models.inference import CAM_FORWARD_BATCH
@@ -297,6 +297,35 @@ class SweepConfig:
     reduction_factor: int = 2  # ASHA: about 1/reduction_factor of the trials reaching a rung go on
 
 
+TRACKING_BACKENDS = ("mlflow", "tensorboard")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (weaktr.tracking): each phase's config and per-epoch metrics, the pseudo-label and
+    evaluation results, to MLflow and/or TensorBoard, as the official code logs to MLflow."""
+
+    backend: Union[str, list[str]] = "none"  # none | mlflow | tensorboard, or a list: [mlflow, tensorboard]
+    # MLflow: a tracking URI (sqlite:////abs/path/mlflow.db, http://host:5000) or a folder (its mlflow.db);
+    # TensorBoard: a log folder. null: in run.storage_path (mlflow.db, tensorboard/), which must then be local.
+    # With both backends, null only.
+    uri: Optional[str] = None
+
+    def __post_init__(self):
+        unknown = [name for name in self.backends if name not in TRACKING_BACKENDS]
+        if unknown or (isinstance(self.backend, list) and "none" in self.backend):
+            raise ValueError(f"backend must be none, mlflow, tensorboard or a list of the last two, got "
+                             f"{self.backend!r}")
+        if len(self.backends) > 1 and self.uri is not None:
+            raise ValueError("uri names one store; with several backends leave it null (both under run.storage_path)")
+
+    @property
+    def backends(self) -> list[str]:
+        if isinstance(self.backend, str):
+            return [] if self.backend == "none" else [self.backend]
+        return list(dict.fromkeys(self.backend))
+
+
 @dataclass
 class RunConfig:
     name: str = "weaktr"
@@ -311,7 +340,8 @@ class RunConfig:
 # Every config key that names a file or directory (a local path or a URI). Made absolute on the driver
 # (launch.resolve_paths): workers, actors and Tune trials run in other directories.
 PATH_KEYS = (
-    "data.root", "run.storage_path", "model.weights_path", "train.resume_from", "pseudo.checkpoint", "pseudo.out_dir",
+    "data.root", "run.storage_path", "tracking.uri", "model.weights_path", "train.resume_from", "pseudo.checkpoint",
+    "pseudo.out_dir",
     "seg_model.weights_path", "seg_train.data_root", "seg_train.resume_from", "eval.checkpoint", "eval.out_dir",
 )
 
@@ -327,3 +357,4 @@ class Config:
     seg_train: SegTrainConfig = field(default_factory=SegTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -32,6 +32,7 @@ from weaktr.pseudo.outputs import (
     checkpoint_sha256,
 )
 from weaktr.pseudo.stages import CamStage, CrfStage, StageSettings, load_cam_model, read_shard
+from weaktr.tracking import check_tracking, log_results
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
     missing = [path for path in shard_paths if not storage.exists(path)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) of split '{p.split}' do not exist, first: {missing[0]}")
+    check_tracking(cfg)
     # Refuse a checkpoint of another dataset / architecture before any work.
     model, payload = load_cam_model(checkpoint, manifest.classes)
     bg_threshold = p.bg_threshold if p.bg_threshold is not None else checkpoint_threshold(payload, checkpoint)
@@ -140,6 +142,10 @@ def run_pseudo_labels(cfg: Config, checkpoint: str | os.PathLike) -> dict:
         _consume(dataset, out_dir, split, shard_paths, settings, sum(split.shard_sizes[i] for i in todo))
 
     report = _finalize(out_dir, manifest, p.split, thresholds, str(checkpoint), bg_threshold)
+    curve = (report["sweep"] or {}).get("curve", [])  # the background-threshold curve, step = t x 100
+    log_results(cfg, "pseudo", out_dir, {k: report[k] for k in ("num_samples", "num_failures", "bg_threshold", "cam",
+                                                                 "crf")},
+                {"sweep_mIoU": [(round(t * 100), m) for t, m in curve]})
     report["run"] = {
         "shards": len(split.shards), "shards_skipped": skipped, "shards_processed": len(todo),
         "seconds": round(time.perf_counter() - started, 2),

@@ -121,7 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = build_cam_model(cfg, num_classes).to(device)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
-    model, start_epoch, history, failures = start_training(
+    model, start_epoch, history, failures, tracked = start_training(
         model, optimizer, scheduler, cfg, t, kind="cam", classes=manifest.classes, steps=steps
     )
     for epoch in range(start_epoch, t.epochs):
@@ -150,7 +150,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report_epoch(
             metrics, kind="cam", model=model, optimizer=optimizer, scheduler=scheduler, classes=manifest.classes,
             cfg=cfg, history=history, epochs=t.epochs, started=started,
-            shown=("loss", "loss_cls", "loss_coarse", "loss_fine", "val_mAP", "cam_mIoU"),
+            tracked=tracked, shown=("loss", "loss_cls", "loss_coarse", "loss_fine", "val_mAP", "cam_mIoU"),
         )
 
 

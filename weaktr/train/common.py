@@ -23,6 +23,7 @@ from weaktr.config import Config, from_dict, to_dict
 from weaktr.data.stream import FailureTracker
 from weaktr.launch import CapacityUnavailable, check_paths_reach_every_node
 from weaktr.runtime import rng_state, seed_rngs, set_rng_state, unwrap
+from weaktr.tracking import TrackedRun, check_tracking, open_run
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def make_trainer(
     itself would notice only at the first checkpoint. ``callbacks``: Ray Train callbacks (a Tune trial passes the
     one that forwards each report to Tune, ``weaktr.sweep``)."""
     check_paths_reach_every_node(cfg, paths)
+    check_tracking(cfg)
     storage_path = cfg.run.storage_path
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
@@ -155,7 +157,8 @@ def start_training(model: torch.nn.Module, optimizer, scheduler, cfg: Config, ru
                    classes: Sequence[str], steps: int):
     """Continue from Ray Train's checkpoint or ``runner.resume_from`` when there is one (``resume``), then wrap the
     model for DDP (and ``torch.compile`` it around DDP, as torch recommends; ``unwrap`` still reaches the plain
-    model). Returns (model, first epoch, every earlier epoch's metrics, this run's decode-failure tracker)."""
+    model). Returns (model, first epoch, every earlier epoch's metrics, this run's decode-failure tracker, the
+    run's tracked run on rank 0 with a ``tracking`` backend, else None)."""
     state = restore(runner.resume_from)
     history = list(state.get("history", [])) if state is not None else []
     start_epoch = 0 if state is None else resume(
@@ -181,7 +184,12 @@ def start_training(model: torch.nn.Module, optimizer, scheduler, cfg: Config, ru
         # The run's counts up to the checkpoint (every rank's, merged) go on from rank 0's tracker: a restarted run
         # reports, and judges its limit on, what the uninterrupted one would (it used to count from zero again).
         failures.seen, failures.failed = history[-1]["samples_seen"], history[-1]["samples_failed"]
-    return model, start_epoch, history, failures
+    tracked = None
+    if ctx.get_world_rank() == 0 and start_epoch < runner.epochs:
+        tracked = open_run(cfg, ctx.get_experiment_name(), first_step=start_epoch)
+        if tracked is not None:
+            tracked.log_params(to_dict(cfg))
+    return model, start_epoch, history, failures, tracked
 
 
 def epoch_metrics(epoch: int, losses: dict[str, float], *, steps: int, world_size: int, batch_size: int,
@@ -199,12 +207,12 @@ def epoch_metrics(epoch: int, losses: dict[str, float], *, steps: int, world_siz
 
 def report_epoch(
     metrics: dict, *, kind: str, model: torch.nn.Module, optimizer, scheduler, classes: Sequence[str], cfg: Config,
-    history: Sequence[dict], epochs: int, shown: Sequence[str], started: float,
+    history: Sequence[dict], epochs: int, shown: Sequence[str], started: float, tracked: Optional[TrackedRun],
 ) -> None:
     """Report an epoch's metrics from every rank; rank 0 attaches a checkpoint (the plain model's weights, the
     optimizer and scheduler, every rank's RNG states, the resolved config, this epoch's ``metrics`` and every
-    epoch's ``history``) and prints the epoch's console line (``epoch_line``; ``started``: the epoch's
-    ``time.perf_counter()`` start)."""
+    epoch's ``history``), prints the epoch's console line (``epoch_line``; ``started``: the epoch's
+    ``time.perf_counter()`` start) and logs the metrics to its ``tracked`` run, closing it after the last epoch."""
     rng_states = all_gather(rng_state())  # every rank's, before any draw of the next epoch
     if ray.train.get_context().get_world_rank() == 0:
         with tempfile.TemporaryDirectory() as directory:
@@ -215,6 +223,10 @@ def report_epoch(
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         log.info(epoch_line(metrics, epochs, shown, time.perf_counter() - started))
+        if tracked is not None:
+            tracked.log_metrics(metrics, step=metrics["epoch"])
+            if metrics["epochs_done"] == epochs:
+                tracked.close()
     else:
         ray.train.report(metrics)
 

@@ -169,7 +169,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = build_segmenter(cfg, manifest.num_classes).to(device)
     optimizer, scheduler = make_optimizer(model, cfg, steps)
-    model, start_epoch, history, failures = start_training(
+    model, start_epoch, history, failures, tracked = start_training(
         model, optimizer, scheduler, cfg, st, kind="seg", classes=manifest.classes, steps=steps
     )
     for epoch in range(start_epoch, st.epochs):
@@ -195,7 +195,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report_epoch(
             metrics, kind="seg", model=model, optimizer=optimizer, scheduler=scheduler, classes=manifest.classes,
             cfg=cfg, history=history, epochs=st.epochs, started=started,
-            shown=("loss", "ce", "clipped_fraction", "val_mIoU"),
+            tracked=tracked, shown=("loss", "ce", "clipped_fraction", "val_mIoU"),
         )
 
 
