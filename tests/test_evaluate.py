@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -109,10 +110,12 @@ def test_ray_job_matches_a_direct_loop(ray_session, setup, tmp_path, capsys):
     assert report["settings"]["scales"] == [0.75, 1.0] and report["settings"]["flip"] is True
 
 
-def test_one_pass_scores_without_and_with_the_crf_as_two_separate_runs(ray_session, setup):
+def test_one_pass_scores_without_and_with_the_crf_as_two_separate_runs(ray_session, setup, tmp_path):
     from weaktr.evaluate import evaluate_variants_on_ray
 
     _, cfg, manifest, checkpoint = setup
+    cfg = copy.deepcopy(cfg)
+    cfg.tracking.backend, cfg.tracking.uri = "tensorboard", str(tmp_path / "tensorboard")
     plain, refined = evaluate_variants_on_ray(cfg, checkpoint, [False, True])
     model, _ = load_segmenter(checkpoint)
     for report, crf in ((plain, False), (refined, True)):
@@ -122,6 +125,12 @@ def test_one_pass_scores_without_and_with_the_crf_as_two_separate_runs(ray_sessi
         assert (report["settings"]["crf"] is not None) == crf
     cfg.eval.crf = False
     assert plain["confusion_matrix"] != refined["confusion_matrix"]  # the CRF changed some labels
+    # Tracked as one run (TensorBoard here; test_tracking.py reads MLflow too): both mIoUs and the per-class table.
+    from test_tracking import scalars
+
+    for name, report in (("eval", plain), ("eval_crf", refined)):
+        assert scalars(tmp_path / "tensorboard" / "eval", f"{name}.miou") == [(0, pytest.approx(report["miou"]))]
+    assert scalars(tmp_path / "tensorboard" / "eval", "eval.per_class.background.iou")
 
 
 def test_a_sample_that_fails_to_decode_is_skipped_counted_and_named(ray_session, setup, tmp_path, caplog):

@@ -293,8 +293,16 @@ def test_the_crf_on_the_cam_actors_with_the_torch_backend_gives_the_pools_pseudo
     overrides = pseudo_overrides(dataset, out_dir) | {"pseudo.crf_in_cam_actors": True}
     cfg = make_config(overrides)
     cfg.pseudo.crf = replace(cfg.pseudo.crf, backend="torch")
+    cfg.tracking.backend, cfg.tracking.uri = "mlflow", str(tmp_path / "mlflow")
     report = run_pseudo_labels(cfg, checkpoint)
     assert json.loads((out_dir / "run_config.json").read_text())["settings"]["crf"]["backend"] == "torch"
+    # Tracked: the pseudo-labels' mIoU and the background-threshold curve (test_tracking.py has the readers).
+    from test_tracking import metric_steps, mlflow_runs
+
+    (run,) = mlflow_runs(tmp_path / "mlflow", cfg.run.name)
+    assert run.info.run_name == "pseudo" and run.data.metrics["crf.miou"] == pytest.approx(report["crf"]["miou"])
+    curve = metric_steps(tmp_path / "mlflow", run.info.run_id, "sweep_mIoU")
+    assert [step for step, _ in curve] == [round(t * 100) for t, m in report["sweep"]["curve"] if m is not None]
     assert report["cam"] == reference["cam"]
     same = total = 0
     for png in sorted((reference_dir / "pseudo_png").glob("*.png")):

@@ -146,6 +146,7 @@ def two_worker_run(ray_session, tmp_path_factory, dataset):
     cfg.seg_train.epochs, cfg.seg_train.eval_every = 3, 2
     cfg.seg_train.checkpoints_to_keep = 3  # Result.metrics_dataframe holds the kept checkpoints' metrics
     cfg.seg_train.clip_start_value = 10.0  # clip from the first step, so clipped_fraction is exercised
+    cfg.tracking.backend, cfg.tracking.uri = "mlflow", str(tmp_path_factory.mktemp("mlflow"))
     return copy.deepcopy(cfg), fit(cfg)
 
 
@@ -162,6 +163,15 @@ def test_two_worker_training_learns_reports_clipping_and_resumes(two_worker_run,
     # validation every 2 epochs and at the last one
     assert math.isnan(history["val_mIoU"].iloc[0])
     assert 0 < history["val_mIoU"].iloc[1] <= 1 and 0 < history["val_mIoU"].iloc[2] <= 1
+
+    # Tracked from rank 0 (tracking.uri: a folder, its mlflow.db): every epoch's losses, clipped share and lr.
+    from test_tracking import metric_steps, mlflow_runs
+
+    (run,) = mlflow_runs(Path(cfg.tracking.uri), cfg.run.name)
+    assert run.data.params["seg_train.clip_start_value"] == "10.0"
+    for metric in ("loss", "ce", "clipped_fraction", "lr"):
+        assert [step for step, _ in metric_steps(Path(cfg.tracking.uri), run.info.run_id, metric)] == [0, 1, 2]
+    assert [step for step, _ in metric_steps(Path(cfg.tracking.uri), run.info.run_id, "val_mIoU")] == [1, 2]
 
     state = load_checkpoint(result.checkpoint.path)
     assert state["kind"] == "seg" and state["epoch"] == 2 and state["classes"] == manifest.classes

@@ -163,7 +163,7 @@ def test_noisy_pseudo_labels_leave_images_and_masks_as_they_were():
 SEARCHED, ALL_BACKGROUND, SEARCHED_AGAIN = "0.1:1.0:0.1", "1.0:1.0:0.1", "0.10:1.00:0.10"
 
 
-def tiny_sweep(tmp_path: Path, name: str) -> Path:
+def tiny_sweep(tmp_path: Path, name: str, *overrides: str) -> Path:
     """A 3-trial phase-1 sweep on the smoke dataset, one trial at a time, 2 epochs, ASHA's rung after 1, written as
     a config file. All three train the same model from the same seed. The first, alone at its rung, goes on; the
     second scores the all-background constant, below the first: ASHA must stop it after one epoch; the third
@@ -173,6 +173,7 @@ def tiny_sweep(tmp_path: Path, name: str) -> Path:
         "train.num_workers=1", "train.batch_size=16", "train.checkpoints_to_keep=1",
         "tune.phase=cam", "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.grace_period=1",
         f"tune.space={{train.cam_eval.sweep: {{grid: ['{SEARCHED}', '{ALL_BACKGROUND}', '{SEARCHED_AGAIN}']}}}}",
+        *overrides,
     ])
     path = tmp_path / f"{name}.yaml"
     save_config(cfg, path)
@@ -185,7 +186,7 @@ def read_trials(sweep: Path) -> dict[str, dict]:
 
 
 def test_asha_stops_a_trial_resume_skips_finished_ones_and_the_best_config_is_the_trained_one(ray_session, tmp_path):
-    config = tiny_sweep(tmp_path, "sweep")
+    config = tiny_sweep(tmp_path, "sweep", "tracking.backend=mlflow")
     sweep = tmp_path / "runs" / "sweep"
     env = {**os.environ, "RAY_ADDRESS": ray_session[0], "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     job = subprocess.Popen(
@@ -234,6 +235,16 @@ def test_asha_stops_a_trial_resume_skips_finished_ones_and_the_best_config_is_th
     assert float(second["cam_mIoU"]) < min(float(first["cam_mIoU"]), float(third["cam_mIoU"]))
     assert float(second["cam_bg_threshold"]) == 1.0
     assert list(trials.values())[-1] == second  # best first
+    # One MLflow run per trial in the sweep's experiment (the trials' store, sweep/trials/mlflow.db); the trial
+    # killed mid-run went on in its run, one value per epoch.
+    from test_tracking import metric_steps, mlflow_runs
+
+    runs = {run.info.run_name: run for run in mlflow_runs(sweep / "trials", "sweep")}
+    assert sorted(runs) == sorted(t["trial"] for t in trials.values()), sorted(runs)
+    for trial in trials.values():
+        run = runs[trial["trial"]]
+        steps = {step for step, _ in metric_steps(sweep / "trials", run.info.run_id, "loss")}
+        assert steps == set(range(int(trial["epochs_run"]))), (trial["trial"], steps)
     assert (sweep / "objective.png").stat().st_size > 0
 
     # best_config.yaml is what train_cam.py takes: the config the best trial trained with (its checkpoint keeps

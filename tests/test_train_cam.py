@@ -51,7 +51,7 @@ def first_run(ray_session, tmp_path_factory):
     from weaktr.train.cam_loop import fit
 
     tmp_path = tmp_path_factory.mktemp("cam")
-    cfg = smoke_config(tmp_path, "first", "train.epochs=3")
+    cfg = smoke_config(tmp_path, "first", "train.epochs=3", "tracking.backend=[mlflow, tensorboard]")
     manifest = Manifest.load(Path(cfg.data.root) / "manifest.json")
     # One undecodable sample among 128: under the 1% limit, so skipped and counted.
     add_corrupt_samples(manifest.shard_paths("train")[0], 1)
@@ -91,6 +91,24 @@ def test_checkpoint_holds_weights_config_and_classes(first_run):
     assert ckpt["version"] and ckpt["optimizer"] is not None
 
 
+def test_rank_0_tracks_the_config_and_every_epoch(first_run):
+    """tracking.backend [mlflow, tensorboard]: one MLflow run in the default store (run.storage_path/mlflow.db)
+    holding the config as parameters and one value per epoch of every loss, lr and the CAM mIoU; the same curves in
+    TensorBoard's event files (both read back with their own readers: test_tracking.py)."""
+    from test_tracking import metric_steps, mlflow_runs, scalars
+
+    cfg, result = first_run
+    store = Path(cfg.run.storage_path)
+    (run,) = mlflow_runs(store, "first")
+    assert run.info.run_name == "first" and run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "3" and run.data.params["data.root"] == cfg.data.root
+    for metric in ("loss", "loss_cls", "loss_coarse", "loss_fine", "lr", "cam_mIoU", "val_mAP"):
+        steps = metric_steps(store, run.info.run_id, metric)
+        assert [step for step, _ in steps] == [0, 1, 2], metric
+    assert metric_steps(store, run.info.run_id, "loss")[-1][1] == pytest.approx(result.metrics["loss"])
+    assert [step for step, _ in scalars(store / "tensorboard" / "first", "loss_fine")] == [0, 1, 2]
+
+
 def test_a_killed_worker_restarts_the_run_from_its_last_checkpoint(first_run, ray_session):
     """One Ray Train worker process SIGKILLed once the first checkpoint is registered (a preempted node):
     FailureConfig restarts the worker group, which continues from the last checkpoint and finishes where the
@@ -111,6 +129,13 @@ def test_a_killed_worker_restarts_the_run_from_its_last_checkpoint(first_run, ra
     assert [m["epoch"] for m in epoch_metrics(result)] == [0, 1, 2]  # each epoch trained and checkpointed once
     for key in ("loss", "val_mAP", "cam_mIoU"):
         assert result.metrics[key] == pytest.approx(uninterrupted.metrics[key], abs=KILLED_RUN_TOLERANCE), key
+    # The restarted group's rank 0 went on with the same tracked runs: one MLflow run, one TensorBoard value a step.
+    from test_tracking import metric_steps, mlflow_runs, scalars
+
+    store = Path(cfg.run.storage_path)
+    (run,) = mlflow_runs(store, "killed")
+    assert {step for step, _ in metric_steps(store, run.info.run_id, "loss")} == {0, 1, 2}
+    assert [step for step, _ in scalars(store / "tensorboard" / "killed", "loss")] == [0, 1, 2]
 
 
 def test_resume_continues_from_the_checkpoint(first_run):
