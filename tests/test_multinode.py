@@ -175,15 +175,16 @@ def test_local_paths_are_refused_before_any_work_on_a_cluster_of_several_nodes(
     multinode, local_dataset, phase1_checkpoint, bucket_dataset, tmp_path,
 ):
     """A local data.root would be read by actors on nodes that do not have it; a local run.storage_path would get
-    Ray Train's checkpoints scattered over the workers' disks (Ray Train notices only at the first checkpoint)."""
+    Ray Train's checkpoints scattered over the workers' disks (Ray Train notices only at the first checkpoint).
+    (The jobs run as drivers on the head: the refusal is the driver's, whether submitted or not.)"""
     out_dir = tmp_path / "pseudo"
-    proc = multinode.submit(*pseudo_job(phase1_checkpoint, pseudo_overrides(local_dataset, out_dir)))
+    proc = multinode.run_driver(*pseudo_job(phase1_checkpoint, pseudo_overrides(local_dataset, out_dir)))
     assert proc.returncode != 0
     assert "config key 'data.root' is a local path" in proc.stdout, proc.stdout[-3000:]
     assert "the Ray cluster has 4 nodes" in proc.stdout and "run.shared_filesystem=true" in proc.stdout
     assert not (out_dir / "stats").exists()  # nothing started
 
-    train = multinode.submit(
+    train = multinode.run_driver(
         sys.executable, "ray_jobs/train_cam.py", "--config", "configs/smoke.yaml",
         "--set", f"data.root={bucket_dataset}",
         "--set", "data.synthetic.enabled=false", "--set", f"run.storage_path={tmp_path / 'runs'}",
@@ -223,11 +224,11 @@ def test_a_run_whose_workers_never_find_their_resources_ends_naming_them(multino
     comes (here a resource no node offers; on a real cluster, a lost node with no replacement) must end the job."""
     proc = multinode.submit(
         sys.executable, *PHASE1, "--set", "run.name=nowhere", "--set", "train.resources_per_worker={gpu_node: 1}",
-        "--set", "train.capacity_wait_s=8", env_vars={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "4"}, timeout=300,
+        "--set", "train.capacity_wait_s=4", env_vars={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "2"}, timeout=300,
     )
     assert proc.returncode != 0
     assert ("error: the cluster did not offer 2 Ray Train workers their resources ({'CPU': 1, 'gpu_node': 1} each) "
-            "within train.capacity_wait_s=8 s") in proc.stdout, proc.stdout[-3000:]
+            "within train.capacity_wait_s=4 s") in proc.stdout, proc.stdout[-3000:]
 
 
 def test_pseudo_labels_across_nodes_survive_a_lost_node_and_equal_a_single_node_run(
@@ -268,8 +269,8 @@ def test_convert_with_ray_refuses_a_source_folder_the_reading_nodes_do_not_have(
     for name in ("a", "b", "c"):
         Image.new("RGB", (24, 20), (40, 90, 200)).save(images / f"{name}.png")
     (tmp_path / "labels.csv").write_text("a.png,cat\nb.png,dog\nc.png,cat\n")
-    proc = multinode.submit(sys.executable, "-m", "weaktr.cli", "convert", "folder", str(images),
-                            str(tmp_path / "labels.csv"), "s3://weaktr-multinode/converted", "--ray")
+    proc = multinode.run_driver(sys.executable, "-m", "weaktr.cli", "convert", "folder", str(images),
+                                str(tmp_path / "labels.csv"), "s3://weaktr-multinode/converted", "--ray")
     assert proc.returncode != 0
     assert f"error: {images} is not on the Ray node at 127.0.0." in proc.stdout, proc.stdout[-3000:]
     assert not [name for name in bucket_objects("s3://weaktr-multinode") if name.startswith("converted/")]

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from weaktr import storage
-from weaktr.config import Config, EvalConfig, from_dict, to_dict
-from weaktr.crf import CRFParams, crf_refine_prediction
+from weaktr.config import Config, ConfigError, EvalConfig, from_dict, to_dict
+from weaktr.crf import CRFParams, crf_refine_prediction, resolve_backend
 from weaktr.data.shards import DataError, Failure, Manifest, Sample, SampleDecodeError, decode_sample
 from weaktr.data.stream import FailureTracker, check_shards_exist, read_records
 from weaktr.data.transforms import normalize_image
@@ -171,6 +171,12 @@ def evaluate_variants_on_ray(cfg: Config, checkpoint: str | Path, crf_variants: 
 
     quiet_ray_data()
     check_tracking(cfg)
+    if any(crf_variants):  # the backend the actors will use, checked here rather than in every actor
+        try:
+            cfg = copy.deepcopy(cfg)
+            cfg.eval.crf_params = resolve_backend(cfg.eval.crf_params)
+        except ValueError as err:
+            raise ConfigError(str(err).replace("crf.backend", "eval.crf_params.backend")) from None
     started = time.perf_counter()
     checkpoint = storage.absolute(checkpoint)
     manifest = Manifest.load(cfg.data.root)
