@@ -30,9 +30,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are picked (ports picked one at a time can
+    repeat, and a head given one port for two of its servers fails to start)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 @contextlib.contextmanager
@@ -48,15 +56,14 @@ def ray_head_process(num_cpus: int, env: dict | None = None, log_dir: Path | Non
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     # Short, because Ray's unix sockets live under it (a 107-character limit on the path).
     temp_dir = tempfile.mkdtemp(prefix="wtr-ray-", dir="/tmp")
-    port, dashboard_port = port or _free_port(), _free_port()
-    log = open(Path(log_dir or temp_dir) / "head.log", "w")
     # Every port free-picked: the defaults (e.g. the job agent's 52365) clash with any other Ray
     # on the machine, and a head whose agent cannot bind answers "No available agent" forever.
-    agent_ports = [
-        f"--{flag}={_free_port()}"
-        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                     "metrics-export-port", "ray-client-server-port")
-    ]
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "ray-client-server-port")
+    picked = _free_ports(len(flags) + 2)
+    port, dashboard_port = port or picked[0], picked[1]
+    log = open(Path(log_dir or temp_dir) / "head.log", "w")
+    agent_ports = [f"--{flag}={free}" for flag, free in zip(flags, picked[2:])]
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={port}", f"--temp-dir={temp_dir}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",

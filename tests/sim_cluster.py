@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from conftest import RAY, ROOT, _free_port, _wait_for_job_agent, ray_head_process
+from conftest import RAY, ROOT, _free_ports, _wait_for_job_agent, ray_head_process
 
 # How quickly the head's GCS declares a silent node dead: a health check every second, dead after 5 missed.
 FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
@@ -69,11 +69,9 @@ class SimCluster:
         address = f"127.0.0.{len(self.nodes) + 2}"
         log = self.log_dir / f"node-{address}.log"
         # Every port named: Ray's port lock files live in /tmp, which this node does not share with the others.
-        ports = [
-            f"--{flag}={_free_port()}"
-            for flag in ("node-manager-port", "object-manager-port", "metrics-export-port", "runtime-env-agent-port",
-                         "dashboard-agent-grpc-port", "dashboard-agent-listen-port")
-        ]
+        flags = ("node-manager-port", "object-manager-port", "metrics-export-port", "runtime-env-agent-port",
+                 "dashboard-agent-grpc-port", "dashboard-agent-listen-port")
+        ports = [f"--{flag}={free}" for flag, free in zip(flags, _free_ports(len(flags)))]
         start = [RAY, "start", f"--address={self.gcs_address}", "--block", f"--num-cpus={num_cpus}",
                  f"--resources={json.dumps(resources or {})}", f"--node-ip-address={address}",
                  "--temp-dir=/tmp/ray-node", "--disable-usage-stats", *ports]

@@ -121,9 +121,15 @@ class TrackedRun:
             address = urllib.parse.urlsplit(uri)
             socket.create_connection((address.hostname, address.port or 80), timeout=5).close()
 
-        client = MlflowClient(tracking_uri=mlflow_uri(uri, default_dir))
+        tracking_uri = mlflow_uri(uri, default_dir)
+        client = MlflowClient(tracking_uri=tracking_uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:  # a local store keeps artifacts beside it (MLflow's default is relative to the worker's directory)
+            local = tracking_uri.startswith("sqlite:///")
+            artifacts = storage.join(tracking_uri.removeprefix("sqlite:///").rsplit("/", 1)[0], "mlartifacts")
+            experiment_id = client.create_experiment(experiment, artifact_location=artifacts if local else None)
         runs = client.search_runs([experiment_id], filter_string=f"tags.`weaktr.run` = '{key}'", max_results=1)
         if runs:
             run_id, resumed = runs[0].info.run_id, True
