@@ -92,7 +92,7 @@ def mean_field(images: Sequence[np.ndarray], unaries: Sequence[np.ndarray], para
     """Posterior marginals float32 [K_i, H_i*W_i] of images uint8 [H_i, W_i, 3] (checked by `_check_image`) for
     unaries [K_i, H_i*W_i] (negative log-probabilities), with ``params.backend``: pydensecrf one image at a time;
     torch on ``device``, as one batch on a GPU and one image at a time on a CPU (a batch's lattice outgrows the
-    CPU's caches: 1.3-2.3x slower per image in bench/crf_bench.py)."""
+    CPU's caches: 1.1-2.7x slower per image in bench/crf_bench.py kernel)."""
     params = resolve_backend(params)
     if params.backend == "torch":
         import torch
@@ -139,7 +139,8 @@ def crf_refine_label_batch(
     device="cpu",
 ) -> list[np.ndarray]:
     """`crf_refine_labels` of several images; the torch backend refines them as one batch on ``device``."""
-    ids, unaries, checked, out = [], [], [], []
+    out: list[np.ndarray] = []
+    pending = []  # (position in out, the image's dataset ids [n], the checked image, its unary [n, H*W])
     for image, label_map, present in zip(images, labels, presents, strict=True):
         label_map = np.asarray(label_map)
         if label_map.ndim != 2:
@@ -147,30 +148,24 @@ def crf_refine_label_batch(
         if not np.issubdtype(label_map.dtype, np.integer):
             raise ValueError(f"labels must hold integer dataset ids, got dtype {label_map.dtype}")
         image = _check_image(image, *label_map.shape)
-        # compact label space: index k <-> dataset id image_ids[k], background first
-        image_ids = np.array([0] + sorted({int(c) + 1 for c in present}), dtype=np.int64)  # [n]
-        if image_ids.size > 1 and (image_ids[1] < 1 or image_ids[-1] > 254):
+        # compact label space: index k <-> dataset id ids[k], background first
+        ids = np.array([0] + sorted({int(c) + 1 for c in present}), dtype=np.int64)  # [n]
+        if ids.size > 1 and (ids[1] < 1 or ids[-1] > 254):
             raise ValueError(f"present class indices must be in [0, 253], got {list(present)}")
-        compact = np.searchsorted(image_ids, label_map)  # [H, W]
-        unknown = (compact >= image_ids.size) | (image_ids[np.minimum(compact, image_ids.size - 1)] != label_map)
+        compact = np.searchsorted(ids, label_map)  # [H, W]
+        unknown = (compact >= ids.size) | (ids[np.minimum(compact, ids.size - 1)] != label_map)
         if unknown.any():
             raise ValueError(
                 f"labels contain ids {np.unique(label_map[unknown])[:10].tolist()} that are neither background "
-                f"(0) nor a present class + 1 ({image_ids[1:].tolist()})"
+                f"(0) nor a present class + 1 ({ids[1:].tolist()})"
             )
-        if image_ids.size == 1:  # only background possible: nothing to refine
-            out.append(label_map.astype(np.uint8))
-            continue
-        out.append(None)
-        ids.append(image_ids)
-        checked.append(image)
-        unaries.append(label_unary(compact, image_ids.size, params.gt_prob))  # [n, H*W]
-    posteriors = iter(mean_field(checked, unaries, params, device) if checked else [])
-    refined = iter(zip(ids, checked, posteriors))
-    for i, done in enumerate(out):
-        if done is None:
-            image_ids, image, posterior = next(refined)
-            out[i] = image_ids[posterior.argmax(0)].reshape(image.shape[:2]).astype(np.uint8)
+        out.append(label_map.astype(np.uint8))  # only background possible: nothing to refine
+        if ids.size > 1:
+            pending.append((len(out) - 1, ids, image, label_unary(compact, ids.size, params.gt_prob)))
+    if pending:
+        posteriors = mean_field([p[2] for p in pending], [p[3] for p in pending], params, device)
+        for (position, ids, image, _), posterior in zip(pending, posteriors):
+            out[position] = ids[posterior.argmax(0)].reshape(image.shape[:2]).astype(np.uint8)
     return out
 
 

@@ -71,10 +71,7 @@ class TrackedRun:
         if self._mlflow is not None and not self.resumed:
             from mlflow.entities import Param
 
-            client, run_id, _ = self._mlflow
-            items = [Param(key, value) for key, value in sorted(flat.items())]
-            self._guard("mlflow", lambda: [client.log_batch(run_id, params=items[i : i + _MLFLOW_BATCH])
-                                           for i in range(0, len(items), _MLFLOW_BATCH)])
+            self._mlflow_batches("params", [Param(key, value) for key, value in sorted(flat.items())])
         if self._tensorboard is not None:
             text = "\n".join(f"    {key}: {value}" for key, value in sorted(flat.items()))
             self._guard("tensorboard", lambda: self._tensorboard.add_text("config", text, 0))
@@ -84,11 +81,8 @@ class TrackedRun:
         if self._mlflow is not None:
             from mlflow.entities import Metric
 
-            client, run_id, _ = self._mlflow
             stamp = int(time.time() * 1000)
-            items = [Metric(key, value, stamp, step) for key, value in sorted(values.items())]
-            self._guard("mlflow", lambda: [client.log_batch(run_id, metrics=items[i : i + _MLFLOW_BATCH])
-                                           for i in range(0, len(items), _MLFLOW_BATCH)])
+            self._mlflow_batches("metrics", [Metric(key, value, stamp, step) for key, value in sorted(values.items())])
         if self._tensorboard is not None:
             writer = self._tensorboard
             self._guard("tensorboard", lambda: ([writer.add_scalar(key, value, step) for key, value in values.items()],
@@ -102,6 +96,12 @@ class TrackedRun:
             self._guard("tensorboard", self._tensorboard.close)
 
     # ---------------------------------------------------------------------------------------------------------
+
+    def _mlflow_batches(self, kind: str, items: list) -> None:
+        """MLflow's log_batch of ``kind`` (params, metrics) in the chunks its limits allow."""
+        client, run_id, _ = self._mlflow
+        self._guard("mlflow", lambda: [client.log_batch(run_id, **{kind: items[i : i + _MLFLOW_BATCH]})
+                                       for i in range(0, len(items), _MLFLOW_BATCH)])
 
     def _guard(self, backend: str, call) -> Any:
         """call(); on any error, drop ``backend`` for the rest of the run (no later call reaches it) and say so."""
@@ -119,7 +119,8 @@ class TrackedRun:
         if uri and uri.startswith(("http://", "https://")):
             # A server out of reach fails here in seconds, not after MLflow's retries (minutes).
             address = urllib.parse.urlsplit(uri)
-            socket.create_connection((address.hostname, address.port or 80), timeout=5).close()
+            port = address.port or (443 if address.scheme == "https" else 80)
+            socket.create_connection((address.hostname, port), timeout=5).close()
 
         tracking_uri = mlflow_uri(uri, default_dir)
         client = MlflowClient(tracking_uri=tracking_uri)
