@@ -145,9 +145,11 @@ class SimCluster:
     def run_driver(self, *job: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """``job`` run as a driver on this machine (the head's) attached to the cluster, as a user on the head
         runs a job script, its stderr in stdout as ``ray job submit`` shows a job's; quicker than a submission
-        (no working-directory upload, no job supervisor) for jobs that must stop before any work."""
-        return subprocess.run(job, env={**self.env, "RAY_ADDRESS": self.gcs_address}, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        (no working-directory upload, no job supervisor) for jobs whose point is how they end, not where the
+        working directory is unpacked."""
+        env = {**self.env, "RAY_ADDRESS": self.gcs_address}
+        return subprocess.run(job, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
 
     def _jobs(self):
         from ray.job_submission import JobSubmissionClient

@@ -202,7 +202,7 @@ def test_a_shard_no_node_can_read_is_never_committed(multinode, local_dataset, p
     boto3.client("s3").create_bucket(Bucket="weaktr-unshared")
     out_dir = "s3://weaktr-unshared/pseudo"
     overrides = pseudo_overrides(local_dataset, out_dir) | {"run.shared_filesystem": True}
-    proc = multinode.submit(*pseudo_job(phase1_checkpoint, overrides))
+    proc = multinode.run_driver(*pseudo_job(phase1_checkpoint, overrides))
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "could not be read and were not committed" in proc.stdout, proc.stdout[-3000:]
     assert "cannot be read on the node at 127.0.0." in proc.stdout

@@ -3,6 +3,7 @@
     weaktr predict --checkpoint CKPT IMAGES_OR_FOLDERS... --out DIR [--scales 1.0 0.75 --no-flip --crf --crf-backend B]
     weaktr import-official cam|seg SRC OUT --config CFG [--classes FILE|voc|coco] [--set KEY=VALUE ...]
     weaktr pipeline --config CFG [--resume | --from STAGE] [--set KEY=VALUE ...]
+    weaktr pretrain --config CFG [--check] [--set KEY=VALUE ...]
     weaktr convert voc VOC2012_ROOT OUT [--aug-list F] [--aug-mask-dir D] [--cls-labels F] [SIZES]
     weaktr convert coco COCO_ROOT OUT [--official-ids] [--class-labels DIR] [SIZES]
     weaktr convert folder IMAGES LABELS OUT [--mask-dir D] [--val-fraction F] [SIZES]
@@ -153,6 +154,27 @@ def import_official_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def pretrain_command(args: argparse.Namespace) -> int:
+    from weaktr.config import ConfigError, load_config
+    from weaktr.pretrain import RECORD_NAME, WEIGHTS_NAME, check_pretrained, pretrain
+
+    prog = "weaktr pretrain"
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.check:
+            print(check_pretrained(cfg))
+            return 0
+        record = pretrain(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    out = cfg.pretrain.out
+    print(f"pretrained {cfg.model.backbone} ({record['steps']} steps, final loss {record['history'][-1]['loss']:.4f}, "
+          f"{record['seconds']:.0f} s) -> {out}/{WEIGHTS_NAME} (record: {out}/{RECORD_NAME}); load it with "
+          f"model.weights_path / seg_model.weights_path")
+    return 0
+
+
 def resolve_classes(spec: Optional[str], cfg) -> list[str]:
     """Class names from ``--classes``: "voc", "coco" (the official 90), a file of names, or (None) the dataset of
     ``cfg.data.root``."""
@@ -258,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value (repeatable)")
     imports.set_defaults(func=import_official_command)
+
+    pretraining = commands.add_parser(
+        "pretrain", help="pretrain a backbone on formula-drawn images (the stand-in for ImageNet weights)",
+        description="Pretrain the config's model backbone on formula-drawn texture images (weaktr.pretrain, the "
+                    "config's `pretrain` section) and write pretrain.out/backbone.pth for model.weights_path and "
+                    "seg_model.weights_path. --check instead verifies, in seconds, that this command still makes "
+                    "the weights recorded in pretrain.out (their first steps' fingerprint).",
+    )
+    pretraining.add_argument("--config", required=True, help="weaktr config (e.g. configs/synthetic.yaml)")
+    pretraining.add_argument("--check", action="store_true",
+                             help="rerun the first steps and compare them with the recorded weights' fingerprint")
+    pretraining.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a config value (repeatable)")
+    pretraining.set_defaults(func=pretrain_command)
 
     convert = commands.add_parser(
         "convert", help="convert a dataset (VOC, COCO or a labelled folder) into weaktr shards",

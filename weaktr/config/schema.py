@@ -327,6 +327,31 @@ class TrackingConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """``weaktr pretrain`` (weaktr.pretrain): ``model``'s backbone pretrained on formula-drawn images, the stand-in
+    for ImageNet weights where none can be had (the built-in benchmark); ``model.weights_path`` and
+    ``seg_model.weights_path`` then load ``{out}/backbone.pth``."""
+
+    out: str = "pretrained/formula"
+    num_classes: int = 32  # formula texture classes (none of them the benchmark's)
+    num_images: int = 4000
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    weight_decay: float = 0.05
+    # "dense": each patch token also predicts its patch's class shares (background included); "image": the class
+    # token's multi-label loss only, as ImageNet classification is.
+    objective: Literal["dense", "image"] = "dense"
+    mimetic_init: bool = False  # Trockman & Kolter 2023: W_q W_k^T ~ I before pretraining
+    seed: int = 24
+
+    def __post_init__(self):
+        if self.num_classes < 2 or self.num_images < self.batch_size or self.epochs < 0 or self.batch_size < 1 \
+                or self.lr <= 0:
+            raise ValueError(f"invalid pretrain settings: {self}")
+
+
+@dataclass
 class RunConfig:
     name: str = "weaktr"
     storage_path: str = "runs"  # Ray Train storage (local dir or cloud URI)
@@ -343,6 +368,7 @@ PATH_KEYS = (
     "data.root", "run.storage_path", "tracking.uri", "model.weights_path", "train.resume_from", "pseudo.checkpoint",
     "pseudo.out_dir",
     "seg_model.weights_path", "seg_train.data_root", "seg_train.resume_from", "eval.checkpoint", "eval.out_dir",
+    "pretrain.out",
 )
 
 
@@ -358,3 +384,4 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)

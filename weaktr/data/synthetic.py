@@ -201,8 +201,18 @@ def _draw_objects(rng, spec, xx, yy):
             centres = [c for c, k in zip(centres, keep) if k]
 
 
-def generate_sample(rng: np.random.Generator, spec: SyntheticSpec, index: int) -> Sample:
-    """One image with its labels and exact mask; deterministic given ``rng``'s state."""
+def benchmark_texture(cls: int, rng: np.random.Generator):
+    """The benchmark's class ``cls`` (CLASS_NAMES) with a random period in its range: a painter (u, v) -> binary
+    pattern at texture coordinates [P] (which draws the pattern's phase from ``rng`` when called)."""
+    name = CLASS_NAMES[cls]
+    period = rng.uniform(*_PERIODS.get(name, _DEFAULT_PERIOD))
+    return lambda u, v: _texture(name, u, v, period, rng)
+
+
+def generate_sample(rng: np.random.Generator, spec: SyntheticSpec, index: int, texture=benchmark_texture) -> Sample:
+    """One image with its labels and exact mask; deterministic given ``rng``'s state. ``texture(class, rng)`` makes
+    each object's painter; the pretraining generator (``weaktr.pretrain``) brings classes of its own, with a spec of
+    its own (the fields read here: min_size, max_size, num_classes, max_objects, min_visible_fraction)."""
     height, width = (int(s) for s in rng.integers(spec.min_size, spec.max_size + 1, size=2))
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     image = _background(rng, xx, yy)  # float [H, W, 3]
@@ -214,12 +224,11 @@ def generate_sample(rng: np.random.Generator, spec: SyntheticSpec, index: int) -
 
     classes, centres, instances = _draw_objects(rng, spec, xx, yy)
     for k, (cls, (cx, cy)) in enumerate(zip(classes, centres)):
-        name = CLASS_NAMES[cls]
-        period = rng.uniform(*_PERIODS.get(name, _DEFAULT_PERIOD))
+        paint = texture(cls, rng)
         visible = instances == k + 1
         # Texture coordinates of the visible pixels only: [P] each.
         u, v = _object_frame(xx[visible], yy[visible], cx, cy, rng.uniform(-12, 12))
-        pattern = _texture(name, u, v, period, rng)[:, None]  # [P, 1]
+        pattern = paint(u, v)[:, None]  # [P, 1]
         first, second = _colour_pair(rng)
         image[visible] = np.where(pattern, first, second)  # [P, 3]
 
