@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from weaktr.config import Config, ConfigError, load_config, with_values  # noqa: E402
+from weaktr.config import Config, ConfigError, load_config, resolve_paths, with_values  # noqa: E402
 
 # (row name, attention_type, patch_attn_refine, fusion) of the CAM readouts scored on each phase-1 checkpoint.
 READOUTS = (
@@ -84,7 +84,35 @@ def cam_readouts(cfg: Config, records: dict, samples: int, fixed: float) -> dict
         best_t, best = sweep.best()
         rows[name] = {"fixed": sweep.confusion_matrix(fixed).miou(), "best": best, "best_t": best_t}
     model.aaf = aaf
+    rows["aaf_weights"] = aaf_weights(cfg, model, images[:p.batch_size * 4])
     return rows
+
+
+def aaf_weights(cfg: Config, model, images) -> dict:
+    """Do the AAF weights move, and where: the mean weight of each attention map (head-major, l = j*K + k) over
+    ``images`` (scale 1, no flip) from the trained AAF and from the AAF phase 1 started with (rebuilt from the
+    seed, as the training worker of rank 0 builds it), both on the trained encoder's features."""
+    import torch
+
+    from weaktr.models.inference import multiscale_cams
+    from weaktr.runtime import seed_rngs
+
+    # Rank 0 seeds its RNGs with run.seed, then builds the model: the same draws give the same initial AAF (loading
+    # pretrained backbone weights replaces values after the draws, so the architecture alone rebuilds it).
+    seed_rngs(cfg.run.seed)
+    initial = type(model)(**model.arch).aaf
+    captured, trained = [], model.aaf
+    hook = lambda module, inputs, output: captured.append(output.detach())  # noqa: E731 [B, L]
+    means = {}
+    for name, aaf in (("trained", trained), ("initial", initial)):
+        model.aaf, captured[:] = aaf, []
+        handle = aaf.register_forward_hook(hook)
+        with torch.no_grad():
+            multiscale_cams(model, [s.image for s in images], [1.0], False, model.patch_size[0])
+        handle.remove()
+        means[name] = torch.cat(captured).mean(0).tolist()
+    model.aaf = trained
+    return means
 
 
 def retrain(cfg: Config, directory: Path, clip: bool) -> float:
@@ -166,6 +194,18 @@ def markdown(rows, seeds: list[int], samples: int) -> str:
     return "\n".join(lines)
 
 
+def aaf_markdown(per_seed: dict[int, dict]) -> str:
+    """The AAF weights per seed: each map's mean weight, trained and as phase 1 started."""
+    lines = ["| seed | AAF weight per map (l = head * depth + block), trained | at the start of phase 1 |",
+             "| --- | --- | --- |"]
+    for seed, figures in sorted(per_seed.items()):
+        weights = figures["readouts"].get("aaf_weights")
+        if weights:
+            lines.append(f"| {seed} | {' / '.join(f'{w:.3f}' for w in weights['trained'])} | "
+                         f"{' / '.join(f'{w:.3f}' for w in weights['initial'])} |")
+    return "\n".join(lines)
+
+
 def plot(rows, path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -198,6 +238,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
+    resolve_paths(cfg)  # as the jobs do: relative paths (the demo's pretrained weights) against this directory
     from weaktr.launch import init_ray
 
     out = Path(args.out).resolve()
@@ -205,7 +246,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     per_seed = {seed: run_seed(cfg, seed, out, args.cam_samples, args.fixed_threshold) for seed in args.seeds}
     rows = table_rows(cfg, per_seed, args.fixed_threshold)
-    text = markdown(rows, args.seeds, args.cam_samples)
+    text = markdown(rows, args.seeds, args.cam_samples) + "\n\n" + aaf_markdown(per_seed)
     (out / "ablation.md").write_text(text + "\n")
     (out / "ablation.json").write_text(json.dumps({str(s): f for s, f in per_seed.items()}, indent=1))
     plot(rows, out / "ablation.png")

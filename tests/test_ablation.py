@@ -35,7 +35,12 @@ def test_cam_readouts_score_every_readout_at_the_fixed_and_the_best_threshold(tm
     cfg = load_config(None, ["pseudo.scales=[1.0]", "pseudo.batch_size=4"])
     rows = ablation.cam_readouts(cfg, records, samples=6, fixed=0.43)
 
+    weights = rows.pop("aaf_weights")
     assert list(rows) == [name for name, *_ in ablation.READOUTS]
+    # The AAF as phase 1 started (rebuilt from run.seed 0, as this model was built) against the one saturated above.
+    assert len(weights["trained"]) == len(weights["initial"]) == 4
+    assert all(0.4 < w < 0.6 for w in weights["initial"])  # sigmoid gates near 1/2 at initialization
+    assert max(abs(a - b) for a, b in zip(weights["trained"], weights["initial"])) > 1e-3
     for name, row in rows.items():
         assert 0 < row["fixed"] <= row["best"] <= 1, name  # the sweep includes the fixed threshold
         assert row["best_t"] in ablation.SWEEP or row["best_t"] == 0.43

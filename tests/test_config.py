@@ -116,7 +116,7 @@ def test_phase1_learning_rate_follows_the_official_linear_rule():
     doubled = load_config(ROOT / "configs" / "voc12.yaml", ["train.batch_size=128"])
     assert doubled.train.scaled_lr == pytest.approx(1.5e-4)
     # Without lr_base_batch the configured lr is used as it is (the synthetic demo's recipe).
-    assert load_config(ROOT / "configs" / "synthetic.yaml").train.scaled_lr == 1e-3
+    assert load_config(ROOT / "configs" / "synthetic.yaml").train.scaled_lr == 1e-4
 
 
 @pytest.mark.parametrize("section", ["train", "seg_train"])

@@ -62,7 +62,7 @@ def test_mimetic_init_makes_tokens_attend_to_similar_tokens():
 def test_pretrain_writes_weights_both_models_load_and_check_finds_them(tmp_path):
     cfg = tiny_config(tmp_path)
     record = pretrain(cfg)
-    assert record["steps"] == 2 * 4 and len(record["history"]) == 2
+    assert record["steps"] == 2 * 4 and len(record["history"]) == 2 and len(record["first_losses"]) == 8
     assert all(np.isfinite(h["loss"]) for h in record["history"])
     weights = tmp_path / "pre" / "backbone.pth"
     saved = torch.load(weights, weights_only=True)
@@ -76,13 +76,13 @@ def test_pretrain_writes_weights_both_models_load_and_check_finds_them(tmp_path)
     assert_close(cam.cls_tokens[0, 3], saved["cls_token"][0, 0])
     assert_close(segmenter.encoder.patch_embed.proj.weight, saved["patch_embed.proj.weight"])
 
-    assert "reproduce the recorded weights" in check_pretrained(cfg)
+    assert "reproduce the recorded losses" in check_pretrained(cfg)
     with pytest.raises(ValueError, match="lr 0.001 here 0.002"):
         check_pretrained(with_values(cfg, {"pretrain.lr": 2e-3}))
     recorded = json.loads((tmp_path / "pre" / "pretrain.json").read_text())
-    recorded["fingerprints"]["5"] = "0" * 16  # as if the code now made other weights
+    recorded["first_losses"][3] *= 1.001  # as if the code now made other weights from step 4 on
     (tmp_path / "pre" / "pretrain.json").write_text(json.dumps(recorded))
-    with pytest.raises(ValueError, match="no longer makes"):
+    with pytest.raises(ValueError, match="step 4 of 10 has loss .* no longer makes"):
         check_pretrained(cfg)
 
 
@@ -94,3 +94,17 @@ def test_the_command_pretrains_and_refuses_a_bad_setting_in_one_line(tmp_path):
     assert f"-> {tmp_path / 'pre'}/backbone.pth" in proc.stdout
     bad = subprocess.run([*command, "--set", "pretrain.objective=pixels"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "pretrain.objective" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_the_demo_loads_the_weights_kept_in_the_repo_and_the_command_still_makes_them():
+    """configs/synthetic.yaml's backbone weights (pretrained/, made by `weaktr pretrain --config
+    configs/synthetic.yaml`): both models load them, and the command's first steps reproduce their record."""
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml")
+    cfg = with_values(cfg, {"pretrain.out": str(ROOT / cfg.pretrain.out),
+                            "model.weights_path": str(ROOT / cfg.model.weights_path),
+                            "seg_model.weights_path": str(ROOT / cfg.seg_model.weights_path)})
+    saved = torch.load(cfg.model.weights_path, weights_only=True)
+    cam, segmenter = build_cam_model(cfg, 6), build_segmenter(cfg, 6)
+    assert_close(cam.blocks[0].mlp.fc1.weight, saved["blocks.0.mlp.fc1.weight"])
+    assert_close(segmenter.encoder.blocks[1].attn.proj.weight, saved["blocks.1.attn.proj.weight"])
+    assert "reproduce the recorded losses" in check_pretrained(cfg)

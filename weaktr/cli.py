@@ -169,9 +169,10 @@ def pretrain_command(args: argparse.Namespace) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     out = cfg.pretrain.out
-    print(f"pretrained {cfg.model.backbone} ({record['steps']} steps, final loss {record['history'][-1]['loss']:.4f}, "
-          f"{record['seconds']:.0f} s) -> {out}/{WEIGHTS_NAME} (record: {out}/{RECORD_NAME}); load it with "
-          f"model.weights_path / seg_model.weights_path")
+    loss = f", final loss {record['history'][-1]['loss']:.4f}" if record["history"] else ""
+    print(f"pretrained {cfg.model.backbone} ({record['steps']} steps{loss}, {record['seconds']:.0f} s) -> "
+          f"{out}/{WEIGHTS_NAME} (record: {out}/{RECORD_NAME}); load it with model.weights_path / "
+          f"seg_model.weights_path")
     return 0
 
 
@@ -286,11 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain the config's model backbone on formula-drawn texture images (weaktr.pretrain, the "
                     "config's `pretrain` section) and write pretrain.out/backbone.pth for model.weights_path and "
                     "seg_model.weights_path. --check instead verifies, in seconds, that this command still makes "
-                    "the weights recorded in pretrain.out (their first steps' fingerprint).",
+                    "the weights recorded in pretrain.out (a summary of the weights after the first steps).",
     )
     pretraining.add_argument("--config", required=True, help="weaktr config (e.g. configs/synthetic.yaml)")
     pretraining.add_argument("--check", action="store_true",
-                             help="rerun the first steps and compare them with the recorded weights' fingerprint")
+                             help="rerun the first steps and compare the weights with the record's summary of them")
     pretraining.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config value (repeatable)")
     pretraining.set_defaults(func=pretrain_command)

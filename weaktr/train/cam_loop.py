@@ -15,7 +15,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from weaktr.config import Config, ConfigError
+from weaktr.config import Config, ConfigError, resolve_paths
 from weaktr.data.shards import DataError, Manifest
 from weaktr.data.stream import FailureTracker, iter_samples, make_loader, steps_per_epoch
 from weaktr.data.transforms import (
@@ -265,7 +265,8 @@ def fit(cfg: Config, name: Optional[str] = None, callbacks: Sequence = ()):
     """Run phase-1 training on the connected Ray cluster; returns Ray Train's ``Result``.
 
     The Ray Train run is ``name`` (default ``run.name``) under ``run.storage_path``; rerunning a finished or
-    interrupted run of that name continues it."""
+    interrupted run of that name continues it. Paths are resolved here (workers run in other directories)."""
+    resolve_paths(cfg)
     ce = cfg.train.cam_eval
     if ce.split is not None:  # refused here, before any worker starts, not after the first epoch's training
         try:
