@@ -51,15 +51,16 @@ BACKBONE_FIELDS = ("backbone", "img_size", "embed_dim", "depth", "num_heads", "n
 
 @dataclass(frozen=True)
 class FormulaSpec:
-    """The pretraining images (the fields ``synthetic.generate_sample`` reads, plus how many and which seed)."""
+    """The pretraining images (the fields ``synthetic.generate_sample`` reads, plus how many and which seed);
+    ``pretrain`` makes it from the config's ``pretrain`` and ``model`` sections."""
 
-    num_classes: int = 32
-    num_images: int = 4000
-    min_size: int = 64
-    max_size: int = 96
-    max_objects: int = 3
+    num_classes: int
+    num_images: int
+    min_size: int
+    max_size: int
+    seed: int  # image i draws from default_rng([seed, 1, i]): a stream of its own, not the benchmark's
+    max_objects: int = 3  # as the benchmark's
     min_visible_fraction: float = 0.06
-    seed: int = 24  # image i draws from default_rng([seed, 1, i]): a stream of its own, not the benchmark's
 
 
 @dataclass(frozen=True)
