@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RAY_FREE = ["weaktr.ops", "weaktr.runtime", "weaktr.metrics", "weaktr.crf", "weaktr.config", "weaktr.models",
             "weaktr.models.build", "weaktr.models.inference", "weaktr.data", "weaktr.data.stream", "weaktr.data.voc",
-            "weaktr.data.coco", "weaktr.evaluate", "weaktr.cli", "weaktr.official", "weaktr.pseudo", "weaktr.storage"]
+            "weaktr.data.coco", "weaktr.evaluate", "weaktr.cli", "weaktr.official", "weaktr.pseudo", "weaktr.storage",
+            "weaktr.pretrain"]
 
 
 def test_library_modules_import_without_ray():
