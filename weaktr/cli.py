@@ -287,11 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain the config's model backbone on formula-drawn texture images (weaktr.pretrain, the "
                     "config's `pretrain` section) and write pretrain.out/backbone.pth for model.weights_path and "
                     "seg_model.weights_path. --check instead verifies, in seconds, that this command still makes "
-                    "the weights recorded in pretrain.out (a summary of the weights after the first steps).",
+                    "the weights recorded in pretrain.out (the losses of its first steps against the record's).",
     )
     pretraining.add_argument("--config", required=True, help="weaktr config (e.g. configs/synthetic.yaml)")
     pretraining.add_argument("--check", action="store_true",
-                             help="rerun the first steps and compare the weights with the record's summary of them")
+                             help="rerun the first steps and compare their losses with the record's")
     pretraining.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config value (repeatable)")
     pretraining.set_defaults(func=pretrain_command)

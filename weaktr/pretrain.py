@@ -119,7 +119,7 @@ def formula_dataset(spec: FormulaSpec) -> list:
             for index in range(spec.num_images)]
 
 
-def mimetic_init(vit: nn.Module, alpha: float = 0.7, beta: float = 0.7, gain: float = 1.0) -> None:
+def mimetic_init(vit: nn.Module, alpha: float = 0.7, beta: float = 0.7) -> None:
     """Mimetic initialization (Trockman & Kolter 2023), per head: W_q W_k^T ~ alpha Z + beta I (tokens attend to
     similar tokens), W_v W_proj ~ alpha Z - beta I."""
     with torch.no_grad():
@@ -131,8 +131,8 @@ def mimetic_init(vit: nn.Module, alpha: float = 0.7, beta: float = 0.7, gain: fl
                 rows = slice(h * hd, (h + 1) * hd)
                 target = alpha * torch.randn(D, D) / D ** 0.5 + beta * torch.eye(D)
                 u, sv, vh = torch.linalg.svd(target)
-                wq[rows] = gain * (u[:, :hd] * sv[:hd].sqrt()).T  # q = x U sqrt(S)
-                wk[rows] = gain * (vh[:hd].T * sv[:hd].sqrt()).T
+                wq[rows] = (u[:, :hd] * sv[:hd].sqrt()).T  # q = x U sqrt(S)
+                wk[rows] = (vh[:hd].T * sv[:hd].sqrt()).T
             target = alpha * torch.randn(D, D) / D ** 0.5 - beta * torch.eye(D)
             u, sv, vh = torch.linalg.svd(target)
             wv.copy_((u[:, :H * hd] * sv[:H * hd].sqrt()).T)
