@@ -46,6 +46,19 @@ def epoch_metrics(result) -> list[dict]:
     return sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["epoch"])
 
 
+@pytest.mark.parametrize("key", ["model.weights_path", "train.resume_from"])
+def test_a_missing_input_file_is_refused_before_any_worker_starts(tmp_path, key):
+    """Every worker would fail as it starts, and Ray Train would start them again (no Ray here: the refusal comes
+    first)."""
+    from weaktr.config import ConfigError
+    from weaktr.train.cam_loop import fit
+
+    cfg = smoke_config(tmp_path, "missing", f"{key}=nowhere/backbone.pth")
+    with pytest.raises(ConfigError) as err:
+        fit(cfg)
+    assert str(err.value) == f"config key '{key}': nothing at {Path.cwd() / 'nowhere/backbone.pth'}"
+
+
 @pytest.fixture(scope="module")
 def first_run(ray_session, tmp_path_factory):
     from weaktr.train.cam_loop import fit

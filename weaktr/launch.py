@@ -32,6 +32,8 @@ PHASE2_PATHS = ("data.root", "run.storage_path", "seg_train.data_root", "seg_mod
 PSEUDO_PATHS = ("data.root", "pseudo.out_dir")  # out_dir: phase 2 reads it on every node
 EVAL_PATHS = ("data.root", "eval.out_dir")
 PIPELINE_PATHS = tuple(dict.fromkeys(PHASE1_PATHS + PHASE2_PATHS))  # pseudo/ and eval/ live in the run directory
+# Among those, the files Ray Train workers only read, as they start.
+INPUT_PATHS = ("model.weights_path", "seg_model.weights_path", "train.resume_from", "seg_train.resume_from")
 
 
 def prepare_data(cfg: Config) -> Manifest:
@@ -99,6 +101,17 @@ def check_paths_reach_every_node(cfg: Config, keys: Sequence[str]) -> None:
             f"own: use a bucket URI (s3://bucket/...) for {', '.join(local)}, or, if they are on a file system "
             "mounted at the same path on every node (NFS), set run.shared_filesystem=true"
         )
+
+
+def check_inputs_exist(cfg: Config, keys: Sequence[str]) -> None:
+    """ConfigError naming the first of ``keys`` that is an input file (``INPUT_PATHS``) with nothing at its path.
+    Checked by the driver before any worker starts: otherwise every worker fails as it starts, and Ray Train starts
+    the group again under ``max_failures`` (measured: a phase-1 run with a missing ``model.weights_path`` was still
+    running after 12 minutes)."""
+    for key in keys:
+        path = get_value(cfg, key) if key in INPUT_PATHS else None
+        if path and not storage.exists(path):
+            raise ConfigError(f"config key '{key}': nothing at {path}")
 
 
 class CapacityUnavailable(RuntimeError):

@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from weaktr.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from weaktr.config import Config, from_dict, to_dict
 from weaktr.data.stream import FailureTracker
-from weaktr.launch import CapacityUnavailable, check_paths_reach_every_node
+from weaktr.launch import CapacityUnavailable, check_inputs_exist, check_paths_reach_every_node
 from weaktr.runtime import rng_state, seed_rngs, set_rng_state, unwrap
 from weaktr.tracking import TrackedRun, check_tracking, open_run
 
@@ -37,7 +37,9 @@ def make_trainer(
     kept checkpoints by ``score_attribute`` (higher is better). ``paths``: the path keys the workers read, refused
     here if local on a cluster whose nodes do not share a disk (``launch.check_paths_reach_every_node``): Ray Train
     itself would notice only at the first checkpoint. ``callbacks``: Ray Train callbacks (a Tune trial passes the
-    one that forwards each report to Tune, ``weaktr.sweep``)."""
+    one that forwards each report to Tune, ``weaktr.sweep``). Input files among ``paths`` must exist
+    (``launch.check_inputs_exist``)."""
+    check_inputs_exist(cfg, paths)
     check_paths_reach_every_node(cfg, paths)
     check_tracking(cfg)
     storage_path = cfg.run.storage_path
