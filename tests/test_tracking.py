@@ -119,3 +119,25 @@ def test_tracking_settings_are_checked_naming_the_key(tmp_path):
     bucket = tracked_config(tmp_path, "tracking.backend=mlflow", "run.storage_path=s3://bucket/runs")
     with pytest.raises(ConfigError, match="config key 'tracking.uri': run.storage_path s3://bucket/runs is a bucket"):
         check_tracking(bucket)
+
+
+def test_a_relative_sqlite_store_is_made_absolute_and_counts_as_this_machines_disk(tmp_path, monkeypatch):
+    """``sqlite:///runs/mlflow.db`` is relative to each process's directory: Ray Train's rank 0 would write a store
+    of its own in its own directory, on whichever node it runs; and the check that refuses local paths on a
+    cluster used to pass it as a URI."""
+    from weaktr import storage
+    from weaktr.config import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tracked_config(tmp_path, "tracking.backend=mlflow", "tracking.uri=sqlite:///store/mlflow.db")
+    resolve_paths(cfg)
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    tracked = open_run(cfg, "phase1")
+    tracked.log_metrics({"loss": 1.0}, step=0)
+    tracked.close()
+    assert [run.info.run_name for run in mlflow_runs(tmp_path / "store")] == ["phase1"]
+    assert (tmp_path / "store" / "mlflow.db").exists()
+
+    assert storage.is_local(cfg.tracking.uri) and storage.is_local("file:///data/voc") and storage.is_local("runs")
+    assert not storage.is_local("s3://bucket/runs") and not storage.is_local("http://mlflow:5000")

@@ -90,16 +90,21 @@ def check_paths_reach_every_node(cfg: Config, keys: Sequence[str]) -> None:
     (``work_elsewhere``) and ``run.shared_filesystem`` does not say every node mounts it: each node would read or
     write a disk of its own (Ray Train fails at its first checkpoint, after a whole epoch; other readers would miss
     files). Needs a connected Ray."""
-    local = [key for key in keys if get_value(cfg, key) and not storage.is_uri(get_value(cfg, key))]
+    local = [key for key in keys if get_value(cfg, key) and storage.is_local(get_value(cfg, key))]
     if not local or cfg.run.shared_filesystem or not ray.is_initialized():  # not joined yet: Ray starts locally
         return
     reason = work_elsewhere()
     if reason is not None:
         key = local[0]
+        where = []
+        if buckets := [k for k in local if k != "tracking.uri"]:
+            where.append(f"a bucket URI (s3://bucket/...) for {', '.join(buckets)}")
+        if "tracking.uri" in local:  # MLflow keeps no runs in a bucket
+            where.append("an MLflow server's http:// address for tracking.uri")
         raise ConfigError(
             f"config key '{key}' is a local path ({get_value(cfg, key)}), but {reason}, each with a disk of its "
-            f"own: use a bucket URI (s3://bucket/...) for {', '.join(local)}, or, if they are on a file system "
-            "mounted at the same path on every node (NFS), set run.shared_filesystem=true"
+            f"own: use {' and '.join(where)}, or, if they are on a file system mounted at the same path on every "
+            "node (NFS), set run.shared_filesystem=true"
         )
 
 

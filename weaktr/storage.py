@@ -42,9 +42,24 @@ def is_uri(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
-def absolute(path: str | os.PathLike) -> str:
-    """A URI as it is; a local path expanded (``~``) and made absolute (Ray workers run in other directories)."""
+# A URI that names a file on this machine's disk: an MLflow SQLite store (tracking.uri), a file:// URI.
+SQLITE = "sqlite:///"
+LOCAL_SCHEMES = (SQLITE, "file://")
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is on this machine's disk (another node would not see it): a plain path, or a URI of
+    ``LOCAL_SCHEMES``."""
     path = os.fspath(path)
+    return not is_uri(path) or path.startswith(LOCAL_SCHEMES)
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """A URI as it is, but for an SQLite store's path; a local path expanded (``~``) and made absolute (Ray workers
+    run in other directories: ``sqlite:///runs/mlflow.db`` is relative to each one's own)."""
+    path = os.fspath(path)
+    if path.startswith(SQLITE):
+        return SQLITE + absolute(path.removeprefix(SQLITE))  # sqlite:////abs/path
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 

@@ -128,8 +128,8 @@ class TrackedRun:
         if found is not None:
             experiment_id = found.experiment_id
         else:  # a local store keeps artifacts beside it (MLflow's default is relative to the worker's directory)
-            local = tracking_uri.startswith("sqlite:///")
-            artifacts = storage.join(tracking_uri.removeprefix("sqlite:///").rsplit("/", 1)[0], "mlartifacts")
+            local = tracking_uri.startswith(storage.SQLITE)
+            artifacts = storage.join(tracking_uri.removeprefix(storage.SQLITE).rsplit("/", 1)[0], "mlartifacts")
             experiment_id = client.create_experiment(experiment, artifact_location=artifacts if local else None)
         runs = client.search_runs([experiment_id], filter_string=f"tags.`weaktr.run` = '{key}'", max_results=1)
         if runs:
@@ -156,7 +156,7 @@ def mlflow_uri(uri: Optional[str], default_dir: str) -> str:
         return uri
     folder = storage.absolute(uri or default_dir)
     storage.make_dirs(folder)
-    return f"sqlite:///{storage.join(folder, 'mlflow.db')}"
+    return storage.SQLITE + storage.join(folder, "mlflow.db")
 
 
 def check_tracking(cfg) -> None:
