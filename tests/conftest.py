@@ -27,11 +27,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # mode for the head, this process and every job/CLI subprocess so they always agree.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray Train's controller polls its workers every 2 s, and each step of a run (workers up, a report, the end) waits
-# for a poll: a test's tiny run waits more than it trains (a 2-worker, 2-epoch fit of nothing took 17.8-21.9 s at
-# 2 s, 12.3-17.1 s at 0.25 s, on the 2-core machine). Inherited by the shared head, every job and every simulated
-# node; Ray Train hands it from a driver to its controller.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def _free_port() -> int:
