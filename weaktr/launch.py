@@ -113,9 +113,8 @@ def check_inputs_exist(cfg: Config, keys: Sequence[str]) -> None:
     Checked by the driver before any worker starts: otherwise every worker fails as it starts, and Ray Train starts
     the group again under ``max_failures`` (measured: a phase-1 run with a missing ``model.weights_path`` was still
     running after 12 minutes)."""
-    for key in keys:
-        path = get_value(cfg, key) if key in INPUT_PATHS else None
-        if path and not storage.exists(path):
+    for key in (key for key in keys if key in INPUT_PATHS):
+        if (path := get_value(cfg, key)) and not storage.exists(path):
             raise ConfigError(f"config key '{key}': nothing at {path}")
 
 

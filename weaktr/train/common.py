@@ -39,8 +39,8 @@ def make_trainer(
     itself would notice only at the first checkpoint. ``callbacks``: Ray Train callbacks (a Tune trial passes the
     one that forwards each report to Tune, ``weaktr.sweep``). Input files among ``paths`` must exist
     (``launch.check_inputs_exist``)."""
+    check_paths_reach_every_node(cfg, paths)  # first: on a cluster a local path is the problem, not its absence
     check_inputs_exist(cfg, paths)
-    check_paths_reach_every_node(cfg, paths)
     check_tracking(cfg)
     storage_path = cfg.run.storage_path
     if "://" not in storage_path:
