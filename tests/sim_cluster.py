@@ -20,6 +20,7 @@ It ends only the processes it started (each node is one process group), never ot
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -151,16 +152,19 @@ class SimCluster:
         return subprocess.run(job, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=timeout)
 
+    @functools.cached_property
     def _jobs(self):
+        """One client: making one asks the job server for its version first, and tests poll a job several times a
+        second."""
         from ray.job_submission import JobSubmissionClient
 
         return JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
 
     def job_status(self, submission_id: str) -> str:
-        return str(self._jobs().get_job_status(submission_id).value)
+        return str(self._jobs.get_job_status(submission_id).value)
 
     def job_logs(self, submission_id: str) -> str:
-        return self._jobs().get_job_logs(submission_id)
+        return self._jobs.get_job_logs(submission_id)
 
     def wait_for_job(self, submission_id: str, timeout: float) -> str:
         """The job's final status (SUCCEEDED, FAILED, STOPPED); TimeoutError naming it after ``timeout`` s."""

@@ -32,6 +32,27 @@ def _run(code_or_command, env: dict, timeout: float) -> subprocess.CompletedProc
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def test_a_jobs_runtime_env_carries_the_drivers_ray_train_settings_unless_the_submission_sets_them(monkeypatch):
+    """Ray Train reads its settings (RAY_TRAIN_*) in the process that calls fit; in a Tune sweep that is a trial's
+    actor, which has its node's environment: the driver's settings reach it through the job's runtime env. What a
+    `ray job submit --runtime-env-json` sets is the job's own, and Ray refuses a variable given twice."""
+    from weaktr.launch import job_runtime_env
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "7")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    monkeypatch.setenv("WEAKTR_LOG_LEVEL", "DEBUG")
+    added = job_runtime_env()
+    assert added["env_vars"]["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "7"
+    assert added["env_vars"]["WEAKTR_LOG_LEVEL"] == "DEBUG"
+    assert added["worker_process_setup_hook"] == "weaktr.logs.configure_worker"
+
+    submitted = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}, "worker_process_setup_hook": "mine.hook"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": submitted}))
+    added = job_runtime_env()
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in added["env_vars"] and "worker_process_setup_hook" not in added
+    assert added["env_vars"]["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "7"
+
+
 def test_a_dead_ray_address_fails_fast_naming_it():
     dead = f"127.0.0.1:{_free_port()}"
     started = time.monotonic()

@@ -188,7 +188,11 @@ def read_trials(sweep: Path) -> dict[str, dict]:
 def test_asha_stops_a_trial_resume_skips_finished_ones_and_the_best_config_is_the_trained_one(ray_session, tmp_path):
     config = tiny_sweep(tmp_path, "sweep", "tracking.backend=mlflow")
     sweep = tmp_path / "runs" / "sweep"
-    env = {**os.environ, "RAY_ADDRESS": ray_session[0], "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    # Ray Train's default 2 s look at the workers (not the session's 0.25 s, conftest): the kill must land between
+    # the third trial's first and last report, and at 0.25 s a trial has trained both epochs between two of the
+    # test's looks (seen once). launch.job_runtime_env carries the setting to the trials.
+    env = {**os.environ, "RAY_ADDRESS": ray_session[0], "TUNE_GLOBAL_CHECKPOINT_S": "1",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
     job = subprocess.Popen(
         [sys.executable, "ray_jobs/tune_sweep.py", "--config", str(config)], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import ray
 from weaktr import storage
 from weaktr.config import Config, ConfigError, get_value, save_config
 from weaktr.data.shards import MANIFEST_NAME, Manifest
-from weaktr.logs import ray_worker_runtime_env
+from weaktr.logs import LEVEL_ENV
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,29 @@ def init_ray() -> None:
             )
     elif remove_stale_address_file():
         address = "local"  # a fresh local Ray; None would join the recorded address
-    ray.init(address=address, log_to_driver=True, runtime_env=ray_worker_runtime_env())
+    ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env())
+
+
+def job_runtime_env() -> dict:
+    """What a job's driver adds to the job's runtime environment, for every worker and actor it starts on any node:
+
+    - the log level (``WEAKTR_LOG_LEVEL``) and ``weaktr.logs.configure_worker``, the setup hook that applies it;
+    - the driver's Ray Train settings (``RAY_TRAIN_*``). Ray Train hands them from the process that calls ``fit`` to
+      its controller, but in a Tune sweep that process is a trial's actor, which has its node's environment rather
+      than the driver's: a sweep's trials would ignore e.g. ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` set where
+      the sweep was started.
+
+    Under ``ray job submit`` Ray merges this with the job's own runtime environment and refuses a field or variable
+    set twice, so whatever that one sets (``--runtime-env-json``) is left to it."""
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    env_vars = {LEVEL_ENV: os.environ.get(LEVEL_ENV, "INFO")}
+    env_vars |= {name: value for name, value in os.environ.items() if name.startswith("RAY_TRAIN_")}
+    added: dict = {}
+    if env_vars := {name: value for name, value in env_vars.items() if name not in (submitted.get("env_vars") or {})}:
+        added["env_vars"] = env_vars
+    if "worker_process_setup_hook" not in submitted:
+        added["worker_process_setup_hook"] = "weaktr.logs.configure_worker"
+    return added
 
 
 def remove_stale_address_file() -> bool:

@@ -3,14 +3,13 @@ workers and actors they start, so that weaktr's messages reach the console at th
 ``-v`` DEBUG, INFO by default, ``-q`` WARNING.
 
 Library modules log through ``logging.getLogger(__name__)``; only entry points print results. Ray workers are other
-processes: ``ray_worker_runtime_env`` hands them the level (``WEAKTR_LOG_LEVEL``) and ``configure_worker`` as
-their setup hook, and Ray forwards what they write to the driver's console (the job's log under ``ray job submit``).
+processes: ``weaktr.launch.job_runtime_env`` hands them the level (``WEAKTR_LOG_LEVEL``) and ``configure_worker``
+as their setup hook, and Ray forwards what they write to the driver's console (the job's log under ``ray job submit``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -69,16 +68,3 @@ def configure(level: str) -> None:
 def configure_worker() -> None:
     """Ray's ``worker_process_setup_hook``: the driver's level in every worker and actor of the job."""
     configure(os.environ.get(LEVEL_ENV, "INFO"))
-
-
-def ray_worker_runtime_env() -> dict:
-    """What ``ray.init(runtime_env=...)`` adds to a job's runtime environment: the level and the hook that applies
-    it. Under ``ray job submit`` Ray merges it with the job's own and refuses the same field twice, so whatever
-    the job's runtime environment already sets (its own ``WEAKTR_LOG_LEVEL`` or setup hook) is left to it."""
-    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
-    added: dict = {}
-    if LEVEL_ENV not in (job_env.get("env_vars") or {}):
-        added["env_vars"] = {LEVEL_ENV: os.environ.get(LEVEL_ENV, "INFO")}
-    if "worker_process_setup_hook" not in job_env:
-        added["worker_process_setup_hook"] = "weaktr.logs.configure_worker"
-    return added
