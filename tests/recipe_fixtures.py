@@ -37,7 +37,7 @@ TINY_ON_CPU = [
 # on a cluster each phase has ranks on two nodes. bg_threshold null: the pseudo-labels take the threshold phase 1's
 # CAM-mIoU sweep chose for its checkpoint. max_failure_fraction: the damaged shards hold ~20% broken samples, which
 # the default 1% would refuse. Overlays go to the first 4 positions, 2 of them damaged.
-# Three phase-1 epochs: a node lost after the first checkpoint is lost mid-phase.
+# Two phase-1 epochs: a node lost after the first checkpoint is lost mid-phase.
 VOC_PIPELINE = [*TINY_ON_CPU, "train.epochs=2", "train.num_workers=2", "seg_train.num_workers=2", "run.name=pipe",
                 "pseudo.bg_threshold=null", "data.max_failure_fraction=0.5", "pseudo.overlay_samples=4"]
 VOC_PIPELINE_DATA = "s3://weaktr-pipeline/voc12"
