@@ -160,10 +160,10 @@ def job_runtime_env() -> dict:
     Under ``ray job submit`` Ray merges this with the job's own runtime environment and refuses a field or variable
     set twice, so whatever that one sets (``--runtime-env-json``) is left to it."""
     submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
-    env_vars = {LEVEL_ENV: os.environ.get(LEVEL_ENV, "INFO")}
-    env_vars |= {name: value for name, value in os.environ.items() if name.startswith("RAY_TRAIN_")}
+    wanted = {LEVEL_ENV: os.environ.get(LEVEL_ENV, "INFO")}
+    wanted |= {name: value for name, value in os.environ.items() if name.startswith("RAY_TRAIN_")}
     added: dict = {}
-    if env_vars := {name: value for name, value in env_vars.items() if name not in (submitted.get("env_vars") or {})}:
+    if env_vars := {name: value for name, value in wanted.items() if name not in (submitted.get("env_vars") or {})}:
         added["env_vars"] = env_vars
     if "worker_process_setup_hook" not in submitted:
         added["worker_process_setup_hook"] = "weaktr.logs.configure_worker"
